@@ -1,0 +1,1 @@
+"""alignlib: rejection sampling and preference optimisation (ORPO, DPO, IPO, SFT) on Ray."""

@@ -1,0 +1,7 @@
+"""`python -m alignlib` is the `alignlib` command."""
+
+import sys
+
+from alignlib.cli import main
+
+sys.exit(main())

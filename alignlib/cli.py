@@ -1,0 +1,81 @@
+"""Command line: `alignlib run JOB.yaml [key=value ...]`, one stage at a time, validate, schema, demo.
+
+    alignlib run jobs/demo.yaml                 # prompts -> generate -> ... -> eval
+    alignlib score jobs/demo.yaml               # one stage (its inputs must exist)
+    alignlib validate jobs/demo.yaml            # every problem, with its field path
+    alignlib demo                               # = alignlib run jobs/demo.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from alignlib.store import STAGES
+
+DEMO_SPEC = "jobs/demo.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignlib", description="Rejection sampling and preference optimisation on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = commands.add_parser(name, help=help_text)
+        cmd.add_argument("spec", metavar="JOB.yaml")
+        cmd.add_argument("overrides", nargs="*", metavar="key=value", help="override spec fields, e.g. train.epochs=2")
+        return cmd
+
+    for cmd in (job_command("run", "run every stage (complete ones are skipped)"),):
+        cmd.add_argument("--force", action="store_true", help="rerun stages even if their outputs are complete")
+    for stage in STAGES:
+        job_command(stage, f"run only the {stage} stage").add_argument("--force", action="store_true")
+    job_command("validate", "check a job spec without running it")
+    demo = commands.add_parser("demo", help=f"run the CPU demo job ({DEMO_SPEC})")
+    demo.add_argument("overrides", nargs="*", metavar="key=value")
+    demo.add_argument("--force", action="store_true")
+    commands.add_parser("schema", help="print the job spec's JSON schema")
+    return parser
+
+
+def _demo_spec() -> Path:
+    for candidate in (Path(DEMO_SPEC), Path(__file__).resolve().parent.parent / DEMO_SPEC):
+        if candidate.exists():
+            return candidate
+    raise SystemExit(f"alignlib demo: {DEMO_SPEC} not found; run it from the alignlib checkout")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from alignlib.spec import SpecError, json_schema, load_spec
+
+    if args.command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    spec_path = _demo_spec() if args.command == "demo" else Path(args.spec)
+    try:
+        spec = load_spec(spec_path, args.overrides)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 2
+    if args.command == "validate":
+        print(f"{spec_path}: valid (job {spec.name!r}, output_dir {spec.output_dir})")
+        return 0
+
+    from alignlib.pipeline import Pipeline
+    from alignlib.report import print_summary
+
+    only = None if args.command in ("run", "demo") else [args.command]
+    try:
+        manifests = Pipeline(spec, force=args.force).run(only)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        print(f"alignlib: error: {err}", file=sys.stderr)
+        return 1
+    print_summary(spec, manifests)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

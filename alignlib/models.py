@@ -1,0 +1,187 @@
+"""Model sources: built-in tiny models, local directories and hub ids, one `from_pretrained` path.
+
+`builtin:tiny-policy`, `builtin:tiny-weak` and `builtin:tiny-reward` are tiny Llama models with a
+byte-level BPE tokenizer, built offline from a fixed seed the first time they are asked for and
+cached under $ALIGNLIB_CACHE (default ~/.cache/alignlib). They exist so the demo and the tests run
+the real code paths (vLLM, Ray Train, export) on any machine without a model hub.
+
+    path = resolve_model("builtin:tiny-policy")   # -> a directory from_pretrained and vLLM load
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+# Bump when the build below changes, so cached copies are rebuilt and stage fingerprints move.
+BUILTIN_VERSION = 1
+BUILTIN_PREFIX = "builtin:"
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    hidden_size: int
+    layers: int
+    heads: int
+    seed: int
+    reward: bool = False
+
+
+BUILTINS = {
+    "tiny-policy": TinyModel(hidden_size=64, layers=2, heads=2, seed=1),
+    "tiny-weak": TinyModel(hidden_size=32, layers=1, heads=1, seed=2),
+    "tiny-reward": TinyModel(hidden_size=64, layers=2, heads=2, seed=3, reward=True),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGNLIB_CACHE", Path.home() / ".cache" / "alignlib"))
+
+
+def is_builtin(source: str) -> bool:
+    return source.startswith(BUILTIN_PREFIX)
+
+
+def resolve_model(source: str) -> str:
+    """A model source -> what `from_pretrained` takes: a built (cached) builtin dir, a path, or a hub id."""
+    if not is_builtin(source):
+        path = Path(source).expanduser()
+        return str(path.resolve()) if path.exists() else source
+    name = source.removeprefix(BUILTIN_PREFIX)
+    if name not in BUILTINS:
+        raise ValueError(f"unknown built-in model {source!r}; choose one of {sorted(BUILTIN_PREFIX + n for n in BUILTINS)}")
+    target = cache_dir() / "models" / f"{name}-v{BUILTIN_VERSION}"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Build in a temporary directory and rename: concurrent actors never see a half-written model.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        _build(BUILTINS[name], tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Fixed text the tokenizer's merges are learned from: digits, arithmetic prompts, common words."""
+    words = "the a is what of and to in answer question sum plus minus times equals number how many".split()
+    lines = [f"What is {a} + {b}?" for a in range(20) for b in range(20)]
+    lines += [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    lines += ["<|user|>", "<|assistant|>", "<|system|>"]
+    return lines
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _build(spec: TinyModel, out: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.hidden_size * 2,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        num_labels=1,
+    )
+    torch.manual_seed(spec.seed)
+    cls = LlamaForSequenceClassification if spec.reward else LlamaForCausalLM
+    model = cls(config).to(torch.float32)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def torch_dtype(name: str, on_gpu: bool):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(source: str, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(source))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(source: str, dtype: str = "auto", on_gpu: bool = False, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model(source), dtype=torch_dtype(dtype, on_gpu), **kwargs
+    )
+
+
+def load_reward_model(source: str, dtype: str = "auto", on_gpu: bool = False):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(source), dtype=torch_dtype(dtype, on_gpu)
+    )
+    if model.config.num_labels != 1:
+        raise ValueError(
+            f"reward model {source!r} has num_labels={model.config.num_labels}; a reward model has one output"
+        )
+    return model
+
+
+def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt token ids, identical for both generate engines, the reward model and training.
+
+    With a chat template the rendered text already carries any BOS the template wants, so no
+    special tokens are added; without one, a single user turn is used as raw text (base models).
+    """
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return tokenizer(messages[0]["content"])["input_ids"]
+    raise ValueError("this model has no chat template, so multi-turn prompts cannot be rendered; set chat_template")
+
+
+def encode_completion(tokenizer, text: str) -> list[int]:
+    """Completion token ids followed by EOS, so training teaches the model where to stop."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

@@ -1,0 +1,269 @@
+"""The flow: prompts -> generate -> score -> pairs -> train -> export -> eval, top to bottom.
+
+Each stage function reads its inputs from the stage store and writes its tables into a
+`StageWriter`; `Pipeline.run` skips a stage whose output is complete and was made from the same
+spec sections and inputs (its fingerprint), so a killed job resumes where it stopped.
+
+    Pipeline(load_spec("jobs/demo.yaml")).run()            # everything
+    Pipeline(spec).run(["score"])                           # one stage, inputs must exist
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from alignlib import schema as S
+from alignlib.spec import JobSpec, eval_temperature, stage_sections
+from alignlib.store import STAGES, StageStore, StageWriter, fingerprint, read_table, write_table
+
+UPSTREAM = {
+    "prompts": [],
+    "generate": ["prompts"],
+    "score": ["generate"],
+    "pairs": ["score"],
+    "train": ["pairs"],
+    "export": ["train"],
+    "eval": ["prompts", "export"],
+}
+
+
+class StageInputError(RuntimeError):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"[alignlib] {message}", flush=True)
+
+
+def ensure_ray() -> None:
+    """Attach to the cluster named by RAY_ADDRESS (`ray job submit` sets it) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+
+
+class Pipeline:
+    def __init__(self, spec: JobSpec, force: bool = False):
+        self.spec = spec
+        self.store = StageStore(spec.output_dir)
+        self.sections = stage_sections(spec)
+        self.force = force
+        self._fingerprints: dict[str, str] = {}
+
+    def fingerprint(self, stage: str) -> str:
+        if stage not in self._fingerprints:
+            inputs = {u: self.fingerprint(u) for u in UPSTREAM[stage]}
+            self._fingerprints[stage] = fingerprint(stage, self.sections[stage], inputs)
+        return self._fingerprints[stage]
+
+    def stages(self) -> list[str]:
+        return [s for s in STAGES if s != "eval" or self.spec.eval.enabled]
+
+    def run(self, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        manifests = {}
+        for stage in only or self.stages():
+            fp = self.fingerprint(stage)
+            if not self.force and self.store.is_complete(stage, fp):
+                log(f"{stage}: complete, skipped ({self.store.path(stage)})")
+                manifests[stage] = self.store.manifest(stage)
+                continue
+            for upstream in UPSTREAM[stage]:
+                if not self.store.is_complete(upstream, self.fingerprint(upstream)):
+                    raise StageInputError(
+                        f"stage {stage!r} needs the output of {upstream!r} for this spec at "
+                        f"{self.store.path(upstream)}, which is missing or was made from a different spec; "
+                        f"run `alignlib {upstream} JOB.yaml` (or `alignlib run JOB.yaml`) first"
+                    )
+            log(f"{stage}: running")
+            started = time.time()
+            with self.store.writer(stage) as writer:
+                stats = STAGE_FUNCTIONS[stage](self, writer)
+                inputs = {u: self.fingerprint(u) for u in UPSTREAM[stage]}
+                manifests[stage] = writer.commit(fp, inputs, stats)
+            log(f"{stage}: done in {time.time() - started:.1f}s -> {self.store.path(stage)}  {_brief(manifests[stage])}")
+        return manifests
+
+    def table_path(self, stage: str, table: str) -> Path:
+        return self.store.path(stage) / table
+
+
+def _brief(manifest: dict[str, Any]) -> str:
+    return " ".join(f"{name}={rows}" for name, rows in manifest["tables"].items())
+
+
+# -- stages -------------------------------------------------------------------------------------
+
+
+def run_prompts(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    from alignlib.prompts import read_prompts, split, to_table
+
+    rows, counts = read_prompts(p.spec.data)
+    train, held_out = split(rows, p.spec.data.eval_fraction, p.spec.seed)
+    write_table(to_table(train), out.path / "train")
+    write_table(to_table(held_out), out.path / "eval")
+    return {"prompts": len(rows), **counts}
+
+
+def _sampling(spec: JobSpec, temperature: float | None = None):
+    from alignlib.generate import Sampling
+
+    g = spec.generate
+    return Sampling(g.max_new_tokens, g.temperature if temperature is None else temperature, g.top_p)
+
+
+def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.generate import generate, reference_rows
+
+    ensure_ray()
+    spec, g = p.spec, p.spec.generate
+    prompts = ray.data.read_parquet(str(p.table_path("prompts", "train")))
+    jobs = [(S.GENERATOR_POLICY, spec.policy, g.num_samples)]
+    if g.weak_model is not None:
+        jobs.append((S.GENERATOR_WEAK, g.weak_model, g.weak_model.num_samples))
+    # One model at a time: each engine gets the whole cluster instead of competing for it.
+    for generator, model, n in jobs:
+        log(f"generate: {n} sample(s) per prompt from {generator} model {model.model} ({g.engine})")
+        generate(prompts, model, _sampling(spec), g, generator, n, spec.seed).write_parquet(
+            str(out.path / "completions" / generator)
+        )
+    if spec.data.reference_field is not None:
+        prompts.map_batches(reference_rows, batch_format="pyarrow").write_parquet(
+            str(out.path / "completions" / S.GENERATOR_REFERENCE)
+        )
+    return {"engine": g.engine}
+
+
+def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.score import score
+
+    ensure_ray()
+    completions = ray.data.read_parquet(str(p.table_path("generate", "completions")))
+    score(completions, p.spec.score.reward).write_parquet(str(out.path / "scored"))
+    table = read_table(out.path / "scored")
+    return {"reward_mean": _mean(table[S.REWARD].to_pylist())}
+
+
+def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    from alignlib.losses import get_loss
+    from alignlib.pairs import build
+
+    spec = p.spec.pairs
+    scored = read_table(p.table_path("score", "scored")).to_pylist()
+    pairs, sft, counts = build(scored, spec.strategies, spec.min_margin, spec.max_pairs_per_prompt, spec.sft_min_reward)
+    needed = pairs if get_loss(p.spec.train.loss.name).paired else sft
+    if not needed:
+        raise StageInputError(
+            f"pairs: no training examples survived for loss {p.spec.train.loss.name!r} (counts: {counts}); "
+            "lower pairs.min_margin, raise generate.num_samples, or add a weak model and gold_vs_weak"
+        )
+    write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.path / "pairs")
+    write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.path / "sft")
+    return counts
+
+
+def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.losses import get_loss
+    from alignlib.train.launch import run_training
+
+    ensure_ray()
+    table = "pairs" if get_loss(p.spec.train.loss.name).paired else "sft"
+    dataset = ray.data.read_parquet(str(p.table_path("pairs", table)))
+    n = dataset.count()
+    backend = p.spec.train.backend
+    log(f"train: {p.spec.train.loss.name} on {n} {table} rows, backend {backend.name} x{backend.num_workers}")
+    result = run_training(p.spec, dataset, n, run_name=f"{p.spec.name}-{p.fingerprint('train')}")
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    metrics = result.metrics_dataframe
+    if metrics is not None and len(metrics):
+        write_table(pa.Table.from_pandas(metrics, preserve_index=False), out.path / "metrics")
+    return {"checkpoint": result.checkpoint.path, "examples": n, "final_metrics": _jsonable(result.metrics)}
+
+
+def run_export(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.export import export_model
+
+    ensure_ray()
+    checkpoint = Path(p.store.manifest("train")["stats"]["checkpoint"])
+    if not (checkpoint / "model").exists():
+        raise StageInputError(f"export: the training checkpoint {checkpoint} is gone; rerun `alignlib train`")
+    target = out.path / "model"
+    task = ray.remote(num_cpus=1)(export_model)
+    kind = ray.get(task.remote(str(checkpoint / "model"), str(target), p.spec.policy.model, p.spec.export.merge_lora))
+    return {"kind": kind, "source": str(checkpoint / "model"), "model": str(p.store.path("export") / "model")}
+
+
+def run_eval(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.generate import generate
+    from alignlib.score import score
+    from alignlib.spec import ModelSpec
+
+    ensure_ray()
+    spec = p.spec
+    prompts = ray.data.read_parquet(str(p.table_path("prompts", "eval")))
+    trained = ModelSpec(model=str(p.store.path("export") / "model"), chat_template=spec.policy.chat_template,
+                        dtype=spec.policy.dtype)  # fmt: skip
+    sampling = _sampling(spec, eval_temperature(spec))
+    for generator, model in ((S.GENERATOR_BASE, spec.policy), (S.GENERATOR_TRAINED, trained)):
+        log(f"eval: sampling the {generator} policy on held-out prompts")
+        completions = generate(prompts, model, sampling, spec.generate, generator, spec.eval.num_samples,
+                               spec.seed, seed_key="eval")  # fmt: skip
+        score(completions, spec.score.reward).write_parquet(str(out.path / "completions" / generator))
+    rows = read_table(out.path / "completions").to_pylist()
+    summary = summarize(rows)
+    (out.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean reward of base and trained policy, and the trained policy's win rate over prompts.
+
+    Per prompt, each policy's reward is its mean over samples; a win counts 1, a tie 0.5.
+    """
+    per_prompt: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        per_prompt.setdefault(r[S.PROMPT_ID], {}).setdefault(r[S.GENERATOR], []).append(r[S.REWARD])
+    base = [_mean(v[S.GENERATOR_BASE]) for v in per_prompt.values()]
+    trained = [_mean(v[S.GENERATOR_TRAINED]) for v in per_prompt.values()]
+    wins = [1.0 if t > b else 0.5 if t == b else 0.0 for b, t in zip(base, trained)]
+    return {
+        "prompts": len(per_prompt),
+        "base_mean_reward": _mean(base),
+        "trained_mean_reward": _mean(trained),
+        "win_rate": _mean(wins),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+
+
+STAGE_FUNCTIONS = {
+    "prompts": run_prompts,
+    "generate": run_generate,
+    "score": run_score,
+    "pairs": run_pairs,
+    "train": run_train,
+    "export": run_export,
+    "eval": run_eval,
+}

@@ -1,0 +1,38 @@
+"""Function rewards, addressable from a spec as `alignlib.rewards:NAME`.
+
+A function reward is called once per completion as `fn(prompt=..., completion=..., reference=...)`
+and returns a float; any function of that shape in any importable module works the same way.
+"""
+
+from __future__ import annotations
+
+import re
+
+_INTEGER = re.compile(r"-?\d+")
+
+
+def exact_match(prompt: str, completion: str, reference: str | None) -> float:
+    """1.0 when the stripped completion equals the reference, else 0.0."""
+    if reference is None:
+        raise ValueError("exact_match needs a reference answer (set data.reference_field)")
+    return float(completion.strip() == reference.strip())
+
+
+def numeric_closeness(prompt: str, completion: str, reference: str | None) -> float:
+    """Graded credit for a numeric answer: 1 when exact, falling linearly to 0 as it strays.
+
+    reward = max(0, 1 - |answer - reference| / (|reference| + 1)); 0 when the completion is not a
+    plain integer. Partial credit gives best-of-N a signal to rank by, unlike exact match.
+    """
+    if reference is None:
+        raise ValueError("numeric_closeness needs a reference answer (set data.reference_field)")
+    text = completion.strip()
+    if not _INTEGER.fullmatch(text):
+        return 0.0
+    target = int(reference)
+    return max(0.0, 1.0 - abs(int(text) - target) / (abs(target) + 1))
+
+
+def length_penalty(prompt: str, completion: str, reference: str | None) -> float:
+    """-(characters / 100): prefers short answers; a reference-free example reward."""
+    return -len(completion) / 100.0

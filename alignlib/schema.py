@@ -1,0 +1,105 @@
+"""Column names of every stage's table: the data contracts between stages live here and only here.
+
+Each stage checks the columns it needs on entry (`require_columns`) and fails naming the missing
+ones and the file they should have come from, instead of a KeyError deep inside a Ray task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+PROMPT_ID = "prompt_id"
+PROMPT = "prompt"  # the prompt text (for a chat: its last user turn); what function rewards see
+MESSAGES = "messages"  # the whole chat as {role, content}; a plain prompt is one user message
+REFERENCE = "reference"  # gold answer, nullable
+SOURCE = "source"  # "file:line" (jsonl) or "file#row" (parquet) the prompt came from
+
+COMPLETION = "completion"
+GENERATOR = "generator"  # policy | weak | reference
+SAMPLE_INDEX = "sample_index"
+SEED = "seed"
+FINISH_REASON = "finish_reason"  # stop | length
+NUM_TOKENS = "num_tokens"
+
+REWARD = "reward"
+REWARD_SOURCE = "reward_source"
+
+CHOSEN = "chosen"
+REJECTED = "rejected"
+CHOSEN_REWARD = "chosen_reward"
+REJECTED_REWARD = "rejected_reward"
+MARGIN = "margin"
+STRATEGY = "strategy"
+CHOSEN_GENERATOR = "chosen_generator"
+REJECTED_GENERATOR = "rejected_generator"
+
+GENERATOR_POLICY = "policy"
+GENERATOR_WEAK = "weak"
+GENERATOR_REFERENCE = "reference"
+GENERATOR_BASE = "base"  # eval: the starting policy
+GENERATOR_TRAINED = "trained"  # eval: the exported policy
+
+PROMPT_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, REFERENCE, SOURCE]
+COMPLETION_COLUMNS = PROMPT_COLUMNS + [COMPLETION, GENERATOR, SAMPLE_INDEX, SEED, FINISH_REASON, NUM_TOKENS]
+SCORED_COLUMNS = COMPLETION_COLUMNS + [REWARD, REWARD_SOURCE]
+PAIR_COLUMNS = [
+    PROMPT_ID, PROMPT, MESSAGES, CHOSEN, REJECTED, CHOSEN_REWARD, REJECTED_REWARD, MARGIN,
+    STRATEGY, CHOSEN_GENERATOR, REJECTED_GENERATOR,
+]  # fmt: skip
+SFT_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, COMPLETION, REWARD]
+
+
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+_TYPES = {
+    PROMPT_ID: pa.string(), PROMPT: pa.string(), MESSAGES: MESSAGES_TYPE, REFERENCE: pa.string(),
+    SOURCE: pa.string(), COMPLETION: pa.string(), GENERATOR: pa.string(), SAMPLE_INDEX: pa.int32(),
+    SEED: pa.int64(), FINISH_REASON: pa.string(), NUM_TOKENS: pa.int32(), REWARD: pa.float64(),
+    REWARD_SOURCE: pa.string(), CHOSEN: pa.string(), REJECTED: pa.string(), CHOSEN_REWARD: pa.float64(),
+    REJECTED_REWARD: pa.float64(), MARGIN: pa.float64(), STRATEGY: pa.string(),
+    CHOSEN_GENERATOR: pa.string(), REJECTED_GENERATOR: pa.string(),
+}  # fmt: skip
+
+
+def arrow_schema(columns: list[str]) -> pa.Schema:
+    return pa.schema([(c, _TYPES[c]) for c in columns])
+
+
+def conform(table: pa.Table, columns: list[str]) -> pa.Table:
+    """Select `columns` in order with their canonical types.
+
+    Engines infer Arrow types per block, so a block whose `reference` is all null comes back typed
+    `null`; casting every block to one schema keeps the Parquet files of a dataset readable together.
+    """
+    require_columns(table.column_names, columns, "conform")
+    return pa.table([table[c].cast(_TYPES[c]) for c in columns], schema=arrow_schema(columns))
+
+
+class ColumnError(ValueError):
+    pass
+
+
+def require_columns(present: Iterable[str], needed: Iterable[str], where: str) -> None:
+    present = set(present)
+    missing = [c for c in needed if c not in present]
+    if missing:
+        raise ColumnError(f"{where}: missing column(s) {missing}; found {sorted(present)}")
+
+
+def messages_of(row: dict) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in row[MESSAGES]]
+
+
+def to_conversational(pairs_rows: list[dict]) -> list[dict]:
+    """alignlib pairs -> the prompt/chosen/rejected chat layout TRL and the alignment-handbook read."""
+    out = []
+    for row in pairs_rows:
+        out.append(
+            {
+                "prompt": messages_of(row),
+                "chosen": [{"role": "assistant", "content": row[CHOSEN]}],
+                "rejected": [{"role": "assistant", "content": row[REJECTED]}],
+            }
+        )
+    return out

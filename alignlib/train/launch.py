@@ -1,0 +1,45 @@
+"""Build and run the Ray Train `TorchTrainer` for a job: workers, backend, data and storage.
+
+Checkpoints are kept under `<output_dir>/train-ray/<name>` (outside the stage directory, which is
+only swapped in once training finished); Ray Train V2 resumes from the latest checkpoint there
+when the same job is run again after a crash.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alignlib.spec import JobSpec, optimizer_steps
+
+
+def storage_path(spec: JobSpec) -> Path:
+    return Path(spec.output_dir).expanduser().resolve() / "train-ray"
+
+
+def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str):
+    """Train on a Ray Dataset; returns the Ray Train `Result` (its checkpoint is the final model)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from alignlib.train.loop import train_loop
+
+    backend = spec.train.backend
+    total_steps = optimizer_steps(spec, num_examples)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "total_steps": total_steps},
+        scaling_config=ScalingConfig(
+            num_workers=backend.num_workers,
+            use_gpu=backend.use_gpu,
+            resources_per_worker=None if backend.use_gpu else {"CPU": 1},
+        ),
+        torch_config=TorchConfig(backend="nccl" if backend.use_gpu else "gloo"),
+        datasets={"train": dataset},
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(storage_path(spec)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    return trainer.fit()

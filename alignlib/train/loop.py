@@ -1,0 +1,120 @@
+"""The training loop, run by every Ray Train worker; one loop for SFT, ORPO, DPO and IPO.
+
+Each worker reads its shard (`ray.train.get_dataset_shard("train")`), tokenizes batches, runs
+the policy over chosen (and rejected) completions, turns logits into sequence log-probs, and
+hands them to the loss from `losses.py`. The loss's flags decide what the loop computes:
+`paired` (a rejected side), `needs_reference` (reference log-probs, from the adapter-disabled
+policy under LoRA or a frozen copy otherwise) and `average_logps` (length-averaged log-probs).
+At each epoch end the backend saves a checkpoint and every worker reports it to Ray Train;
+a rerun of the same run resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from alignlib.losses import get_loss, sequence_logps
+
+
+def _loss_kwargs(loss, knobs: dict) -> dict:
+    accepted = inspect.signature(loss.fn).parameters
+    return {k: v for k, v in knobs.items() if k in accepted}
+
+
+def _policy_logps(model, batch, average: bool):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["labels"], average=average)
+
+
+def _reference_logps(backend, reference, batch, average: bool):
+    with torch.no_grad():
+        if reference is not None:
+            return _policy_logps(reference, batch, average)
+        with backend.unwrapped.disable_adapter():
+            return _policy_logps(backend.unwrapped, batch, average)
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from alignlib.models import load_tokenizer
+    from alignlib.spec import JobSpec
+    from alignlib.train.backends import make_backend
+    from alignlib.train.data import collate, encode_rows
+
+    spec = JobSpec.model_validate(config["spec"])
+    train = spec.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(spec.seed + rank)
+    device = ray.train.torch.get_device() if train.backend.use_gpu else torch.device("cpu")
+
+    loss = get_loss(train.loss.name)
+    knobs = _loss_kwargs(loss, train.loss.model_dump(exclude={"name"}))
+    tokenizer = load_tokenizer(spec.policy.model, spec.policy.chat_template)
+    backend = make_backend(spec, config["total_steps"], device)
+    model = backend.build()
+    reference = backend.reference_model() if loss.needs_reference else None
+
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            backend.load(Path(directory))
+            start_epoch = int((Path(directory) / "epoch").read_text()) + 1
+        if rank == 0:
+            print(f"[alignlib] resumed from epoch {start_epoch} (optimizer step {backend.step_count})", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    started = time.time()
+    for epoch in range(start_epoch, train.epochs):
+        model.train()
+        totals: dict[str, float] = {}
+        count = 0
+        for rows in shard.iter_batches(batch_size=train.batch_size, batch_format="pandas"):
+            examples = encode_rows(tokenizer, rows.to_dict("records"), loss.paired, train.max_length)
+            batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id, loss.paired).items()}
+            logps = _policy_logps(model, batch, loss.average_logps)
+            n = len(examples)
+            args = {"policy_chosen_logps": logps[:n]}
+            if loss.paired:
+                args["policy_rejected_logps"] = logps[n:]
+            if loss.needs_reference:
+                ref = _reference_logps(backend, reference, batch, loss.average_logps)
+                args.update(ref_chosen_logps=ref[:n], ref_rejected_logps=ref[n:])
+            out = loss.fn(**args, **knobs)
+            backend.backward(out.losses.mean())
+            stepped = backend.step()
+
+            count += n
+            for name, value in {"loss": out.losses.detach(), **out.metrics}.items():
+                totals[name] = totals.get(name, 0.0) + float(value.float().sum())
+            if stepped and rank == 0 and backend.step_count % train.log_every == 0:
+                means = "  ".join(f"{k}={v / count:.4f}" for k, v in totals.items())
+                print(
+                    f"[alignlib] epoch {epoch + 1}/{train.epochs}  step {backend.step_count}/{config['total_steps']}"
+                    f"  {means}  lr={backend.lr:.2e}  {time.time() - started:.0f}s",
+                    flush=True,
+                )
+        if epoch == train.epochs - 1:
+            backend.finish()
+        metrics = {f"train/{k}": v / max(1, count) for k, v in totals.items()}
+        metrics.update(epoch=epoch + 1, step=backend.step_count, examples=count * world)
+        with tempfile.TemporaryDirectory() as directory:
+            backend.save(Path(directory), rank)
+            if rank == 0:
+                (Path(directory) / "epoch").write_text(str(epoch))
+                tokenizer.save_pretrained(Path(directory) / "model")
+            has_files = rank == 0
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None
+            )
+    with contextlib.suppress(Exception):
+        torch.distributed.barrier()
