@@ -79,7 +79,8 @@ def make_pairs(rows: list[Row], strategies: list[str], min_margin: float, max_pa
                 kept.append(_pair(chosen, rejected, strategy))
                 seen.add((chosen[S.COMPLETION], rejected[S.COMPLETION]))
         kept.sort(key=lambda p: -p[S.MARGIN])
-        counts["dropped_over_cap"] += max(0, len(kept) - max_pairs_per_prompt)
+        if len(kept) > max_pairs_per_prompt:
+            counts["dropped_over_cap"] += len(kept) - max_pairs_per_prompt
         counts[f"pairs_{strategy}"] += min(len(kept), max_pairs_per_prompt)
         pairs.extend(kept[:max_pairs_per_prompt])
     return pairs, counts

@@ -105,8 +105,8 @@ def run_prompts(p: Pipeline, out: StageWriter) -> dict[str, Any]:
 
     rows, counts = read_prompts(p.spec.data)
     train, held_out = split(rows, p.spec.data.eval_fraction, p.spec.seed)
-    write_table(to_table(train), out.path / "train")
-    write_table(to_table(held_out), out.path / "eval")
+    write_table(to_table(train), out.table("train"))
+    write_table(to_table(held_out), out.table("eval"))
     return {"prompts": len(rows), **counts}
 
 
@@ -132,11 +132,11 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     for generator, model, n in jobs:
         log(f"generate: {n} sample(s) per prompt from {generator} model {model.model} ({g.engine})")
         generate(prompts, model, _sampling(spec), g, generator, n, spec.seed).write_parquet(
-            str(out.path / "completions" / generator)
+            str(out.table("completions") / generator)
         )
     if spec.data.reference_field is not None:
         prompts.map_batches(reference_rows, batch_format="pyarrow").write_parquet(
-            str(out.path / "completions" / S.GENERATOR_REFERENCE)
+            str(out.table("completions") / S.GENERATOR_REFERENCE)
         )
     return {"engine": g.engine}
 
@@ -148,8 +148,8 @@ def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
 
     ensure_ray()
     completions = ray.data.read_parquet(str(p.table_path("generate", "completions")))
-    score(completions, p.spec.score.reward).write_parquet(str(out.path / "scored"))
-    table = read_table(out.path / "scored")
+    score(completions, p.spec.score.reward).write_parquet(str(out.table("scored")))
+    table = read_table(out.table("scored"))
     return {"reward_mean": _mean(table[S.REWARD].to_pylist())}
 
 
@@ -166,8 +166,8 @@ def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
             f"pairs: no training examples survived for loss {p.spec.train.loss.name!r} (counts: {counts}); "
             "lower pairs.min_margin, raise generate.num_samples, or add a weak model and gold_vs_weak"
         )
-    write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.path / "pairs")
-    write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.path / "sft")
+    write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
+    write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.table("sft"))
     return counts
 
 
@@ -175,20 +175,23 @@ def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     import ray
 
     from alignlib.losses import get_loss
-    from alignlib.train.launch import run_training
+    from alignlib.train.launch import metrics_path, read_metrics, run_training
 
     ensure_ray()
     table = "pairs" if get_loss(p.spec.train.loss.name).paired else "sft"
-    dataset = ray.data.read_parquet(str(p.table_path("pairs", table)))
+    # Read before the workers start: once they hold their CPUs, a read task could wait forever.
+    dataset = ray.data.read_parquet(str(p.table_path("pairs", table))).materialize()
     n = dataset.count()
     backend = p.spec.train.backend
     log(f"train: {p.spec.train.loss.name} on {n} {table} rows, backend {backend.name} x{backend.num_workers}")
-    result = run_training(p.spec, dataset, n, run_name=f"{p.spec.name}-{p.fingerprint('train')}")
+    run_name = f"{p.spec.name}-{p.fingerprint('train')}"
+    result = run_training(p.spec, dataset, n, run_name=run_name)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    metrics = result.metrics_dataframe
-    if metrics is not None and len(metrics):
-        write_table(pa.Table.from_pandas(metrics, preserve_index=False), out.path / "metrics")
+    epochs, steps = read_metrics(metrics_path(p.spec, run_name))
+    write_table(pa.Table.from_pylist(epochs), out.table("metrics"))
+    if steps:
+        write_table(pa.Table.from_pylist(steps), out.table("steps"))
     return {"checkpoint": result.checkpoint.path, "examples": n, "final_metrics": _jsonable(result.metrics)}
 
 
@@ -223,9 +226,9 @@ def run_eval(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     for generator, model in ((S.GENERATOR_BASE, spec.policy), (S.GENERATOR_TRAINED, trained)):
         log(f"eval: sampling the {generator} policy on held-out prompts")
         completions = generate(prompts, model, sampling, spec.generate, generator, spec.eval.num_samples,
-                               spec.seed, seed_key="eval")  # fmt: skip
-        score(completions, spec.score.reward).write_parquet(str(out.path / "completions" / generator))
-    rows = read_table(out.path / "completions").to_pylist()
+                               spec.seed, seed_key="eval").materialize()  # fmt: skip
+        score(completions, spec.score.reward).write_parquet(str(out.table("completions") / generator))
+    rows = read_table(out.table("completions")).to_pylist()
     summary = summarize(rows)
     (out.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

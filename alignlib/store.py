@@ -8,7 +8,7 @@ it was made from) matches and every table still holds the rows the manifest coun
     store = StageStore("runs/demo")
     if not store.is_complete("pairs", fingerprint):
         with store.writer("pairs") as out:
-            write_table(table, out.path / "pairs")
+            write_table(table, out.table("pairs"))
             out.commit(fingerprint, inputs={...}, stats={...})
 """
 
@@ -72,11 +72,16 @@ class StageWriter:
     final: Path
     started: float = field(default_factory=time.time)
     committed: bool = False
+    tables: list[str] = field(default_factory=list)
 
-    def commit(self, fingerprint: str, inputs: dict[str, str], stats: dict[str, Any] | None = None,
-               tables: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    def table(self, name: str) -> Path:
+        """The directory of one Parquet table of this stage; its rows are counted at commit."""
+        self.tables.append(name)
+        return self.path / name
+
+    def commit(self, fingerprint: str, inputs: dict[str, str], stats: dict[str, Any] | None = None) -> dict[str, Any]:
         """Count each table's rows, write the manifest, and move the stage into place."""
-        names = tables if tables is not None else sorted(p.name for p in self.path.iterdir() if p.is_dir())
+        names = sorted(set(self.tables))
         manifest = {
             "stage": self.stage,
             "fingerprint": fingerprint,

@@ -19,6 +19,10 @@ import pyarrow as pa
 
 from alignlib import schema as S
 
+# CPU share of the row-reshaping steps around an engine. They are cheap, and asking for a whole
+# core each can leave an engine actor's pipeline unschedulable on a small machine.
+LIGHT_CPUS = 0.25
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -88,12 +92,13 @@ def generate(prompts, model, sampling: Sampling, settings, generator: str, num_s
         expand_requests,
         fn_kwargs=dict(generator=generator, num_samples=num_samples, job_seed=job_seed, seed_key=seed_key or generator),
         batch_format="pyarrow",
+        num_cpus=LIGHT_CPUS,
     ).map_batches(
         PromptEncoder,
         fn_constructor_kwargs=dict(model=model.model, chat_template=model.chat_template),
         batch_format="pyarrow",
         concurrency=1,
-        num_cpus=0.25,
+        num_cpus=LIGHT_CPUS,
     )
     # Tokenized requests are small; materializing them frees the CPUs of the read and encode
     # steps before engines start, so engines never wait on (or starve) the steps that feed them.
@@ -106,4 +111,4 @@ def generate(prompts, model, sampling: Sampling, settings, generator: str, num_s
         from alignlib.generate.hf_engine import hf_generate
 
         out = hf_generate(requests, model, sampling, settings)
-    return out.map_batches(S.conform, fn_args=(S.COMPLETION_COLUMNS,), batch_format="pyarrow")
+    return out.map_batches(S.conform, fn_args=(S.COMPLETION_COLUMNS,), batch_format="pyarrow", num_cpus=LIGHT_CPUS)

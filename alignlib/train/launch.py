@@ -7,6 +7,7 @@ when the same job is run again after a crash.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from alignlib.spec import JobSpec, optimizer_steps
@@ -14,6 +15,18 @@ from alignlib.spec import JobSpec, optimizer_steps
 
 def storage_path(spec: JobSpec) -> Path:
     return Path(spec.output_dir).expanduser().resolve() / "train-ray"
+
+
+def metrics_path(spec: JobSpec, run_name: str) -> Path:
+    return storage_path(spec) / run_name / "alignlib-metrics.jsonl"
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(per-epoch rows, per-step rows) from the loop's metrics log; a resumed step keeps its last line."""
+    entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    epochs = {e["epoch"]: e for e in entries if e.pop("kind") == "epoch"}
+    steps = {e["step"]: e for e in entries if e["epoch"] and "lr" in e}
+    return [epochs[k] for k in sorted(epochs)], [steps[k] for k in sorted(steps)]
 
 
 def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str):
@@ -27,7 +40,11 @@ def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str):
     total_steps = optimizer_steps(spec, num_examples)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "total_steps": total_steps},
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "total_steps": total_steps,
+            "metrics_path": str(metrics_path(spec, run_name)),
+        },
         scaling_config=ScalingConfig(
             num_workers=backend.num_workers,
             use_gpu=backend.use_gpu,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +39,13 @@ def _reference_logps(backend, reference, batch, average: bool):
             return _policy_logps(reference, batch, average)
         with backend.unwrapped.disable_adapter():
             return _policy_logps(backend.unwrapped, batch, average)
+
+
+def _record(path: str, entry: dict) -> None:
+    """Append one metrics line; the file lives in Ray Train's storage, so it survives a resume."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
 
 
 def train_loop(config: dict) -> None:
@@ -97,6 +105,8 @@ def train_loop(config: dict) -> None:
             for name, value in {"loss": out.losses.detach(), **out.metrics}.items():
                 totals[name] = totals.get(name, 0.0) + float(value.float().sum())
             if stepped and rank == 0 and backend.step_count % train.log_every == 0:
+                _record(config["metrics_path"], {"kind": "step", "epoch": epoch + 1, "step": backend.step_count,
+                                                 "lr": backend.lr, **{k: v / count for k, v in totals.items()}})  # fmt: skip
                 means = "  ".join(f"{k}={v / count:.4f}" for k, v in totals.items())
                 print(
                     f"[alignlib] epoch {epoch + 1}/{train.epochs}  step {backend.step_count}/{config['total_steps']}"
@@ -107,6 +117,8 @@ def train_loop(config: dict) -> None:
             backend.finish()
         metrics = {f"train/{k}": v / max(1, count) for k, v in totals.items()}
         metrics.update(epoch=epoch + 1, step=backend.step_count, examples=count * world)
+        if rank == 0:
+            _record(config["metrics_path"], {"kind": "epoch", **metrics})
         with tempfile.TemporaryDirectory() as directory:
             backend.save(Path(directory), rank)
             if rank == 0:

@@ -1,0 +1,131 @@
+"""The job spec: defaults, unknown keys, discriminated unions, cross-field checks, overrides."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignlib.spec import SpecError, apply_overrides, load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = {"name": "t", "output_dir": "out", "data": {"path": "p.jsonl"}, "policy": {"model": "builtin:tiny-policy"}}
+
+
+def spec_with(**sections):
+    raw = json.loads(json.dumps(MINIMAL))
+    raw.update(sections)
+    return raw
+
+
+def problems(raw) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(raw, "job.yaml")
+    return info.value.problems
+
+
+def test_minimal_spec_fills_defaults():
+    spec = parse_spec(MINIMAL)
+    assert spec.generate.engine == "vllm"
+    assert spec.train.loss.name == "orpo" and spec.train.loss.lambda_ == 0.1
+    assert spec.train.backend.name == "ddp"
+    assert spec.pairs.strategies == ["best_vs_worst"]
+
+
+def test_unknown_keys_are_errors_with_their_path():
+    raw = spec_with(train={"epochs": 2, "learning_rate": 1.0}, colour="blue")
+    assert sorted(problems(raw)) == ["colour: unknown key", "train.learning_rate: unknown key"]
+
+
+def test_each_loss_carries_only_its_own_knobs():
+    assert problems(spec_with(train={"loss": {"name": "dpo", "lambda_": 0.5}})) == ["train.loss.dpo.lambda_: unknown key"]
+    spec = parse_spec(spec_with(train={"loss": {"name": "ipo", "tau": 0.05}}))
+    assert spec.train.loss.tau == 0.05
+
+
+def test_unknown_loss_and_backend_names_are_reported_together():
+    found = problems(spec_with(train={"loss": {"name": "ppo"}, "backend": {"name": "fsdp"}}))
+    assert len(found) == 2
+    assert found[0].startswith("train.loss:") and "'sft', 'orpo', 'dpo', 'ipo'" in found[0]
+    assert found[1].startswith("train.backend:")
+
+
+def test_field_errors_are_all_listed_at_once():
+    found = problems(spec_with(generate={"num_samples": 0, "top_p": 2.0}, data={"path": "p", "eval_fraction": 1.5}))
+    paths = sorted(p.split(":")[0] for p in found)
+    assert paths == ["data.eval_fraction", "generate.num_samples", "generate.top_p"]
+
+
+def test_impossible_combinations_are_refused_together():
+    found = problems(
+        spec_with(
+            pairs={"strategy": ["gold_vs_weak", "best_vs_worst"]},
+            generate={"num_samples": 1},
+            train={"backend": {"name": "qlora"}},
+            data={"path": "p", "eval_fraction": 0.0},
+        )
+    )
+    assert sorted(p.split(":")[0] for p in found) == [
+        "data.eval_fraction", "data.reference_field", "generate.num_samples", "generate.weak_model", "train.lora",
+    ]  # fmt: skip
+
+
+def test_function_reward_must_import():
+    found = problems(spec_with(score={"reward": {"type": "function", "function": "alignlib.rewards:nope"}}))
+    assert found == ["score.reward.function.function: module 'alignlib.rewards' has no callable 'nope'"]
+    found = problems(spec_with(score={"reward": {"type": "function", "function": "no_colon"}}))
+    assert "expected `module:function`" in found[0]
+
+
+def test_concurrency_range_is_checked():
+    assert parse_spec(spec_with(generate={"concurrency": [1, 4]})).generate.concurrency == (1, 4)
+    assert problems(spec_with(generate={"concurrency": [3, 2]}))[0].startswith("generate.concurrency")
+
+
+def test_remote_output_dirs_are_refused_for_now():
+    assert problems(spec_with(output_dir="s3://bucket/run"))[0].startswith("output_dir: remote URIs")
+
+
+def test_overrides_parse_values_as_yaml_and_create_sections():
+    raw = apply_overrides(json.loads(json.dumps(MINIMAL)), ["train.epochs=3", "generate.concurrency=[1, 4]", "seed=7"])
+    spec = parse_spec(raw)
+    assert (spec.train.epochs, spec.generate.concurrency, spec.seed) == (3, (1, 4), 7)
+
+
+def test_override_into_a_scalar_is_an_error():
+    with pytest.raises(SpecError, match="seed is not a mapping"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+    with pytest.raises(SpecError, match="overrides are key=value"):
+        apply_overrides({}, ["train.epochs"])
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("name: x\noutput_dir: [unclosed\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(path) in str(info.value) and "line 3" in info.value.problems[0]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_validates(path):
+    spec = load_spec(path)
+    assert spec.name and spec.output_dir
+
+
+def test_validate_command_prints_every_problem_and_exits_nonzero(tmp_path):
+    raw = spec_with(train={"loss": {"name": "dpo", "beta": -1}}, typo=1)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "alignlib", "validate", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "train.loss.dpo.beta: Input should be greater than 0" in done.stderr
+    assert "typo: unknown key" in done.stderr
+
+
+def test_schema_command_prints_json_schema():
+    done = subprocess.run([sys.executable, "-m", "alignlib", "schema"], capture_output=True, text=True, check=True)
+    schema = json.loads(done.stdout)
+    assert {"data", "policy", "train"} <= set(schema["properties"])
