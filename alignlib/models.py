@@ -65,6 +65,8 @@ def resolve_model(source: str) -> str:
         # Build in a temporary directory and rename: concurrent actors never see a half-written model.
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         _build(BUILTINS[name], tmp)
+        for path in [tmp, *tmp.iterdir()]:  # mkdtemp makes it private; other users' workers read it too
+            path.chmod(0o755 if path.is_dir() else 0o644)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is identical

@@ -197,6 +197,9 @@ class DeepSpeedBackend(Backend):
             "zero_optimization": zero,
             "bf16": {"enabled": on_gpu and self.spec.policy.dtype in ("auto", "bfloat16")},
             "zero_allow_untested_optimizer": True,
+            # Offloaded steps then run torch's AdamW on the CPU copy instead of DeepSpeedCPUAdam,
+            # which would need a C++ extension JIT-built on every node; slower per step, no build.
+            "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 10**9,
         }
 
