@@ -1,9 +1,9 @@
 """Command line: `alignlib run JOB.yaml [key=value ...]`, one stage at a time, validate, schema, demo.
 
-    alignlib run jobs/demo.yaml                 # prompts -> generate -> ... -> eval
-    alignlib score jobs/demo.yaml               # one stage (its inputs must exist)
-    alignlib validate jobs/demo.yaml            # every problem, with its field path
-    alignlib demo                               # = alignlib run jobs/demo.yaml
+alignlib run jobs/demo.yaml                 # prompts -> generate -> ... -> eval
+alignlib score jobs/demo.yaml               # one stage (its inputs must exist)
+alignlib validate jobs/demo.yaml            # every problem, with its field path
+alignlib demo                               # = alignlib run jobs/demo.yaml
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ DEMO_SPEC = "jobs/demo.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignlib", description="Rejection sampling and preference optimisation on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="alignlib", description="Rejection sampling and preference optimisation on Ray."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def job_command(name: str, help_text: str) -> argparse.ArgumentParser:

@@ -22,9 +22,7 @@ IGNORE_INDEX = -100
 _MAX_AVERAGE_LOGP = -1e-6
 
 
-def sequence_logps(
-    logits: torch.Tensor, labels: torch.Tensor, average: bool = False
-) -> torch.Tensor:
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Log-probability of each labelled sequence under a causal LM.
 
     Args:
@@ -42,8 +40,7 @@ def sequence_logps(
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(
-            f"expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} "
-            f"and {tuple(labels.shape)}"
+            f"expected logits (B, T, V) and labels (B, T), got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
     logits = logits[:, :-1]
     labels = labels[:, 1:]
@@ -51,9 +48,7 @@ def sequence_logps(
     # Ignored positions hold -100, which is not a valid index; gather at 0 and mask out.
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
     # bf16 log_softmax loses ~2-3 significant digits per token; do it in float32.
-    token_logps = torch.gather(
-        logits.float().log_softmax(dim=-1), dim=-1, index=safe_labels.unsqueeze(-1)
-    ).squeeze(-1)
+    token_logps = torch.gather(logits.float().log_softmax(dim=-1), dim=-1, index=safe_labels.unsqueeze(-1)).squeeze(-1)
     # where, not multiply: a -inf logp at an ignored position times 0 would be NaN.
     total = torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
     if not average:
@@ -152,9 +147,7 @@ def orpo_loss(
     return LossOutput(losses=losses, metrics=metrics)
 
 
-def _reward_metrics(
-    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
-) -> dict[str, torch.Tensor]:
+def _reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
     chosen_rewards = chosen_rewards.detach()
     rejected_rewards = rejected_rewards.detach()
     return {
@@ -198,9 +191,7 @@ def dpo_loss(
     chosen_logratios = _as_float32(policy_chosen_logps) - _as_float32(ref_chosen_logps)
     rejected_logratios = _as_float32(policy_rejected_logps) - _as_float32(ref_rejected_logps)
     logits = beta * (chosen_logratios - rejected_logratios)
-    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(
-        -logits
-    )
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     metrics = _reward_metrics(beta * chosen_logratios, beta * rejected_logratios)
     return LossOutput(losses=losses, metrics=metrics)
 

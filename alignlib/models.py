@@ -58,7 +58,9 @@ def resolve_model(source: str) -> str:
         return str(path.resolve()) if path.exists() else source
     name = source.removeprefix(BUILTIN_PREFIX)
     if name not in BUILTINS:
-        raise ValueError(f"unknown built-in model {source!r}; choose one of {sorted(BUILTIN_PREFIX + n for n in BUILTINS)}")
+        raise ValueError(
+            f"unknown built-in model {source!r}; choose one of {sorted(BUILTIN_PREFIX + n for n in BUILTINS)}"
+        )
     target = cache_dir() / "models" / f"{name}-v{BUILTIN_VERSION}"
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -152,17 +154,13 @@ def load_tokenizer(source: str, chat_template: str | None = None):
 def load_causal_lm(source: str, dtype: str = "auto", on_gpu: bool = False, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_model(source), dtype=torch_dtype(dtype, on_gpu), **kwargs
-    )
+    return AutoModelForCausalLM.from_pretrained(resolve_model(source), dtype=torch_dtype(dtype, on_gpu), **kwargs)
 
 
 def load_reward_model(source: str, dtype: str = "auto", on_gpu: bool = False):
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(source), dtype=torch_dtype(dtype, on_gpu)
-    )
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(source), dtype=torch_dtype(dtype, on_gpu))
     if model.config.num_labels != 1:
         raise ValueError(
             f"reward model {source!r} has num_labels={model.config.num_labels}; a reward model has one output"

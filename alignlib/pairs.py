@@ -58,7 +58,9 @@ def candidate_pairs(rows: list[Row], strategy: str) -> list[tuple[Row, Row]]:
     raise ValueError(f"unknown pair strategy {strategy!r}")
 
 
-def make_pairs(rows: list[Row], strategies: list[str], min_margin: float, max_pairs_per_prompt: int) -> tuple[list[Row], Counter]:
+def make_pairs(
+    rows: list[Row], strategies: list[str], min_margin: float, max_pairs_per_prompt: int
+) -> tuple[list[Row], Counter]:
     """Pairs of one prompt's scored rows, and counts of what was emitted and dropped (and why)."""
     counts: Counter = Counter()
     pairs: list[Row] = []

@@ -86,7 +86,9 @@ class Pipeline:
                 stats = STAGE_FUNCTIONS[stage](self, writer)
                 inputs = {u: self.fingerprint(u) for u in UPSTREAM[stage]}
                 manifests[stage] = writer.commit(fp, inputs, stats)
-            log(f"{stage}: done in {time.time() - started:.1f}s -> {self.store.path(stage)}  {_brief(manifests[stage])}")
+            log(
+                f"{stage}: done in {time.time() - started:.1f}s -> {self.store.path(stage)}  {_brief(manifests[stage])}"
+            )
         return manifests
 
     def table_path(self, stage: str, table: str) -> Path:
@@ -244,7 +246,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         per_prompt.setdefault(r[S.PROMPT_ID], {}).setdefault(r[S.GENERATOR], []).append(r[S.REWARD])
     base = [_mean(v[S.GENERATOR_BASE]) for v in per_prompt.values()]
     trained = [_mean(v[S.GENERATOR_TRAINED]) for v in per_prompt.values()]
-    wins = [1.0 if t > b else 0.5 if t == b else 0.0 for b, t in zip(base, trained)]
+    wins = [1.0 if t > b else 0.5 if t == b else 0.0 for b, t in zip(base, trained, strict=True)]
     return {
         "prompts": len(per_prompt),
         "base_mean_reward": _mean(base),

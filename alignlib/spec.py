@@ -153,7 +153,9 @@ class PairsSpec(_Spec):
         description="best_vs_worst: top vs bottom policy sample; best_vs_rest: top vs each other sample; "
         "gold_vs_weak: the reference answer vs the weak model's. A list applies several.",
     )
-    min_margin: float = Field(0.1, ge=0.0, description="Pairs whose reward gap is below this are dropped (and counted).")
+    min_margin: float = Field(
+        0.1, ge=0.0, description="Pairs whose reward gap is below this are dropped (and counted)."
+    )
     max_pairs_per_prompt: int = Field(1, ge=1, description="Cap per prompt and strategy, largest margins first.")
     sft_min_reward: float | None = Field(
         None, description="Best-of-N rows below this reward are left out of the SFT set (and counted)."
@@ -181,7 +183,9 @@ class DPOLossSpec(_Spec):
 
 class IPOLossSpec(_Spec):
     name: Literal["ipo"]
-    tau: float = Field(0.1, gt=0.0, description="Regularisation; the target log-ratio margin is 1/(2*tau) (IPO eq. 17).")
+    tau: float = Field(
+        0.1, gt=0.0, description="Regularisation; the target log-ratio margin is 1/(2*tau) (IPO eq. 17)."
+    )
 
 
 LossSpec = Annotated[Union[SFTLossSpec, ORPOLossSpec, DPOLossSpec, IPOLossSpec], Field(discriminator="name")]
@@ -213,9 +217,7 @@ class QLoRABackendSpec(_Spec):
         return 1  # one process holds the 4-bit base; QLoRA does not shard it
 
 
-BackendSpec = Annotated[
-    Union[DDPBackendSpec, DeepSpeedBackendSpec, QLoRABackendSpec], Field(discriminator="name")
-]
+BackendSpec = Annotated[Union[DDPBackendSpec, DeepSpeedBackendSpec, QLoRABackendSpec], Field(discriminator="name")]
 
 
 class LoraSpec(_Spec):
@@ -236,8 +238,12 @@ class TrainSpec(_Spec):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     batch_size: int = Field(8, ge=1, description="Examples per worker per micro-step.")
-    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step; global batch = batch_size * workers * grad_accum.")
-    max_length: int = Field(512, ge=8, description="Prompt + completion tokens; prompts are truncated on the left first.")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-steps per optimizer step; global batch = batch_size * workers * grad_accum."
+    )
+    max_length: int = Field(
+        512, ge=8, description="Prompt + completion tokens; prompts are truncated on the left first."
+    )
     gradient_checkpointing: bool = False
     log_every: int = Field(10, ge=1, description="Print a progress line every N optimizer steps.")
 
@@ -249,7 +255,9 @@ class ExportSpec(_Spec):
 class EvalSpec(_Spec):
     enabled: bool = True
     num_samples: int = Field(1, ge=1, description="Samples per held-out prompt, for both the base and trained policy.")
-    temperature: float | None = Field(None, ge=0.0, description="Sampling temperature; defaults to generate.temperature.")
+    temperature: float | None = Field(
+        None, ge=0.0, description="Sampling temperature; defaults to generate.temperature."
+    )
 
 
 class JobSpec(_Spec):
@@ -275,7 +283,7 @@ class JobSpec(_Spec):
         return value.removeprefix("file://")
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "JobSpec":
+    def _cross_checks(self) -> JobSpec:
         problems = cross_check(self)
         if problems:
             raise ValueError("\n".join(problems))
@@ -292,16 +300,16 @@ def cross_check(spec: JobSpec) -> list[str]:
         if spec.data.reference_field is None:
             problems.append("data.reference_field: pairs strategy gold_vs_weak needs the gold answer field")
     if {"best_vs_worst", "best_vs_rest"} & set(strategies) and spec.generate.num_samples < 2:
-        problems.append(
-            f"generate.num_samples: strategy {strategies} compares policy samples, so it needs at least 2"
-        )
+        problems.append(f"generate.num_samples: strategy {strategies} compares policy samples, so it needs at least 2")
     backend = spec.train.backend
     if backend.name == "qlora" and spec.train.lora is None:
         problems.append("train.lora: the qlora backend trains LoRA adapters on a 4-bit base; set train.lora")
     if backend.name == "deepspeed" and backend.offload_params and backend.zero_stage != 3:
         problems.append("train.backend.offload_params: parameter offload needs zero_stage 3")
     if spec.eval.enabled and spec.data.eval_fraction == 0:
-        problems.append("data.eval_fraction: eval is enabled but no prompts are held out (set > 0 or eval.enabled=false)")
+        problems.append(
+            "data.eval_fraction: eval is enabled but no prompts are held out (set > 0 or eval.enabled=false)"
+        )
     return problems
 
 

@@ -46,7 +46,7 @@ def expand_requests(batch: pa.Table, generator: str, num_samples: int, job_seed:
     out = batch.take(pa.array(take, type=pa.int64())) if take else batch.slice(0, 0)
     ids = out[S.PROMPT_ID].to_pylist()
     index = [k for _ in range(batch.num_rows) for k in range(num_samples)]
-    seeds = [sample_seed(job_seed, seed_key, pid, k) for pid, k in zip(ids, index)]
+    seeds = [sample_seed(job_seed, seed_key, pid, k) for pid, k in zip(ids, index, strict=True)]
     out = out.append_column(S.GENERATOR, pa.array([generator] * len(ids), pa.string()))
     out = out.append_column(S.SAMPLE_INDEX, pa.array(index, pa.int32()))
     return out.append_column(S.SEED, pa.array(seeds, pa.int64()))

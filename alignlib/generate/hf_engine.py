@@ -107,8 +107,12 @@ def hf_generate(requests, model, sampling, settings):
     return requests.map_batches(
         HFGenerator,
         fn_constructor_kwargs=dict(
-            model=model.model, dtype=model.dtype, chat_template=model.chat_template,
-            max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            model=model.model,
+            dtype=model.dtype,
+            chat_template=model.chat_template,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
         ),  # fmt: skip
         batch_size=settings.batch_size,
         batch_format="pyarrow",

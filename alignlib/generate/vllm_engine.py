@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-
 from alignlib import schema as S
 from alignlib.generate import LIGHT_CPUS
 
@@ -34,7 +33,9 @@ def vllm_generate(requests, model, sampling, settings):
 
     from alignlib.models import resolve_model
 
-    engine_kwargs = {"dtype": "float32" if settings.resources.get("GPU", 0) == 0 and model.dtype == "auto" else model.dtype}
+    engine_kwargs = {
+        "dtype": "float32" if settings.resources.get("GPU", 0) == 0 and model.dtype == "auto" else model.dtype
+    }
     engine_kwargs.update(settings.engine_kwargs)
     config = vLLMEngineProcessorConfig(
         model_source=resolve_model(model.model),
@@ -51,7 +52,9 @@ def vllm_generate(requests, model, sampling, settings):
     max_tokens = sampling.max_new_tokens
 
     def preprocess(row):
-        params = dict(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=max_tokens, seed=int(row[S.SEED]))
+        params = dict(
+            temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=max_tokens, seed=int(row[S.SEED])
+        )
         return dict(row, tokenized_prompt=row["prompt_token_ids"], sampling_params=params)
 
     def postprocess(row):
@@ -65,6 +68,10 @@ def vllm_generate(requests, model, sampling, settings):
 
     light = {"num_cpus": LIGHT_CPUS}
     processor = build_processor(
-        config, preprocess=preprocess, postprocess=postprocess, preprocess_map_kwargs=light, postprocess_map_kwargs=light
+        config,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
     )
     return processor(requests)

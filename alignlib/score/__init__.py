@@ -60,7 +60,7 @@ class ModelScorer:
         from alignlib.models import encode_completion, encode_prompt
 
         sequences = []
-        for messages, completion in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist()):
+        for messages, completion in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True):
             prompt = encode_prompt(self.tokenizer, messages)
             answer = encode_completion(self.tokenizer, completion)[-self.max_length :]
             sequences.append(prompt[max(0, len(prompt) + len(answer) - self.max_length) :] + answer)
@@ -77,7 +77,9 @@ class ModelScorer:
 
 def _with_rewards(batch: pa.Table, rewards: list[float], source: str) -> pa.Table:
     out = batch.append_column(S.REWARD, pa.array(rewards, pa.float64()))
-    return S.conform(out.append_column(S.REWARD_SOURCE, pa.array([source] * batch.num_rows, pa.string())), S.SCORED_COLUMNS)
+    return S.conform(
+        out.append_column(S.REWARD_SOURCE, pa.array([source] * batch.num_rows, pa.string())), S.SCORED_COLUMNS
+    )
 
 
 def score(completions, reward):

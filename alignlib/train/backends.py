@@ -271,4 +271,3 @@ BACKENDS = {"ddp": Backend, "deepspeed": DeepSpeedBackend, "qlora": QLoRABackend
 
 def make_backend(spec, total_steps: int, device: torch.device) -> Backend:
     return BACKENDS[spec.train.backend.name](spec, total_steps, device)
-

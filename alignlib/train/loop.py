@@ -125,8 +125,6 @@ def train_loop(config: dict) -> None:
                 (Path(directory) / "epoch").write_text(str(epoch))
                 tokenizer.save_pretrained(Path(directory) / "model")
             has_files = rank == 0
-            ray.train.report(
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None
-            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None)
     with contextlib.suppress(Exception):
         torch.distributed.barrier()

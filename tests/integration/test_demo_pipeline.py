@@ -56,7 +56,11 @@ def test_completions_have_every_sample_with_its_own_seed(demo_run):
     assert done.num_rows == TRAIN_PROMPTS * (SAMPLES + WEAK_SAMPLES + 1)
     rows = done.to_pylist()
     by_generator = {g: [r for r in rows if r[S.GENERATOR] == g] for g in ("policy", "weak", "reference")}
-    assert [len(v) for v in by_generator.values()] == [TRAIN_PROMPTS * SAMPLES, TRAIN_PROMPTS * WEAK_SAMPLES, TRAIN_PROMPTS]
+    assert [len(v) for v in by_generator.values()] == [
+        TRAIN_PROMPTS * SAMPLES,
+        TRAIN_PROMPTS * WEAK_SAMPLES,
+        TRAIN_PROMPTS,
+    ]
     policy = by_generator["policy"]
     assert len({r[S.SEED] for r in policy}) == len(policy)
     assert {r[S.SAMPLE_INDEX] for r in policy} == set(range(SAMPLES))

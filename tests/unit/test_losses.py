@@ -350,8 +350,6 @@ def test_batch_mean_equals_mean_of_single_calls(name):
     loss = get_loss(name)
     batch = _random_batch(loss)
     batched = _call(loss, batch, **KNOBS[name]).losses
-    singles = torch.cat(
-        [_call(loss, [x[i : i + 1] for x in batch], **KNOBS[name]).losses for i in range(8)]
-    )
+    singles = torch.cat([_call(loss, [x[i : i + 1] for x in batch], **KNOBS[name]).losses for i in range(8)])
     assert_close(batched.mean(), singles.mean())
     assert_close(batched, singles)

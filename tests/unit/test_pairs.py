@@ -44,7 +44,11 @@ def test_best_vs_rest_largest_margins_first_and_capped():
 
 
 def test_gold_vs_weak_uses_reference_as_chosen():
-    rows = [row("42", 1.0, S.GENERATOR_REFERENCE), row("7", 0.0, S.GENERATOR_WEAK), row("41", 0.95, S.GENERATOR_WEAK, 1)]
+    rows = [
+        row("42", 1.0, S.GENERATOR_REFERENCE),
+        row("7", 0.0, S.GENERATOR_WEAK),
+        row("41", 0.95, S.GENERATOR_WEAK, 1),
+    ]
     pairs, counts = make_pairs(rows, ["gold_vs_weak"], 0.1, 5)
     assert [(p[S.CHOSEN], p[S.REJECTED]) for p in pairs] == [("42", "7")]
     assert pairs[0][S.CHOSEN_GENERATOR] == "reference" and pairs[0][S.REJECTED_GENERATOR] == "weak"

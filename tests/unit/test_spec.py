@@ -40,7 +40,9 @@ def test_unknown_keys_are_errors_with_their_path():
 
 
 def test_each_loss_carries_only_its_own_knobs():
-    assert problems(spec_with(train={"loss": {"name": "dpo", "lambda_": 0.5}})) == ["train.loss.dpo.lambda_: unknown key"]
+    assert problems(spec_with(train={"loss": {"name": "dpo", "lambda_": 0.5}})) == [
+        "train.loss.dpo.lambda_: unknown key"
+    ]
     spec = parse_spec(spec_with(train={"loss": {"name": "ipo", "tau": 0.05}}))
     assert spec.train.loss.tau == 0.05
 
