@@ -11,7 +11,7 @@ def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
     store = StageStore(spec.output_dir)
     print(f"\n== alignlib job {spec.name!r}: outputs under {store.root}")
     for stage, manifest in manifests.items():
-        tables = ", ".join(f"{name} {rows} rows" for name, rows in manifest["tables"].items())
+        tables = ", ".join(f"{name} {rows} rows" for name, rows in manifest["tables"].items()) or "model"
         print(f"  {stage:<9} {store.path(stage)}  {tables}")
     pairs = manifests.get("pairs")
     if pairs:

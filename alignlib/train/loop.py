@@ -11,9 +11,9 @@ a rerun of the same run resumes from the last one.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +39,12 @@ def _reference_logps(backend, reference, batch, average: bool):
             return _policy_logps(reference, batch, average)
         with backend.unwrapped.disable_adapter():
             return _policy_logps(backend.unwrapped, batch, average)
+
+
+def _say(message: str) -> None:
+    # Ray Train patches print() in workers to both log and echo it, so every line came out twice.
+    sys.__stdout__.write(f"[alignlib] {message}\n")
+    sys.__stdout__.flush()
 
 
 def _record(path: str, entry: dict) -> None:
@@ -78,7 +84,7 @@ def train_loop(config: dict) -> None:
             backend.load(Path(directory))
             start_epoch = int((Path(directory) / "epoch").read_text()) + 1
         if rank == 0:
-            print(f"[alignlib] resumed from epoch {start_epoch} (optimizer step {backend.step_count})", flush=True)
+            _say(f"resumed from epoch {start_epoch} (optimizer step {backend.step_count})")
 
     shard = ray.train.get_dataset_shard("train")
     started = time.time()
@@ -108,10 +114,9 @@ def train_loop(config: dict) -> None:
                 _record(config["metrics_path"], {"kind": "step", "epoch": epoch + 1, "step": backend.step_count,
                                                  "lr": backend.lr, **{k: v / count for k, v in totals.items()}})  # fmt: skip
                 means = "  ".join(f"{k}={v / count:.4f}" for k, v in totals.items())
-                print(
-                    f"[alignlib] epoch {epoch + 1}/{train.epochs}  step {backend.step_count}/{config['total_steps']}"
-                    f"  {means}  lr={backend.lr:.2e}  {time.time() - started:.0f}s",
-                    flush=True,
+                _say(
+                    f"epoch {epoch + 1}/{train.epochs}  step {backend.step_count}/{config['total_steps']}"
+                    f"  {means}  lr={backend.lr:.2e}  {time.time() - started:.0f}s"
                 )
         if epoch == train.epochs - 1:
             backend.finish()
@@ -124,7 +129,6 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 (Path(directory) / "epoch").write_text(str(epoch))
                 tokenizer.save_pretrained(Path(directory) / "model")
-            has_files = rank == 0
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if has_files else None)
-    with contextlib.suppress(Exception):
-        torch.distributed.barrier()
+            # Rank 0 holds the whole model (ZeRO-3 gathers it in save); other ranks report metrics only.
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+            ray.train.report(metrics, checkpoint=checkpoint)
