@@ -9,6 +9,7 @@ own knobs; cross-field problems are collected and reported together with their f
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from pathlib import Path
@@ -356,14 +357,36 @@ def _format_error(err: dict[str, Any]) -> list[str]:
     return [f"{path}: {message}"]
 
 
+def _without(raw: dict[str, Any], locations: list[tuple]) -> dict[str, Any]:
+    """A copy of `raw` without the keys at `locations` (union tags in a location are skipped)."""
+    out = copy.deepcopy(raw)
+    for loc in locations:
+        node, parts = out, [p for p in loc if isinstance(p, str)]
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                continue
+            if i == len(parts) - 1 or not isinstance(node[part], dict):
+                del node[part]
+                break
+            node = node[part]
+    return out
+
+
 def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError(source, ["the job spec must be a YAML mapping"])
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as err:
-        problems = [line for e in err.errors(include_url=False) for line in _format_error(e)]
-        raise SpecError(source, problems) from None
+        errors = err.errors(include_url=False)
+    problems = [line for e in errors for line in _format_error(e)]
+    # pydantic runs cross-field checks only once every field is valid; validate again without
+    # the bad keys so those problems are reported in the same run.
+    try:
+        JobSpec.model_validate(_without(raw, [e["loc"] for e in errors]))
+    except ValidationError as again:
+        problems += [line for e in again.errors(include_url=False) if not e["loc"] for line in _format_error(e)]
+    raise SpecError(source, list(dict.fromkeys(problems)))
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:

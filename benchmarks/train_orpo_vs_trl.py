@@ -40,7 +40,9 @@ What is measured
       - peak RSS (ru_maxrss) of the training process: alignlib's Ray Train worker (reported by a
         Ray `worker_process_setup_hook` thread), TRL's training subprocess.
     A correctness cross-check runs both losses on the first batch with the initial weights and
-    decomposes the gap into the NLL definitions.
+    decomposes the gap into the NLL definitions. A diagnostic also times alignlib's per-batch work
+    (tokenize, collate, forward, loss, backward, clip, AdamW) in-process without Ray, to separate
+    compute from Ray Train / Ray Data overhead in the worker's step time.
 
 Threads
     Each training process uses 1 torch thread: OMP_NUM_THREADS=MKL_NUM_THREADS=1 is set in this
@@ -63,6 +65,7 @@ import os
 import random
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -457,6 +460,36 @@ def cross_check(cfg: dict, rows: list[dict], workdir: Path) -> dict:
     }
 
 
+def loop_body_ms(cfg: dict, rows: list[dict]) -> float:
+    """Median ms of alignlib's per-batch work for one epoch in this process, without Ray (a diagnostic)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from alignlib.losses import orpo_loss, sequence_logps
+    from alignlib.models import load_tokenizer
+    from alignlib.train.data import collate, encode_rows
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(cfg["seed"])
+    tok = load_tokenizer(cfg["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    times = []
+    for i in range(0, len(rows), cfg["batch_size"]):
+        t0 = time.perf_counter()
+        examples = encode_rows(tok, rows[i : i + cfg["batch_size"]], paired=True, max_length=cfg["max_length"])
+        batch = collate(examples, tok.pad_token_id, paired=True)
+        n = len(examples)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = sequence_logps(logits, batch["labels"], average=True)
+        orpo_loss(logps[:n], logps[n:], lambda_=cfg["lambda_"]).losses.mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000
+
+
 # --------------------------------------------------------------------------------------------
 # summaries and report
 # --------------------------------------------------------------------------------------------
@@ -466,6 +499,20 @@ def steady_state(step_ends: list[float], sizes: list[int]) -> tuple[float | None
         return None, None
     seconds = step_ends[-1] - step_ends[0]
     return seconds, sum(sizes[1:]) / seconds if seconds > 0 else None
+
+
+def median_step_ms(step_ends: list[float], per_epoch: int) -> float | None:
+    """Median time between consecutive steps of the same epoch (epoch boundaries left out), in ms."""
+    gaps = [
+        step_ends[i] - step_ends[i - 1] for i in range(1, len(step_ends)) if i % per_epoch != 0
+    ]
+    return statistics.median(gaps) * 1000 if gaps else None
+
+
+def boundary_ms(step_ends: list[float], per_epoch: int) -> float | None:
+    """Mean time between the last step of an epoch and the first of the next, in ms."""
+    gaps = [step_ends[i] - step_ends[i - 1] for i in range(per_epoch, len(step_ends), per_epoch)]
+    return sum(gaps) / len(gaps) * 1000 if gaps else None
 
 
 def trl_epoch_means(log_history: list[dict], sizes: list[int], per_epoch: int, lam: float) -> dict:
@@ -505,7 +552,7 @@ def ratio(a, b, digits=2):
     return f"{a / b:.{digits}f}"
 
 
-def report(args, cfg, a, t, check, n_examples, wall_total, command) -> None:
+def report(args, cfg, a, t, check, body, n_examples, wall_total, command) -> None:
     sizes = batch_sizes(args.pairs, args.batch_size, args.epochs)
     per_epoch = steps_per_epoch(args.pairs, args.batch_size)
     a_ss, a_ss_rate = steady_state(a["step_ends"], sizes)
@@ -524,6 +571,15 @@ def report(args, cfg, a, t, check, n_examples, wall_total, command) -> None:
         ("examples/s, steady state", a_ss_rate, t_ss_rate, "higher is better"),
         ("ms per optimizer step, steady state",
          a_ss * 1000 / (len(sizes) - 1) if a_ss else None, t_ss * 1000 / (len(sizes) - 1) if t_ss else None, None),
+        ("median ms per step within an epoch", median_step_ms(a["step_ends"], per_epoch),
+         median_step_ms(t["step_ends"], per_epoch), "epoch boundaries left out"),
+        ("mean ms across an epoch boundary", boundary_ms(a["step_ends"], per_epoch),
+         boundary_ms(t["step_ends"], per_epoch), "alignlib: checkpoint + report there"),
+        ("start-up: call start -> end of step 1 (s)", a["step_ends"][0] if a["step_ends"] else None,
+         t["step_ends"][0] if t["step_ends"] else None, None),
+        ("teardown: end of last step -> call returns (s)",
+         a["total_s"] - a["step_ends"][-1] if a["step_ends"] else None,
+         t["total_s"] - t["step_ends"][-1] if t["step_ends"] else None, None),
         ("last-epoch mean loss, alignlib definition", last_epoch["train/loss"], tm["loss_alignlib_def"],
          "same quantity on both sides"),
         ("  NLL part: completion tokens, per-example mean", last_epoch["train/sft_loss"], tm["nll_alignlib_def"], None),
@@ -552,8 +608,11 @@ def report(args, cfg, a, t, check, n_examples, wall_total, command) -> None:
     print(f"TRL breakdown: model load + ORPOTrainer() incl. dataset tokenization {t['build_s']:.2f} s, "
           f"train() {t['train_s']:.2f} s, save_model {t['total_s'] - t['build_s'] - t['train_s']:.2f} s.")
     first_a = a["steps"][0]["loss"] if a["steps"] else None
-    print(f"alignlib outside steady state (Ray Train start-up, worker start, model load, first step, teardown): "
-          f"{a['total_s'] - (a_ss or 0):.2f} s; TRL: {t['total_s'] - (t_ss or 0):.2f} s.")
+    if body is not None:
+        print(f"Diagnostic: alignlib's loop body (encode_rows + collate + forward + sequence_logps + orpo_loss + "
+              f"backward + clip + AdamW) run in this process without Ray Train/Data: {body:.2f} ms per step "
+              f"(median over one epoch), vs {fmt(median_step_ms(a['step_ends'], per_epoch), 2)} ms in the Ray "
+              f"Train worker.")
     print(f"Ray worker processes seen: {a['num_ray_workers']} (sum of their peak RSS "
           f"{a['all_ray_workers_maxrss_kb'] / mib:.0f} MiB; the raylet, GCS and this driver are not counted).")
     print()
@@ -596,6 +655,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-bos", action="store_true", help="let TRL prepend BOS as it does by default")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
+    parser.add_argument("--json", help="also write the raw measurements to this JSON file")
     parser.add_argument("--_trl-child", dest="trl_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_child:
@@ -611,6 +671,8 @@ def main() -> None:
     os.environ["ALIGNLIB_CACHE"] = str(workdir / "cache")
     os.environ.update(THREAD_ENV)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
     import torch
     import trl
@@ -618,6 +680,7 @@ def main() -> None:
     from alignlib.models import resolve_model
 
     torch.set_num_threads(THREADS)
+    __import__("transformers").utils.logging.disable_progress_bar()
     model_dir = resolve_model("builtin:tiny-policy")
     num_params = sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM.from_pretrained(
         model_dir).parameters())  # fmt: skip
@@ -643,7 +706,12 @@ def main() -> None:
     print(f"[bench]     done in {t['total_s']:.1f} s", flush=True)
     print("[bench] cross-check on the first batch ...", flush=True)
     check = cross_check(cfg, rows, workdir)
-    report(args, cfg, a, t, check, n_examples, time.perf_counter() - started, command)
+    body = loop_body_ms(cfg, rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"args": vars(args), "config": cfg, "alignlib": a, "trl": t, "cross_check": check,
+             "loop_body_ms": body}, indent=1, default=str))  # fmt: skip
+    report(args, cfg, a, t, check, body, n_examples, time.perf_counter() - started, command)
     if not args.keep:
         import shutil
 

@@ -74,6 +74,16 @@ def test_impossible_combinations_are_refused_together():
     ]  # fmt: skip
 
 
+def test_field_and_cross_field_problems_come_together():
+    found = problems(spec_with(pairs={"strategy": "gold_vs_weak"}, train={"epochs": 0}, typo=1))
+    assert sorted(found) == [
+        "data.reference_field: pairs strategy gold_vs_weak needs the gold answer field",
+        "generate.weak_model: pairs strategy gold_vs_weak needs a weak model",
+        "train.epochs: Input should be greater than or equal to 1",
+        "typo: unknown key",
+    ]
+
+
 def test_function_reward_must_import():
     found = problems(spec_with(score={"reward": {"type": "function", "function": "alignlib.rewards:nope"}}))
     assert found == ["score.reward.function.function: module 'alignlib.rewards' has no callable 'nope'"]
