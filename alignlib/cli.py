@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.add_argument("--force", action="store_true")
     commands.add_parser("schema", help="print the job spec's JSON schema")
+    export = job_command("export-pairs", "write the pairs as prompt/chosen/rejected chat JSONL (TRL, Axolotl)")
+    export.add_argument("--out", required=True, help="JSONL file to write")
     return parser
 
 
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from alignlib.pipeline import Pipeline
     from alignlib.report import print_summary
 
+    if args.command == "export-pairs":
+        return _export_pairs(Pipeline(spec), Path(args.out))
+
     only = None if args.command in ("run", "demo") else [args.command]
     try:
         manifests = Pipeline(spec, force=args.force).run(only)
@@ -76,6 +81,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"alignlib: error: {err}", file=sys.stderr)
         return 1
     print_summary(spec, manifests)
+    return 0
+
+
+def _export_pairs(pipeline, out: Path) -> int:
+    from alignlib.schema import to_conversational
+    from alignlib.store import read_table
+
+    if not pipeline.store.is_complete("pairs", pipeline.fingerprint("pairs")):
+        print(f"alignlib: error: no complete pairs for this spec under {pipeline.store.path('pairs')}; "
+              "run `alignlib run JOB.yaml` first", file=sys.stderr)  # fmt: skip
+        return 1
+    rows = to_conversational(read_table(pipeline.store.path("pairs") / "pairs").to_pylist())
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"wrote {len(rows)} pairs to {out}")
     return 0
 
 

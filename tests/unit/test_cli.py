@@ -43,3 +43,36 @@ def test_bad_data_file_names_the_line(tmp_path):
 def test_usage_errors_exit_nonzero(args):
     done = run(sys.executable, "-m", "alignlib", *args)
     assert done.returncode == 2
+
+
+def test_export_pairs_writes_trl_conversational_jsonl(tmp_path):
+    import json
+
+    import pyarrow as pa
+
+    from alignlib import schema as S
+    from alignlib.pipeline import Pipeline
+    from alignlib.spec import load_spec
+    from alignlib.store import write_table
+
+    spec = load_spec(ROOT / "jobs" / "demo.yaml", [f"output_dir={tmp_path}/run"])
+    pipeline = Pipeline(spec)
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    row = {c: None for c in S.PAIR_COLUMNS} | {S.PROMPT_ID: "p", S.PROMPT: "2+2?", S.MESSAGES: chat,
+                                              S.CHOSEN: "4", S.REJECTED: "5"}  # fmt: skip
+    with pipeline.store.writer("pairs") as out:
+        write_table(pa.Table.from_pylist([row], schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
+        out.commit(pipeline.fingerprint("pairs"), inputs={})
+    target = tmp_path / "pairs.jsonl"
+    done = run(sys.executable, "-m", "alignlib", "export-pairs", "jobs/demo.yaml", f"output_dir={tmp_path}/run",
+               "--out", str(target))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (line,) = target.read_text().splitlines()
+    assert json.loads(line) == {
+        "prompt": chat,
+        "chosen": [{"role": "assistant", "content": "4"}],
+        "rejected": [{"role": "assistant", "content": "5"}],
+    }
+    missing = run(sys.executable, "-m", "alignlib", "export-pairs", "jobs/demo.yaml", f"output_dir={tmp_path}/none",
+                  "--out", str(target))  # fmt: skip
+    assert missing.returncode == 1 and "no complete pairs" in missing.stderr
