@@ -431,7 +431,7 @@ def cross_check(cfg: dict, rows: list[dict], workdir: Path) -> dict:
         trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, trl_batch, train_eval="train")
 
     def ids(tensor, mask):
-        return [row[m.bool()].tolist() for row, m in zip(tensor, mask)]
+        return [row[m.bool()].tolist() for row, m in zip(tensor, mask, strict=True)]
 
     a_chosen = [e["prompt"] + e["chosen"] for e in examples]
     a_rejected = [e["prompt"] + e["rejected"] for e in examples]
@@ -503,9 +503,7 @@ def steady_state(step_ends: list[float], sizes: list[int]) -> tuple[float | None
 
 def median_step_ms(step_ends: list[float], per_epoch: int) -> float | None:
     """Median time between consecutive steps of the same epoch (epoch boundaries left out), in ms."""
-    gaps = [
-        step_ends[i] - step_ends[i - 1] for i in range(1, len(step_ends)) if i % per_epoch != 0
-    ]
+    gaps = [step_ends[i] - step_ends[i - 1] for i in range(1, len(step_ends)) if i % per_epoch != 0]
     return statistics.median(gaps) * 1000 if gaps else None
 
 
@@ -522,7 +520,7 @@ def trl_epoch_means(log_history: list[dict], sizes: list[int], per_epoch: int, l
     total = sum(weights)
 
     def mean(fn):
-        return sum(fn(h) * w for h, w in zip(last, weights)) / total
+        return sum(fn(h) * w for h, w in zip(last, weights, strict=True)) / total
 
     return {
         "loss_alignlib_def": mean(lambda h: -h["logps/chosen"] - lam * h["log_odds_ratio"]),
@@ -605,40 +603,64 @@ def report(args, cfg, a, t, check, body, n_examples, wall_total, command) -> Non
         r = ratio(float(av), float(tv), 3 if digits == 4 else 2) if numeric else ""
         print(f"| {name} | {fmt(av, digits)} | {fmt(tv, digits)} | {r} | {note or ''} |")
     print()
-    print(f"TRL breakdown: model load + ORPOTrainer() incl. dataset tokenization {t['build_s']:.2f} s, "
-          f"train() {t['train_s']:.2f} s, save_model {t['total_s'] - t['build_s'] - t['train_s']:.2f} s.")
+    print(
+        f"TRL breakdown: model load + ORPOTrainer() incl. dataset tokenization {t['build_s']:.2f} s, "
+        f"train() {t['train_s']:.2f} s, save_model {t['total_s'] - t['build_s'] - t['train_s']:.2f} s."
+    )
     first_a = a["steps"][0]["loss"] if a["steps"] else None
     if body is not None:
-        print(f"Diagnostic: alignlib's loop body (encode_rows + collate + forward + sequence_logps + orpo_loss + "
-              f"backward + clip + AdamW) run in this process without Ray Train/Data: {body:.2f} ms per step "
-              f"(median over one epoch), vs {fmt(median_step_ms(a['step_ends'], per_epoch), 2)} ms in the Ray "
-              f"Train worker.")
-    print(f"Ray worker processes seen: {a['num_ray_workers']} (sum of their peak RSS "
-          f"{a['all_ray_workers_maxrss_kb'] / mib:.0f} MiB; the raylet, GCS and this driver are not counted).")
+        print(
+            f"Diagnostic: alignlib's loop body (encode_rows + collate + forward + sequence_logps + orpo_loss + "
+            f"backward + clip + AdamW) run in this process without Ray Train/Data: {body:.2f} ms per step "
+            f"(median over one epoch), vs {fmt(median_step_ms(a['step_ends'], per_epoch), 2)} ms in the Ray "
+            f"Train worker."
+        )
+    print(
+        f"Ray worker processes seen: {a['num_ray_workers']} (sum of their peak RSS "
+        f"{a['all_ray_workers_maxrss_kb'] / mib:.0f} MiB; the raylet, GCS and this driver are not counted)."
+    )
     print()
     print("### Cross-check: first batch, initial weights, no gradient")
     print()
     c = check
-    print(f"- batch of {c['batch_size']} pairs; identical token ids on both sides: {c['same_token_ids']}; "
-          f"same scored completion lengths: {c['same_completion_lengths']}")
+    print(
+        f"- batch of {c['batch_size']} pairs; identical token ids on both sides: {c['same_token_ids']}; "
+        f"same scored completion lengths: {c['same_completion_lengths']}"
+    )
     if not c["same_token_ids"]:
         print(f"  - first chosen sequence, alignlib: {c['example_alignlib_ids']}")
         print(f"  - first chosen sequence, TRL:      {c['example_trl_ids']}")
-    print(f"- alignlib orpo loss = NLL {c['alignlib_nll']:.6f} + {args.lambda_} * L_OR {c['alignlib_or']:.6f} "
-          f"= **{c['alignlib_loss']:.6f}**")
-    print(f"- TRL ORPO loss      = NLL {c['trl_nll']:.6f} + {args.lambda_} * L_OR {c['trl_or']:.6f} "
-          f"= **{c['trl_loss']:.6f}**")
-    print(f"- odds-ratio terms agree to {abs(c['alignlib_or'] - c['trl_or']):.2e}; "
-          f"TRL's metrics rebuilt into alignlib's definition give {c['trl_loss_alignlib_definition']:.6f} "
-          f"(diff {abs(c['trl_loss_alignlib_definition'] - c['alignlib_loss']):.2e})")
-    print(f"- the gap is the NLL term: alignlib averages -log p over each chosen completion's tokens, then over "
-          f"examples ({c['alignlib_nll']:.6f}); pooling those completion tokens over the batch gives "
-          f"{c['nll_completion_token_pooled']:.6f}; pooling prompt + completion tokens (what TRL does: "
-          f"{c['prompt_tokens_in_trl_nll']} prompt + {c['completion_tokens']} completion predictions) gives "
-          f"{c['nll_prompt_and_completion_token_pooled']:.6f} vs TRL's {c['trl_nll']:.6f} "
-          f"(diff {abs(c['nll_prompt_and_completion_token_pooled'] - c['trl_nll']):.2e})")
-    print(f"- the first training step of each run saw this batch at these weights: alignlib logged "
-          f"{first_a:.6f}, TRL logged {tm['first_step_loss_own']:.6f} (own definition)")
+    print(
+        f"- alignlib orpo loss = NLL {c['alignlib_nll']:.6f} + {args.lambda_} * L_OR {c['alignlib_or']:.6f} "
+        f"= **{c['alignlib_loss']:.6f}**"
+    )
+    print(
+        f"- TRL ORPO loss      = NLL {c['trl_nll']:.6f} + {args.lambda_} * L_OR {c['trl_or']:.6f} "
+        f"= **{c['trl_loss']:.6f}**"
+    )
+    print(
+        f"- odds-ratio terms agree to {abs(c['alignlib_or'] - c['trl_or']):.2e}; "
+        f"TRL's metrics rebuilt into alignlib's definition give {c['trl_loss_alignlib_definition']:.6f} "
+        f"(diff {abs(c['trl_loss_alignlib_definition'] - c['alignlib_loss']):.2e})"
+    )
+    if not c["same_token_ids"]:
+        print(
+            "- the token ids differ (TRL prepended BOS, `--trl-bos`), so the log-probs themselves differ and "
+            "the decomposition below is only approximate; run without --trl-bos for an exact comparison"
+        )
+    lead = "the gap is" if c["same_token_ids"] else "most of the gap is"
+    print(
+        f"- {lead} the NLL term: alignlib averages -log p over each chosen completion's tokens, then over "
+        f"examples ({c['alignlib_nll']:.6f}); pooling those completion tokens over the batch gives "
+        f"{c['nll_completion_token_pooled']:.6f}; pooling prompt + completion tokens (what TRL does: "
+        f"{c['prompt_tokens_in_trl_nll']} prompt + {c['completion_tokens']} completion predictions) gives "
+        f"{c['nll_prompt_and_completion_token_pooled']:.6f} vs TRL's {c['trl_nll']:.6f} "
+        f"(diff {abs(c['nll_prompt_and_completion_token_pooled'] - c['trl_nll']):.2e})"
+    )
+    print(
+        f"- the first training step of each run saw this batch at these weights: alignlib logged "
+        f"{first_a:.6f}, TRL logged {tm['first_step_loss_own']:.6f} (own definition)"
+    )
     print()
     print(f"total benchmark wall-clock {wall_total:.0f} s")
     print(f"reproduce: {command}")
@@ -663,9 +685,8 @@ def main() -> None:
         return
 
     started = time.perf_counter()
-    command = "cd " + shlex.quote(str(REPO)) + " && .venv/bin/python benchmarks/train_orpo_vs_trl.py " + " ".join(
-        shlex.quote(a) for a in sys.argv[1:]
-    )
+    flags = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = f"cd {shlex.quote(str(REPO))} && .venv/bin/python benchmarks/train_orpo_vs_trl.py {flags}".rstrip()
     workdir = Path(tempfile.mkdtemp(prefix="alignlib-orpo-bench-"))
     # Before anything imports torch or starts Ray: fresh built-in models, one thread per process.
     os.environ["ALIGNLIB_CACHE"] = str(workdir / "cache")

@@ -33,6 +33,10 @@ need_ray() {
   }
 }
 
+# Ray 2.60 protects the job API with a token (~/.ray/auth_token) once one exists, but the
+# `ray job` client sends it only in token mode: keep server and client in the same mode.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+
 [[ $# -ge 1 ]] || usage
 cmd="$1"
 shift

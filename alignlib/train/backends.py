@@ -142,11 +142,22 @@ class Backend:
 
             set_peft_model_state_dict(self.unwrapped, state)
         else:
-            self.unwrapped.load_state_dict(state, strict=False)
+            _load_full(self.unwrapped, state)
         saved = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.micro, self.step_count = saved["micro"], saved["step"]
+
+
+def _load_full(model, state: dict) -> None:
+    """Load saved weights; only tied weights (left out by save_pretrained) may be missing."""
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied]
+    if result.unexpected_keys or missing:
+        raise RuntimeError(
+            f"checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
 
 
 class QLoRABackend(Backend):
@@ -257,9 +268,9 @@ class DeepSpeedBackend(Backend):
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=0):
-                self.engine.module.load_state_dict(state, strict=False)
+                _load_full(self.engine.module, state)
         else:
-            self.engine.module.load_state_dict(state, strict=False)
+            _load_full(self.engine.module, state)
         saved = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
         self.micro, self.step_count = saved["micro"], saved["step"]
         for _ in range(self.step_count):

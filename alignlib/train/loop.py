@@ -84,7 +84,7 @@ def train_loop(config: dict) -> None:
             backend.load(Path(directory))
             start_epoch = int((Path(directory) / "epoch").read_text()) + 1
         if rank == 0:
-            _say(f"resumed from epoch {start_epoch} (optimizer step {backend.step_count})")
+            _say(f"resuming after epoch {start_epoch} of {train.epochs} (optimizer step {backend.step_count})")
 
     shard = ray.train.get_dataset_shard("train")
     started = time.time()

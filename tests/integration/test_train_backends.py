@@ -94,3 +94,26 @@ def test_reward_model_scoring(ray_session, tmp_path):
     rewards = [r[S.REWARD] for r in first]
     assert len(set(rewards)) > 1, "different texts get different scores"
     assert [r[S.REWARD] for r in second] == pytest.approx(rewards), "scoring is deterministic"
+
+
+def test_rerun_with_the_same_run_name_resumes_from_the_last_checkpoint(ray_session, tmp_path):
+    import json
+
+    import ray
+
+    def spec(epochs):
+        return parse_spec({
+            "name": "resume", "output_dir": str(tmp_path), "data": {"path": "unused.jsonl"},
+            "policy": {"model": "builtin:tiny-policy"}, "eval": {"enabled": False},
+            "train": {"loss": {"name": "sft"}, "backend": {"name": "ddp", "use_gpu": False}, "epochs": epochs,
+                      "batch_size": 4, "max_length": 48, "lr": 1e-3},
+        })  # fmt: skip
+
+    rows = pairs_rows(8)
+    first = run_training(spec(1), ray.data.from_items(rows).materialize(), len(rows), run_name="same")
+    assert first.error is None
+    # The same run asked for one more epoch, as after a crash in epoch 2: epoch 1 is not trained again.
+    second = run_training(spec(2), ray.data.from_items(rows).materialize(), len(rows), run_name="same")
+    assert second.error is None and second.metrics["epoch"] == 2
+    log = [json.loads(line) for line in metrics_path(spec(2), "same").read_text().splitlines()]
+    assert [e["epoch"] for e in log if e["kind"] == "epoch"] == [1, 2], "epoch 1 ran once"
