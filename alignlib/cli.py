@@ -77,11 +77,26 @@ def main(argv: list[str] | None = None) -> int:
     only = None if args.command in ("run", "demo") else [args.command]
     try:
         manifests = Pipeline(spec, force=args.force).run(only)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
-        print(f"alignlib: error: {err}", file=sys.stderr)
+    except Exception as err:
+        root = _root_cause(err)
+        if not type(root).__module__.startswith("alignlib"):
+            raise  # not a problem alignlib diagnosed: keep the whole traceback
+        # First line only: Ray appends retry advice to errors raised inside Ray Data.
+        print(f"alignlib: error: {str(root).splitlines()[0]}", file=sys.stderr)
         return 1
     print_summary(spec, manifests)
     return 0
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost error: Ray wraps errors raised in tasks and actors (RayTaskError.cause)."""
+    seen = {id(err)}
+    while True:
+        inner = getattr(err, "cause", None) or err.__cause__
+        if inner is None or id(inner) in seen:
+            return err
+        seen.add(id(inner))
+        err = inner
 
 
 def _export_pairs(pipeline, out: Path) -> int:

@@ -46,6 +46,9 @@ def ensure_ray() -> None:
 
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
+    # Let a stage's own error (a reward that failed on file:line) reach the user, not Ray Data's
+    # generic "UDF failed to process a data block" wrapper.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
 
 
 class Pipeline:

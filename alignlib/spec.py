@@ -307,6 +307,8 @@ def cross_check(spec: JobSpec) -> list[str]:
         problems.append("train.lora: the qlora backend trains LoRA adapters on a 4-bit base; set train.lora")
     if backend.name == "deepspeed" and backend.offload_params and backend.zero_stage != 3:
         problems.append("train.backend.offload_params: parameter offload needs zero_stage 3")
+    if spec.eval.enabled and spec.train.lora is not None and not spec.export.merge_lora:
+        problems.append("export.merge_lora: eval generates with the exported model, which needs merged LoRA weights")
     if spec.eval.enabled and spec.data.eval_fraction == 0:
         problems.append(
             "data.eval_fraction: eval is enabled but no prompts are held out (set > 0 or eval.enabled=false)"

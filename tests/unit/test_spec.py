@@ -84,6 +84,12 @@ def test_field_and_cross_field_problems_come_together():
     ]
 
 
+def test_eval_needs_merged_lora():
+    found = problems(spec_with(train={"lora": {"r": 4}}, export={"merge_lora": False}))
+    assert found == ["export.merge_lora: eval generates with the exported model, which needs merged LoRA weights"]
+    parse_spec(spec_with(train={"lora": {"r": 4}}, export={"merge_lora": False}, eval={"enabled": False}))
+
+
 def test_function_reward_must_import():
     found = problems(spec_with(score={"reward": {"type": "function", "function": "alignlib.rewards:nope"}}))
     assert found == ["score.reward.function.function: module 'alignlib.rewards' has no callable 'nope'"]
