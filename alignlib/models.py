@@ -132,12 +132,17 @@ def _build(spec: TinyModel, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def dtype_name(name: str, on_gpu: bool) -> str:
+    """The spec's dtype with `auto` resolved: bfloat16 on GPU, float32 on CPU."""
+    if name == "auto":
+        return "bfloat16" if on_gpu else "float32"
+    return name
+
+
 def torch_dtype(name: str, on_gpu: bool):
     import torch
 
-    if name == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return getattr(torch, name)
+    return getattr(torch, dtype_name(name, on_gpu))
 
 
 def load_tokenizer(source: str, chat_template: str | None = None):

