@@ -231,6 +231,37 @@ def ipo_loss(
     return LossOutput(losses=losses, metrics=metrics)
 
 
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+) -> LossOutput:
+    """Simple preference optimisation (Meng et al. 2024, "SimPO", eq. 6).
+
+    ``L = -log sigmoid(beta * (pc - pr) - gamma)`` on *length-averaged* policy log-probs: the
+    implicit reward ``beta * log P(y) / |y|`` needs no reference model, and averaging per token
+    keeps long answers from being preferred for their length alone. ``gamma`` is the target
+    reward margin the chosen answer must clear.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: ``(B,)`` length-averaged policy log-probs.
+        beta: reward scale.
+        gamma: target reward margin (SimPO's gamma; the paper's gamma/beta ratio is ``gamma / beta``).
+
+    Returns:
+        ``(B,)`` losses; metrics ``"reward_chosen" = beta * pc``, ``"reward_rejected" = beta * pr``,
+        ``"reward_margin"`` and ``"accuracy"``.
+    """
+    _check_positive("beta", beta)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    chosen = beta * _as_float32(policy_chosen_logps)
+    rejected = beta * _as_float32(policy_rejected_logps)
+    losses = -F.logsigmoid(chosen - rejected - gamma)
+    return LossOutput(losses=losses, metrics=_reward_metrics(chosen, rejected))
+
+
 @dataclass(frozen=True)
 class Loss:
     """A loss function plus what the training loop must feed it.
@@ -256,6 +287,7 @@ LOSSES: dict[str, Loss] = {
     "orpo": Loss("orpo", orpo_loss, paired=True, needs_reference=False, average_logps=True),
     "dpo": Loss("dpo", dpo_loss, paired=True, needs_reference=True, average_logps=False),
     "ipo": Loss("ipo", ipo_loss, paired=True, needs_reference=True, average_logps=True),
+    "simpo": Loss("simpo", simpo_loss, paired=True, needs_reference=False, average_logps=True),
 }
 
 

@@ -189,7 +189,15 @@ class IPOLossSpec(_Spec):
     )
 
 
-LossSpec = Annotated[Union[SFTLossSpec, ORPOLossSpec, DPOLossSpec, IPOLossSpec], Field(discriminator="name")]
+class SimPOLossSpec(_Spec):
+    name: Literal["simpo"]
+    beta: float = Field(2.0, gt=0.0, description="Reward scale of the length-averaged log-prob (SimPO eq. 6).")
+    gamma: float = Field(1.0, ge=0.0, description="Target reward margin (SimPO's gamma, in reward units).")
+
+
+LossSpec = Annotated[
+    Union[SFTLossSpec, ORPOLossSpec, DPOLossSpec, IPOLossSpec, SimPOLossSpec], Field(discriminator="name")
+]
 
 
 class DDPBackendSpec(_Spec):

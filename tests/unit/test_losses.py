@@ -17,6 +17,7 @@ from alignlib.losses import (
     orpo_loss,
     sequence_logps,
     sft_loss,
+    simpo_loss,
 )
 
 
@@ -250,6 +251,7 @@ KNOBS = {
     "orpo": {"lambda_": 0.2},
     "dpo": {"beta": 0.2, "label_smoothing": 0.1},
     "ipo": {"tau": 0.2},
+    "simpo": {"beta": 2.5, "gamma": 0.5},
 }
 
 
@@ -260,6 +262,7 @@ KNOBS = {
         ("orpo", orpo_loss, True, False, True),
         ("dpo", dpo_loss, True, True, False),
         ("ipo", ipo_loss, True, True, True),
+        ("simpo", simpo_loss, True, False, True),
     ],
 )
 def test_get_loss_flags(name, fn, paired, needs_reference, average_logps):
@@ -272,12 +275,12 @@ def test_get_loss_flags(name, fn, paired, needs_reference, average_logps):
     )
 
 
-def test_registry_has_exactly_the_four_losses():
-    assert set(LOSSES) == {"sft", "orpo", "dpo", "ipo"}
+def test_registry_has_exactly_the_five_losses():
+    assert set(LOSSES) == {"sft", "orpo", "dpo", "ipo", "simpo"}
 
 
 def test_get_loss_unknown_name():
-    with pytest.raises(ValueError, match=r"'kto'.*dpo, ipo, orpo, sft"):
+    with pytest.raises(ValueError, match=r"'kto'.*dpo, ipo, orpo, sft, simpo"):
         get_loss("kto")
 
 
@@ -301,12 +304,37 @@ def test_signature_matches_flags(name):
         (dpo_loss, {"label_smoothing": 0.5}),
         (ipo_loss, {"tau": -1.0}),
         (orpo_loss, {"lambda_": -0.1}),
+        (simpo_loss, {"beta": 0.0}),
+        (simpo_loss, {"gamma": -1.0}),
     ],
 )
 def test_invalid_knobs_raise(fn, kwargs):
-    n = len(inspect.signature(fn).parameters) - (2 if fn is dpo_loss else 1)
+    n = sum(name.endswith("_logps") for name in inspect.signature(fn).parameters)
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         fn(*[t(-1.0)] * n, **kwargs)
+
+
+# --------------------------------------------------------------------------- simpo
+
+
+def test_simpo_hand_value():
+    """beta 2, gamma 1, averaged log-probs -0.5 vs -1.0: margin 2 * 0.5 - 1 = 0 -> loss log 2."""
+    out = simpo_loss(t(-0.5), t(-1.0), beta=2.0, gamma=1.0)
+    assert_close(out.losses, t(math.log(2.0)))
+    assert_close(out.metrics["reward_chosen"], t(-1.0))
+    assert_close(out.metrics["reward_margin"], t(1.0))
+
+
+def test_simpo_gamma_demands_a_margin():
+    """Equal log-probs: gamma 0 gives log 2; a positive gamma makes the same pair cost more."""
+    assert_close(simpo_loss(t(-1.0), t(-1.0), gamma=0.0).losses, t(math.log(2.0)))
+    assert simpo_loss(t(-1.0), t(-1.0), gamma=1.0).losses.item() > math.log(2.0)
+
+
+def test_simpo_gradient_direction():
+    chosen, rejected = t(-1.0, grad=True), t(-1.0, grad=True)
+    simpo_loss(chosen, rejected).losses.sum().backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()
 
 
 # --------------------------------------------------------------------------- invariants
@@ -343,7 +371,7 @@ def test_output_contract(name):
         assert metric.shape == (8,) and not metric.requires_grad
 
 
-@pytest.mark.parametrize("name", ["orpo", "dpo", "ipo"])
+@pytest.mark.parametrize("name", ["orpo", "dpo", "ipo", "simpo"])
 def test_batch_mean_equals_mean_of_single_calls(name):
     """Losses are per-example: batching 8 examples gives the same mean (and the same
     per-example values) as 8 separate calls."""
