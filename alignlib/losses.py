@@ -56,6 +56,11 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     return total / mask.sum(dim=-1).clamp(min=1)
 
 
+def label_counts(labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` number of positions :func:`sequence_logps` scores in each row of ``labels``."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
+
+
 @dataclass(frozen=True)
 class LossOutput:
     """Per-example losses and metrics.

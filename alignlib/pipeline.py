@@ -1,4 +1,4 @@
-"""The flow: prompts -> generate -> score -> pairs -> train -> export -> eval, top to bottom.
+"""The flow: prompts -> generate -> score -> pairs -> [ref_logps] -> train -> export -> eval, top to bottom.
 
 Each stage function reads its inputs from the stage store and writes its tables into a
 `StageWriter`; `Pipeline.run` skips a stage whose output is complete and was made from the same
@@ -19,14 +19,15 @@ import pyarrow as pa
 
 from alignlib import schema as S
 from alignlib.spec import JobSpec, eval_temperature, stage_sections
-from alignlib.store import STAGES, StageStore, StageWriter, fingerprint, read_table, write_table
+from alignlib.store import STAGES, StageStore, StageWriter, count_rows, fingerprint, read_table, write_table
 
 UPSTREAM = {
     "prompts": [],
     "generate": ["prompts"],
     "score": ["generate"],
     "pairs": ["score"],
-    "train": ["pairs"],
+    "ref_logps": ["pairs"],
+    "train": ["pairs"],  # and ref_logps when train.precompute_reference
     "export": ["train"],
     "eval": ["prompts", "export"],
 }
@@ -59,14 +60,20 @@ class Pipeline:
         self.force = force
         self._fingerprints: dict[str, str] = {}
 
+    def upstream(self, stage: str) -> list[str]:
+        if stage == "train" and self.spec.train.precompute_reference:
+            return ["ref_logps"]
+        return UPSTREAM[stage]
+
     def fingerprint(self, stage: str) -> str:
         if stage not in self._fingerprints:
-            inputs = {u: self.fingerprint(u) for u in UPSTREAM[stage]}
+            inputs = {u: self.fingerprint(u) for u in self.upstream(stage)}
             self._fingerprints[stage] = fingerprint(stage, self.sections[stage], inputs)
         return self._fingerprints[stage]
 
     def stages(self) -> list[str]:
-        return [s for s in STAGES if s != "eval" or self.spec.eval.enabled]
+        skip = {"eval": not self.spec.eval.enabled, "ref_logps": not self.spec.train.precompute_reference}
+        return [s for s in STAGES if not skip.get(s, False)]
 
     def run(self, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
         manifests = {}
@@ -76,7 +83,7 @@ class Pipeline:
                 log(f"{stage}: complete, skipped ({self.store.path(stage)})")
                 manifests[stage] = self.store.manifest(stage)
                 continue
-            for upstream in UPSTREAM[stage]:
+            for upstream in self.upstream(stage):
                 if not self.store.is_complete(upstream, self.fingerprint(upstream)):
                     raise StageInputError(
                         f"stage {stage!r} needs the output of {upstream!r} for this spec at "
@@ -87,7 +94,7 @@ class Pipeline:
             started = time.time()
             with self.store.writer(stage) as writer:
                 stats = STAGE_FUNCTIONS[stage](self, writer)
-                inputs = {u: self.fingerprint(u) for u in UPSTREAM[stage]}
+                inputs = {u: self.fingerprint(u) for u in self.upstream(stage)}
                 manifests[stage] = writer.commit(fp, inputs, stats)
             log(
                 f"{stage}: done in {time.time() - started:.1f}s -> {self.store.path(stage)}  {_brief(manifests[stage])}"
@@ -184,8 +191,9 @@ def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
 
     ensure_ray()
     table = "pairs" if get_loss(p.spec.train.loss.name).paired else "sft"
+    source = "ref_logps" if p.spec.train.precompute_reference else "pairs"
     # Read before the workers start: once they hold their CPUs, a read task could wait forever.
-    dataset = ray.data.read_parquet(str(p.table_path("pairs", table))).materialize()
+    dataset = ray.data.read_parquet(str(p.table_path(source, table))).materialize()
     n = dataset.count()
     backend = p.spec.train.backend
     log(f"train: {p.spec.train.loss.name} on {n} {table} rows, backend {backend.name} x{backend.num_workers}")
@@ -198,6 +206,22 @@ def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     if steps:
         write_table(pa.Table.from_pylist(steps), out.table("steps"))
     return {"checkpoint": result.checkpoint.path, "examples": n, "final_metrics": _jsonable(result.metrics)}
+
+
+def run_ref_logps(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.train.reference import reference_logps
+
+    ensure_ray()
+    pairs = ray.data.read_parquet(str(p.table_path("pairs", "pairs"))).materialize()
+    rows = pairs.count()
+    log(f"ref_logps: reference log-probs of {rows} pairs under {p.spec.policy.model}")
+    reference_logps(pairs, p.spec).write_parquet(str(out.table("pairs")))
+    written = count_rows(out.table("pairs"))
+    if written != rows:
+        raise RuntimeError(f"ref_logps: {rows} pairs in, {written} rows out; refusing to trust the output")
+    return {"pairs": rows}
 
 
 def run_export(p: Pipeline, out: StageWriter) -> dict[str, Any]:
@@ -271,6 +295,7 @@ STAGE_FUNCTIONS = {
     "generate": run_generate,
     "score": run_score,
     "pairs": run_pairs,
+    "ref_logps": run_ref_logps,
     "train": run_train,
     "export": run_export,
     "eval": run_eval,

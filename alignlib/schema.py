@@ -34,6 +34,11 @@ MARGIN = "margin"
 STRATEGY = "strategy"
 CHOSEN_GENERATOR = "chosen_generator"
 REJECTED_GENERATOR = "rejected_generator"
+# Summed log-probs of chosen / rejected completion tokens under the reference (the starting policy),
+# written by the ref_logps stage or brought with imported pairs; training divides by the token
+# count itself when its loss wants length-averaged log-probs.
+REF_CHOSEN_LOGPS = "ref_chosen_logps"
+REF_REJECTED_LOGPS = "ref_rejected_logps"
 
 GENERATOR_POLICY = "policy"
 GENERATOR_WEAK = "weak"
@@ -48,6 +53,7 @@ PAIR_COLUMNS = [
     PROMPT_ID, PROMPT, MESSAGES, CHOSEN, REJECTED, CHOSEN_REWARD, REJECTED_REWARD, MARGIN,
     STRATEGY, CHOSEN_GENERATOR, REJECTED_GENERATOR,
 ]  # fmt: skip
+REF_PAIR_COLUMNS = PAIR_COLUMNS + [REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS]
 SFT_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, COMPLETION, REWARD]
 
 
@@ -58,7 +64,8 @@ _TYPES = {
     SEED: pa.int64(), FINISH_REASON: pa.string(), NUM_TOKENS: pa.int32(), REWARD: pa.float64(),
     REWARD_SOURCE: pa.string(), CHOSEN: pa.string(), REJECTED: pa.string(), CHOSEN_REWARD: pa.float64(),
     REJECTED_REWARD: pa.float64(), MARGIN: pa.float64(), STRATEGY: pa.string(),
-    CHOSEN_GENERATOR: pa.string(), REJECTED_GENERATOR: pa.string(),
+    CHOSEN_GENERATOR: pa.string(), REJECTED_GENERATOR: pa.string(), REF_CHOSEN_LOGPS: pa.float64(),
+    REF_REJECTED_LOGPS: pa.float64(),
 }  # fmt: skip
 
 

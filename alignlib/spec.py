@@ -253,6 +253,23 @@ class TrainSpec(_Spec):
     max_length: int = Field(
         512, ge=8, description="Prompt + completion tokens; prompts are truncated on the left first."
     )
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="Keep at most this many prompt tokens (the last ones); null: only `max_length` applies."
+    )
+    group_by_length: bool = Field(
+        True,
+        description="Sort each window of 16 optimizer steps by length and shuffle the steps: less padding, "
+        "the same examples per step whatever the micro-batch split.",
+    )
+    precompute_reference: bool = Field(
+        False,
+        description="DPO/IPO: compute reference log-probs once in a `ref_logps` stage (Ray Data actors) instead "
+        "of keeping a reference model in every training worker. Pairs that already carry `ref_chosen_logps` "
+        "and `ref_rejected_logps` columns are used as they are.",
+    )
+    max_failures: int = Field(
+        1, ge=0, description="Times Ray Train restarts the worker group from the last checkpoint after a failure."
+    )
     gradient_checkpointing: bool = False
     log_every: int = Field(10, ge=1, description="Print a progress line every N optimizer steps.")
 
@@ -299,6 +316,10 @@ class JobSpec(_Spec):
         return self
 
 
+# Mirrors `losses.LOSSES[name].needs_reference` without importing torch at spec time (a unit test checks they agree).
+LOSSES_NEEDING_REFERENCE = {"sft": False, "orpo": False, "dpo": True, "ipo": True, "simpo": False}
+
+
 def cross_check(spec: JobSpec) -> list[str]:
     """Combinations that cannot work, each as "path: message"."""
     problems = []
@@ -315,6 +336,15 @@ def cross_check(spec: JobSpec) -> list[str]:
         problems.append("train.lora: the qlora backend trains LoRA adapters on a 4-bit base; set train.lora")
     if backend.name == "deepspeed" and backend.offload_params and backend.zero_stage != 3:
         problems.append("train.backend.offload_params: parameter offload needs zero_stage 3")
+    if spec.train.precompute_reference and not LOSSES_NEEDING_REFERENCE.get(spec.train.loss.name, False):
+        problems.append(
+            f"train.precompute_reference: loss {spec.train.loss.name!r} uses no reference model (only dpo and ipo do)"
+        )
+    if spec.train.max_prompt_length is not None and spec.train.max_prompt_length >= spec.train.max_length:
+        problems.append(
+            f"train.max_prompt_length: {spec.train.max_prompt_length} leaves no room for the completion "
+            f"within train.max_length {spec.train.max_length}"
+        )
     if spec.eval.enabled and spec.train.lora is not None and not spec.export.merge_lora:
         problems.append("export.merge_lora: eval generates with the exported model, which needs merged LoRA weights")
     if spec.eval.enabled and spec.data.eval_fraction == 0:

@@ -29,7 +29,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
-STAGES = ["prompts", "generate", "score", "pairs", "train", "export", "eval"]
+STAGES = ["prompts", "generate", "score", "pairs", "ref_logps", "train", "export", "eval"]
 
 
 def fingerprint(stage: str, sections: dict[str, Any], inputs: dict[str, str]) -> str:

@@ -1,46 +1,151 @@
-"""Rows -> token tensors for the loop: prompt tokens are masked out of the labels.
+"""Rows -> token ids (in Ray Data, before training) -> padded batches (in each worker).
 
-Each example is prompt tokens + completion tokens + EOS. Over `max_length`, the prompt loses
-tokens from its left first (the end of a prompt matters most to the answer), then the completion
-loses tokens from its end. Both completions of a pair share one truncated prompt.
+Tokenizing happens once, as a Ray Data step ahead of the trainer, not in every training step:
+`tokenize_dataset` turns pairs (or SFT rows) into `prompt_ids`, `chosen_ids`, `rejected_ids`
+columns. Each example is prompt tokens + completion tokens + EOS. Over `max_length`, the prompt
+loses tokens from its left first (the end of a prompt matters most to the answer), then the
+completion loses tokens from its end; a completion is never cut to nothing, and both completions
+of a pair share one truncated prompt. Labels are built from lengths, not by comparing ids with the
+pad id, so an EOS that doubles as the pad token is still trained on.
+
+`step_batches` groups the rows a worker reads into optimizer steps of similar length (less
+padding) without changing what a step contains when only the micro-batch split changes.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
 from typing import Any
 
 from alignlib import schema as S
 from alignlib.losses import IGNORE_INDEX
 from alignlib.models import encode_completion, encode_prompt
 
+PROMPT_IDS, CHOSEN_IDS, REJECTED_IDS, LENGTH = "prompt_ids", "chosen_ids", "rejected_ids", "length"
+REF_COLUMNS = (S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS)
 
-def _fit(prompt: list[int], completions: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+# Optimizer steps whose rows are sorted by length together; larger windows pad less, smaller ones
+# keep the order closer to the data's own.
+GROUP_WINDOW_STEPS = 16
+
+
+def fit(
+    prompt: list[int], completions: list[list[int]], max_length: int, max_prompt_length: int | None = None
+) -> tuple[list[int], list[list[int]]]:
+    """Truncate a prompt and its completions so the longest pair fits in `max_length` tokens."""
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt = prompt[-max_prompt_length:]
     completions = [c[: max_length - 1] for c in completions]
     room = max_length - max(len(c) for c in completions)
     return prompt[-room:] if len(prompt) > room else prompt, completions
 
 
-def encode_rows(tokenizer, rows: list[dict[str, Any]], paired: bool, max_length: int) -> list[dict[str, list[int]]]:
-    """One dict per row with `prompt`, `chosen` and (paired) `rejected` token ids."""
+def encode_rows(
+    tokenizer, rows: list[dict[str, Any]], paired: bool, max_length: int, max_prompt_length: int | None = None
+) -> list[dict[str, list[int]]]:
+    """One dict per row with `prompt_ids`, `chosen_ids` and (paired) `rejected_ids`."""
     out = []
     for row in rows:
         prompt = encode_prompt(tokenizer, S.messages_of(row))
         texts = [row[S.CHOSEN], row[S.REJECTED]] if paired else [row[S.COMPLETION]]
-        prompt, completions = _fit(prompt, [encode_completion(tokenizer, t) for t in texts], max_length)
-        example = {"prompt": prompt, "chosen": completions[0]}
+        completions = [encode_completion(tokenizer, t) for t in texts]
+        prompt, completions = fit(prompt, completions, max_length, max_prompt_length)
+        example = {PROMPT_IDS: prompt, CHOSEN_IDS: completions[0]}
         if paired:
-            example["rejected"] = completions[1]
+            example[REJECTED_IDS] = completions[1]
         out.append(example)
     return out
 
 
-def collate(examples: list[dict[str, list[int]]], pad_id: int, paired: bool):
+class Tokenize:
+    """Ray Data callable class: a batch of pairs / SFT rows -> token-id columns (+ reference log-probs)."""
+
+    def __init__(self, model: str, chat_template: str | None, paired: bool, max_length: int, max_prompt_length):
+        from alignlib.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model, chat_template)
+        self.paired, self.max_length, self.max_prompt_length = paired, max_length, max_prompt_length
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        examples = encode_rows(self.tokenizer, rows, self.paired, self.max_length, self.max_prompt_length)
+        ids = pa.list_(pa.int32())
+        columns = {S.PROMPT_ID: batch[S.PROMPT_ID]}
+        names = [PROMPT_IDS, CHOSEN_IDS] + ([REJECTED_IDS] if self.paired else [])
+        for name in names:
+            columns[name] = pa.array([e[name] for e in examples], ids)
+        columns[LENGTH] = pa.array([example_length(e) for e in examples], pa.int32())
+        for name in REF_COLUMNS:
+            if name in batch.column_names:
+                columns[name] = batch[name]
+        return pa.table(columns)
+
+
+def example_length(example: dict) -> int:
+    """Tokens of the longest sequence the example puts in a batch (prompt + its longest completion)."""
+    completions = [len(example[CHOSEN_IDS])] + ([len(example[REJECTED_IDS])] if REJECTED_IDS in example else [])
+    return len(example[PROMPT_IDS]) + max(completions)
+
+
+def tokenize_dataset(dataset, spec, paired: bool):
+    """A Ray Dataset of pairs (or SFT rows) -> token-id columns, materialized.
+
+    Materialized before the trainer starts: once training workers hold their CPUs, a pending
+    tokenize task could wait for ever on a small machine.
+    """
+    from alignlib.generate import LIGHT_CPUS
+
+    train = spec.train
+    return dataset.map_batches(
+        Tokenize,
+        fn_constructor_args=(spec.policy.model, spec.policy.chat_template, paired, train.max_length,
+                             train.max_prompt_length),
+        batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=LIGHT_CPUS,
+    ).materialize()  # fmt: skip
+
+
+def step_batches(
+    rows: Iterator[dict[str, Any]], step_size: int, micro_size: int, group_by_length: bool, seed: int
+) -> Iterator[list[list[dict[str, Any]]]]:
+    """Yield optimizer steps, each a list of micro-batches of examples.
+
+    With `group_by_length`, each window of `GROUP_WINDOW_STEPS` steps is sorted by length, cut into
+    steps, and the steps are shuffled (seeded), so every step holds examples of similar length and
+    short and long steps alternate. A step is formed before it is split into micro-batches, so
+    batch 4 x accumulation 1 and batch 1 x accumulation 4 train on the same examples per step.
+    """
+    rng = random.Random(seed)
+    window = step_size * (GROUP_WINDOW_STEPS if group_by_length else 1)
+    buffer: list[dict[str, Any]] = []
+
+    def flush(items):
+        if group_by_length:
+            items = sorted(items, key=lambda e: e[LENGTH])
+        steps = [items[i : i + step_size] for i in range(0, len(items), step_size)]
+        if group_by_length:
+            rng.shuffle(steps)
+        for step in steps:
+            yield [step[i : i + micro_size] for i in range(0, len(step), micro_size)]
+
+    for row in rows:
+        buffer.append(row)
+        if len(buffer) == window:
+            yield from flush(buffer)
+            buffer = []
+    if buffer:
+        yield from flush(buffer)
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int, paired: bool):
     """-> input_ids, attention_mask, labels, each (B, T) or (2B, T) with chosen rows then rejected rows."""
     import torch
 
-    sequences = [(e["prompt"], e["chosen"]) for e in examples]
+    sequences = [(list(e[PROMPT_IDS]), list(e[CHOSEN_IDS])) for e in examples]
     if paired:
-        sequences += [(e["prompt"], e["rejected"]) for e in examples]
+        sequences += [(list(e[PROMPT_IDS]), list(e[REJECTED_IDS])) for e in examples]
     width = max(len(p) + len(c) for p, c in sequences)
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
@@ -50,4 +155,10 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int, paired: bool):
         input_ids[i, :n] = torch.tensor(p + c)
         labels[i, len(p) : n] = torch.tensor(c)
         mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    if paired and all(name in examples[0] for name in REF_COLUMNS):
+        batch["ref_logps"] = torch.tensor(
+            [e[S.REF_CHOSEN_LOGPS] for e in examples] + [e[S.REF_REJECTED_LOGPS] for e in examples],
+            dtype=torch.float32,
+        )
+    return batch

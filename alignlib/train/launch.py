@@ -34,16 +34,22 @@ def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from alignlib import schema as S
+    from alignlib.losses import get_loss
+    from alignlib.train.data import tokenize_dataset
     from alignlib.train.loop import train_loop
 
     backend = spec.train.backend
     total_steps = optimizer_steps(spec, num_examples)
+    precomputed = {S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS} <= set(dataset.schema().names)
+    dataset = tokenize_dataset(dataset, spec, get_loss(spec.train.loss.name).paired)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "spec": spec.model_dump(mode="json"),
             "total_steps": total_steps,
             "metrics_path": str(metrics_path(spec, run_name)),
+            "precomputed_reference": precomputed,
         },
         scaling_config=ScalingConfig(
             num_workers=backend.num_workers,
@@ -56,7 +62,7 @@ def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str):
             name=run_name,
             storage_path=str(storage_path(spec)),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures),
         ),
     )
     return trainer.fit()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from alignlib.losses import get_loss, sequence_logps
+from alignlib.losses import get_loss, label_counts, sequence_logps
 
 
 def _loss_kwargs(loss, knobs: dict) -> dict:
@@ -34,11 +34,35 @@ def _policy_logps(model, batch, average: bool):
 
 
 def _reference_logps(backend, reference, batch, average: bool):
+    if "ref_logps" in batch:  # precomputed sums, from the ref_logps stage or imported pairs
+        ref = batch["ref_logps"]
+        return ref / label_counts(batch["labels"]).clamp(min=1) if average else ref
     with torch.no_grad():
         if reference is not None:
             return _policy_logps(reference, batch, average)
         with backend.unwrapped.disable_adapter():
             return _policy_logps(backend.unwrapped, batch, average)
+
+
+def _forward_loss(loss, knobs: dict, backend, reference, batch, n: int):
+    """Policy (and reference) log-probs of one micro-batch -> the loss's per-example output."""
+    logps = _policy_logps(backend.model, batch, loss.average_logps)
+    args = {"policy_chosen_logps": logps[:n]}
+    if loss.paired:
+        args["policy_rejected_logps"] = logps[n:]
+    if loss.needs_reference:
+        ref = _reference_logps(backend, reference, batch, loss.average_logps)
+        args.update(ref_chosen_logps=ref[:n], ref_rejected_logps=ref[n:])
+    return loss.fn(**args, **knobs)
+
+
+def reference_source(loss, lora: bool, precomputed: bool) -> str:
+    """Where reference log-probs come from: precomputed columns, else the adapter-disabled policy, else a copy."""
+    if not loss.needs_reference:
+        return "none"
+    if precomputed:
+        return "precomputed"
+    return "adapter-disabled" if lora else "frozen-copy"
 
 
 def _say(message: str) -> None:
@@ -61,7 +85,7 @@ def train_loop(config: dict) -> None:
     from alignlib.models import load_tokenizer
     from alignlib.spec import JobSpec
     from alignlib.train.backends import make_backend
-    from alignlib.train.data import collate, encode_rows
+    from alignlib.train.data import collate, step_batches
 
     spec = JobSpec.model_validate(config["spec"])
     train = spec.train
@@ -75,7 +99,10 @@ def train_loop(config: dict) -> None:
     tokenizer = load_tokenizer(spec.policy.model, spec.policy.chat_template)
     backend = make_backend(spec, config["total_steps"], device)
     model = backend.build()
-    reference = backend.reference_model() if loss.needs_reference else None
+    source = reference_source(loss, train.lora is not None, config.get("precomputed_reference", False))
+    reference = backend.reference_model() if source == "frozen-copy" else None
+    if rank == 0 and source != "none":
+        _say(f"reference log-probs: {source}")
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -87,32 +114,29 @@ def train_loop(config: dict) -> None:
             _say(f"resuming after epoch {start_epoch} of {train.epochs} (optimizer step {backend.step_count})")
 
     shard = ray.train.get_dataset_shard("train")
+    step_size = train.batch_size * train.grad_accum
     started = time.time()
     for epoch in range(start_epoch, train.epochs):
         model.train()
         totals: dict[str, float] = {}
-        count = 0
-        for rows in shard.iter_batches(batch_size=train.batch_size, batch_format="pandas"):
-            examples = encode_rows(tokenizer, rows.to_dict("records"), loss.paired, train.max_length)
-            batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id, loss.paired).items()}
-            logps = _policy_logps(model, batch, loss.average_logps)
-            n = len(examples)
-            args = {"policy_chosen_logps": logps[:n]}
-            if loss.paired:
-                args["policy_rejected_logps"] = logps[n:]
-            if loss.needs_reference:
-                ref = _reference_logps(backend, reference, batch, loss.average_logps)
-                args.update(ref_chosen_logps=ref[:n], ref_rejected_logps=ref[n:])
-            out = loss.fn(**args, **knobs)
-            backend.backward(out.losses.mean())
-            stepped = backend.step()
-
-            count += n
-            for name, value in {"loss": out.losses.detach(), **out.metrics}.items():
-                totals[name] = totals.get(name, 0.0) + float(value.float().sum())
+        count = tokens = padded = 0
+        steps = step_batches(shard.iter_rows(), step_size, train.batch_size, train.group_by_length,
+                             seed=(spec.seed * 1_000_003 + epoch) * 1009 + rank)  # fmt: skip
+        for micro_batches in steps:
+            for examples in micro_batches:
+                batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id, loss.paired).items()}
+                out = _forward_loss(loss, knobs, backend, reference, batch, len(examples))
+                backend.backward(out.losses.mean())
+                count += len(examples)
+                tokens += int(batch["attention_mask"].sum())
+                padded += batch["attention_mask"].numel()
+                for name, value in {"loss": out.losses.detach(), **out.metrics}.items():
+                    totals[name] = totals.get(name, 0.0) + float(value.float().sum())
+                stepped = backend.step()
             if stepped and rank == 0 and backend.step_count % train.log_every == 0:
                 _record(config["metrics_path"], {"kind": "step", "epoch": epoch + 1, "step": backend.step_count,
-                                                 "lr": backend.lr, **{k: v / count for k, v in totals.items()}})  # fmt: skip
+                                                 "lr": backend.lr, "tokens": tokens,
+                                                 **{k: v / count for k, v in totals.items()}})  # fmt: skip
                 means = "  ".join(f"{k}={v / count:.4f}" for k, v in totals.items())
                 _say(
                     f"epoch {epoch + 1}/{train.epochs}  step {backend.step_count}/{config['total_steps']}"
@@ -121,7 +145,8 @@ def train_loop(config: dict) -> None:
         if epoch == train.epochs - 1:
             backend.finish()
         metrics = {f"train/{k}": v / max(1, count) for k, v in totals.items()}
-        metrics.update(epoch=epoch + 1, step=backend.step_count, examples=count * world)
+        metrics.update(epoch=epoch + 1, step=backend.step_count, examples=count * world, tokens=tokens * world,
+                       padding=1.0 - tokens / max(1, padded))  # fmt: skip
         if rank == 0:
             _record(config["metrics_path"], {"kind": "epoch", **metrics})
         with tempfile.TemporaryDirectory() as directory:

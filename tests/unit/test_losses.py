@@ -381,3 +381,11 @@ def test_batch_mean_equals_mean_of_single_calls(name):
     singles = torch.cat([_call(loss, [x[i : i + 1] for x in batch], **KNOBS[name]).losses for i in range(8)])
     assert_close(batched.mean(), singles.mean())
     assert_close(batched, singles)
+
+
+def test_spec_knows_which_losses_need_a_reference():
+    """The spec refuses `precompute_reference` for reference-free losses without importing torch; its table
+    must say the same as the registry."""
+    from alignlib.spec import LOSSES_NEEDING_REFERENCE
+
+    assert LOSSES_NEEDING_REFERENCE == {name: loss.needs_reference for name, loss in LOSSES.items()}

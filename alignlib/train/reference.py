@@ -1,0 +1,70 @@
+"""Stage `ref_logps`: reference log-probs of every pair, computed once, so DPO/IPO workers hold no reference.
+
+In: `pairs/pairs`. Out: `ref_logps/pairs`, the same rows plus `ref_chosen_logps` and
+`ref_rejected_logps`: summed log-probs of the completion tokens (EOS included) under the starting
+policy, tokenized and truncated exactly as training will (`train.data.encode_rows`). Training
+divides by its own token counts where the loss wants length-averaged log-probs (IPO).
+
+Runs as a Ray Data actor pool holding the policy in inference mode: one forward per pair in
+length-sorted micro-batches, no backward, no optimizer state; the memory a frozen copy would take
+on every training worker is spent once, here, before training starts.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from alignlib import schema as S
+
+MICRO_BATCH = 16
+
+
+class ReferenceLogps:
+    """Ray Data callable class: pairs -> pairs + summed reference log-probs of chosen and rejected."""
+
+    def __init__(self, spec_json: dict):
+        import torch
+
+        from alignlib.models import load_causal_lm, load_tokenizer
+        from alignlib.spec import JobSpec
+
+        spec = JobSpec.model_validate(spec_json)
+        self.train = spec.train
+        on_gpu = spec.train.backend.use_gpu and torch.cuda.is_available()
+        self.device = torch.device("cuda" if on_gpu else "cpu")
+        self.tokenizer = load_tokenizer(spec.policy.model, spec.policy.chat_template)
+        self.model = load_causal_lm(spec.policy.model, spec.policy.dtype, on_gpu).to(self.device).eval()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from alignlib.losses import sequence_logps
+        from alignlib.train.data import collate, encode_rows, example_length
+
+        examples = encode_rows(
+            self.tokenizer, batch.to_pylist(), True, self.train.max_length, self.train.max_prompt_length
+        )
+        chosen, rejected = [0.0] * len(examples), [0.0] * len(examples)
+        # Length-sorted micro-batches: a short pair is not padded to the longest one in the block.
+        order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
+        with torch.inference_mode():
+            for start in range(0, len(order), MICRO_BATCH):
+                index = order[start : start + MICRO_BATCH]
+                tensors = collate([examples[i] for i in index], self.tokenizer.pad_token_id, paired=True)
+                tensors = {k: v.to(self.device) for k, v in tensors.items()}
+                logits = self.model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
+                logps = sequence_logps(logits, tensors["labels"]).tolist()
+                for k, i in enumerate(index):
+                    chosen[i], rejected[i] = logps[k], logps[len(index) + k]
+        batch = batch.append_column(S.REF_CHOSEN_LOGPS, pa.array(chosen, pa.float64()))
+        return batch.append_column(S.REF_REJECTED_LOGPS, pa.array(rejected, pa.float64()))
+
+
+def reference_logps(pairs, spec):
+    """A Ray Dataset of pairs -> the same pairs with reference log-prob columns (lazy)."""
+    backend = spec.train.backend
+    resources = {"num_gpus": 1} if backend.use_gpu else {"num_cpus": 1}
+    return pairs.map_batches(
+        ReferenceLogps, fn_constructor_args=(spec.model_dump(mode="json"),), batch_format="pyarrow",
+        batch_size=256, concurrency=(1, max(1, getattr(backend, "num_workers", 1))), **resources,
+    ).map_batches(S.conform, fn_args=(S.REF_PAIR_COLUMNS,), batch_format="pyarrow", num_cpus=0.25)  # fmt: skip

@@ -1,0 +1,145 @@
+"""Kill training for real and run it again: the result equals an uninterrupted run.
+
+The pairs come from the real pipeline (transformers engine, function reward). Training then runs as
+`alignlib train JOB.yaml` in its own process group, three ways on the same pairs:
+
+- uninterrupted;
+- the whole job killed (SIGKILL to its process group, as when a pod is evicted) after its first
+  checkpoint, then the same command run again: it resumes after the last finished epoch;
+- one Ray Train worker killed after the first checkpoint: Ray Train restarts the worker group from
+  that checkpoint (`train.max_failures: 1`) and the same command finishes.
+
+All three must end on the same weights.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignlib.pipeline import Pipeline
+from alignlib.spec import load_spec
+from alignlib.train.backends import _read_weights
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+OVERRIDES = [
+    "generate.engine=transformers", "data.limit=100", "eval.enabled=false", "train.epochs=3",
+    "train.batch_size=2", "train.log_every=5", "train.backend.num_workers=1", "train.max_failures=1",
+]  # fmt: skip
+UPSTREAM = ["prompts", "generate", "score", "pairs"]
+
+
+def overrides(run: Path) -> list[str]:
+    return [f"output_dir={run}", *OVERRIDES]
+
+
+@pytest.fixture(scope="module")
+def pairs_run(ray_session, tmp_path_factory):
+    run = tmp_path_factory.mktemp("resume") / "base"
+    Pipeline(load_spec(ROOT / "jobs" / "demo.yaml", overrides(run))).run(UPSTREAM)
+    return run
+
+
+def copy_pairs(source: Path, target: Path) -> Path:
+    for stage in UPSTREAM:
+        shutil.copytree(source / stage, target / stage)
+    return target
+
+
+def start_training(run: Path, marker: str) -> subprocess.Popen:
+    env = {**os.environ, "ALIGNLIB_TEST_MARK": marker}
+    env.pop("RAY_ADDRESS", None)  # a local Ray of its own, as `alignlib train` on a laptop
+    return subprocess.Popen(
+        [sys.executable, "-m", "alignlib", "train", "jobs/demo.yaml", *overrides(run)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list((run / "train-ray").glob("*/checkpoint_*")):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail("no checkpoint appeared")
+
+
+def marked_processes(marker: str, title: str) -> list[int]:
+    """Pids of live processes started for this test (by environment marker) whose command line has `title`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if f"ALIGNLIB_TEST_MARK={marker}".encode() in environ and title in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    import json
+
+    checkpoint = json.loads((run / "train" / "manifest.json").read_text())["stats"]["checkpoint"]
+    return _read_weights(Path(checkpoint) / "model")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-6, f"weights differ by up to {worst}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(pairs_run):
+    run = pairs_run
+    finish(start_training(run, uuid.uuid4().hex))
+    return final_weights(run)
+
+
+def test_killed_job_resumes_and_ends_like_an_uninterrupted_run(pairs_run, uninterrupted, tmp_path):
+    run, marker = copy_pairs(pairs_run, tmp_path / "killed"), uuid.uuid4().hex
+    proc = start_training(run, marker)
+    wait_for_checkpoint(run, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pid in marked_processes(marker, "ray"):  # Ray processes that left the process group
+        os.kill(pid, signal.SIGKILL)
+    assert not (run / "train" / "manifest.json").exists(), "the kill landed before training finished"
+
+    out = finish(start_training(run, uuid.uuid4().hex))
+    assert "resuming after epoch" in out, out[-3000:]
+    assert_same_weights(final_weights(run), uninterrupted)
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(pairs_run, uninterrupted, tmp_path):
+    run, marker = copy_pairs(pairs_run, tmp_path / "worker"), uuid.uuid4().hex
+    proc = start_training(run, marker)
+    wait_for_checkpoint(run, proc)
+    workers = marked_processes(marker, "RayTrainWorker")
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGKILL)
+
+    out = finish(proc)
+    assert "resuming after epoch" in out, out[-3000:]
+    assert_same_weights(final_weights(run), uninterrupted)
