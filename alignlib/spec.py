@@ -221,6 +221,18 @@ class QLoRABackendSpec(_Spec):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_worker(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "num_workers" in data:
+            if data["num_workers"] != 1:
+                raise ValueError(
+                    f"num_workers {data['num_workers']!r}: the qlora backend trains on one worker (one GPU holds "
+                    "the 4-bit base); for several workers use ddp with train.lora, or deepspeed"
+                )
+            data = {k: v for k, v in data.items() if k != "num_workers"}
+        return data
+
     @property
     def num_workers(self) -> int:
         return 1  # one process holds the 4-bit base; QLoRA does not shard it

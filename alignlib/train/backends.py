@@ -254,27 +254,25 @@ class DeepSpeedBackend(Backend):
             self.step_count += 1
 
     def save(self, directory: Path, rank: int) -> None:
+        """HF weights in `model/` (rank 0, gathered under ZeRO-3) and DeepSpeed's own checkpoint in `deepspeed/`.
+
+        Every rank writes its optimizer-state shard under a rank-specific file name; Ray Train merges the
+        workers' checkpoint directories into one, so a resume restores weights, optimizer and schedule.
+        """
         # ZeRO-3 shards parameters across ranks: every rank takes part in gathering them.
         state = self.engine._zero3_consolidated_16bit_state_dict() if self.train.backend.zero_stage == 3 else None
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state",
+                                    client_state={"micro": self.micro, "step": self.step_count})  # fmt: skip
         if rank == 0:
-            module = self.engine.module
-            module.save_pretrained(directory / "model", state_dict=state)
-            torch.save({"micro": self.micro, "step": self.step_count}, directory / "state.pt")
+            self.engine.module.save_pretrained(directory / "model", state_dict=state)
 
     def load(self, directory: Path) -> None:
-        # Resume restores weights and the step count; DeepSpeed optimizer state is not restored yet.
-        state = _read_weights(directory / "model")
-        if self.train.backend.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=0):
-                _load_full(self.engine.module, state)
-        else:
-            _load_full(self.engine.module, state)
-        saved = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
-        self.micro, self.step_count = saved["micro"], saved["step"]
-        for _ in range(self.step_count):
-            self.scheduler.step()
+        _, client = self.engine.load_checkpoint(
+            str(directory / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory / 'deepspeed'}")
+        self.micro, self.step_count = client["micro"], client["step"]
 
 
 BACKENDS = {"ddp": Backend, "deepspeed": DeepSpeedBackend, "qlora": QLoRABackend}

