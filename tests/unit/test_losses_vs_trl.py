@@ -142,9 +142,9 @@ def tiny(model_cache):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     examples = [
         {
-            "prompt": encode_prompt(tokenizer, [{"role": "user", "content": prompt}]),
-            "chosen": encode_completion(tokenizer, chosen),
-            "rejected": encode_completion(tokenizer, rejected),
+            "prompt_ids": encode_prompt(tokenizer, [{"role": "user", "content": prompt}]),
+            "chosen_ids": encode_completion(tokenizer, chosen),
+            "rejected_ids": encode_completion(tokenizer, rejected),
         }
         for prompt, chosen, rejected in ROWS
     ]
@@ -299,9 +299,7 @@ def test_collate_matches_trl_preference_collator(tiny):
     """Ours: alignlib.train.data.collate. TRL's: DataCollatorForPreference. Same layout (chosen rows then
     rejected rows, right padding), and our labels are TRL's input_ids masked outside its completion_mask."""
     dpo = trl_module("trl.trainer.dpo_trainer")
-    trl_examples = [
-        {"prompt_ids": e["prompt"], "chosen_ids": e["chosen"], "rejected_ids": e["rejected"]} for e in tiny.examples
-    ]
+    trl_examples = [dict(e) for e in tiny.examples]  # the same column names as TRL's tokenized datasets
     theirs = dpo.DataCollatorForPreference(pad_token_id=tiny.tokenizer.pad_token_id)(trl_examples)
     ours = _collated(tiny)
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
@@ -435,11 +433,11 @@ def test_eos_stays_labelled_when_pad_is_eos():
 
     eos = 7
     examples = [
-        {"prompt": [1, 2, 3], "chosen": [4, eos], "rejected": [5, 6, 6, eos]},
-        {"prompt": [1], "chosen": [4, 4, 4, eos], "rejected": [eos]},
+        {"prompt_ids": [1, 2, 3], "chosen_ids": [4, eos], "rejected_ids": [5, 6, 6, eos]},
+        {"prompt_ids": [1], "chosen_ids": [4, 4, 4, eos], "rejected_ids": [eos]},
     ]
     batch = collate(examples, pad_id=eos, paired=True)
-    rows = [(e["prompt"], e[k]) for k in ("chosen", "rejected") for e in examples]
+    rows = [(e["prompt_ids"], e[k]) for k in ("chosen_ids", "rejected_ids") for e in examples]
     for i, (prompt, completion) in enumerate(rows):
         n = len(prompt) + len(completion)
         assert batch["labels"][i, :n].tolist() == [IGNORE_INDEX] * len(prompt) + completion
@@ -462,10 +460,10 @@ def test_long_prompt_is_cut_from_the_left_and_keeps_the_response(model_cache):
     max_length = 24
     assert len(full_prompt) > max_length
     (example,) = encode_rows(tokenizer, [row], paired=True, max_length=max_length)
-    assert example["chosen"] == chosen and example["chosen"][-1] == tokenizer.eos_token_id
-    assert example["rejected"] == rejected
-    assert example["prompt"] == full_prompt[-(max_length - len(chosen)) :]  # the prompt's end survives
-    assert len(example["prompt"]) + max(len(chosen), len(rejected)) == max_length
+    assert example["chosen_ids"] == chosen and example["chosen_ids"][-1] == tokenizer.eos_token_id
+    assert example["rejected_ids"] == rejected
+    assert example["prompt_ids"] == full_prompt[-(max_length - len(chosen)) :]  # the prompt's end survives
+    assert len(example["prompt_ids"]) + max(len(chosen), len(rejected)) == max_length
 
 
 def test_bf16_logits_get_fp32_log_softmax():
