@@ -98,6 +98,9 @@ def tokenize_dataset(dataset, spec, paired: bool):
     """
     from alignlib.generate import LIGHT_CPUS
 
+    needed = [S.PROMPT_ID, S.MESSAGES] + ([S.CHOSEN, S.REJECTED] if paired else [S.COMPLETION])
+    S.require_columns(dataset.schema().names, needed, f"train ({'pairs' if paired else 'sft'} for loss "
+                      f"{spec.train.loss.name!r})")  # fmt: skip
     train = spec.train
     return dataset.map_batches(
         Tokenize,

@@ -115,7 +115,7 @@ def test_deepspeed_resume_restores_optimizer_state(ray_session, tmp_path):
     rows = pairs_rows(16)
     dataset = ray.data.from_items(rows).materialize()
     deepspeed = {"backend": {"name": "deepspeed", "zero_stage": 2, "num_workers": 1, "use_gpu": False},
-                 "batch_size": 4, "loss": {"name": "sft"}}  # fmt: skip
+                 "batch_size": 4, "loss": {"name": "orpo"}}  # fmt: skip
     full = train_weights(make_spec(tmp_path, "ds-full", epochs=2, **deepspeed), dataset, len(rows))
     first = make_spec(tmp_path, "ds-resumed", epochs=1, **deepspeed)
     once = train_weights(first, dataset, len(rows))
