@@ -386,6 +386,14 @@ def cross_check(spec: JobSpec) -> list[str]:
             problems.append("data.reference_field: pairs strategy gold_vs_weak needs the gold answer field")
     if set(POLICY_STRATEGIES) & set(strategies) and spec.generate.num_samples < 2 and generated:
         problems.append(f"generate.num_samples: strategy {strategies} compares policy samples, so it needs at least 2")
+    if not generated:
+        # Imported pairs are taken as they are; a setting that would change nothing is refused, not ignored.
+        unused = sorted(spec.pairs.model_fields_set)
+        problems += [
+            f"pairs.{k}: not used with data.kind preferences (imported pairs are kept as given)" for k in unused
+        ]
+        if spec.generate.weak_model is not None:
+            problems.append("generate.weak_model: not used with data.kind preferences (nothing is generated)")
     backend = spec.train.backend
     if backend.name == "qlora" and spec.train.lora is None:
         problems.append("train.lora: the qlora backend trains LoRA adapters on a 4-bit base; set train.lora")
