@@ -388,7 +388,8 @@ def cross_check(spec: JobSpec) -> list[str]:
         problems.append(f"generate.num_samples: strategy {strategies} compares policy samples, so it needs at least 2")
     if not generated:
         # Imported pairs are taken as they are; a setting that would change nothing is refused, not ignored.
-        unused = sorted(spec.pairs.model_fields_set)
+        defaults = PairsSpec().model_dump()
+        unused = sorted(k for k, v in spec.pairs.model_dump().items() if v != defaults[k])
         problems += [
             f"pairs.{k}: not used with data.kind preferences (imported pairs are kept as given)" for k in unused
         ]
