@@ -93,19 +93,31 @@ def describe(values: list[float]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _by_generator(by_generator: dict[str, list[dict]], column: str) -> tuple[dict, dict]:
+    """Distribution of `column` and its correlation with completion length, per generator."""
+    stats, correlation = {}, {}
+    for generator, rows in sorted(by_generator.items()):
+        rows = [r for r in rows if r.get(column) is not None and math.isfinite(r[column])]
+        values = [float(r[column]) for r in rows]
+        lengths = [float(len(r[S.COMPLETION])) for r in rows]
+        stats[generator] = describe(values) | {"non_finite": len(by_generator[generator]) - len(rows)}
+        correlation[generator] = {"n": len(rows), "pearson": pearson(lengths, values),
+                                  "spearman": spearman(lengths, values)}  # fmt: skip
+    return stats, correlation
+
+
 def data_quality(completions: list[dict], pairs: list[dict], counts: dict[str, Any]) -> dict[str, Any]:
-    """The report's numbers. `completions` need `generator`, `completion` and `reward`."""
+    """The report's numbers. `completions` need `generator`, `completion` and `reward` (and may
+    carry the `reward_<name>` columns of combined rewards, which are reported one by one too)."""
     by_generator: dict[str, list[dict]] = {}
     for row in completions:
         by_generator.setdefault(row[S.GENERATOR], []).append(row)
-    rewards, correlation = {}, {}
-    for generator, rows in sorted(by_generator.items()):
-        rows = [r for r in rows if r[S.REWARD] is not None and math.isfinite(r[S.REWARD])]
-        values = [float(r[S.REWARD]) for r in rows]
-        lengths = [float(len(r[S.COMPLETION])) for r in rows]
-        rewards[generator] = describe(values) | {"non_finite": len(by_generator[generator]) - len(rows)}
-        correlation[generator] = {"n": len(rows), "pearson": pearson(lengths, values),
-                                  "spearman": spearman(lengths, values)}  # fmt: skip
+    rewards, correlation = _by_generator(by_generator, S.REWARD)
+    parts = sorted({k for r in completions[:1] for k in r if k.startswith("reward_") and k != S.REWARD_SOURCE})
+    components = {}
+    for column in parts:
+        stats, corr = _by_generator(by_generator, column)
+        components[column] = {"by_generator": stats, "length_correlation": corr}
     margins = _finite(p[S.MARGIN] for p in pairs)
     by_strategy: dict[str, list[float]] = {}
     for p in pairs:
@@ -114,6 +126,7 @@ def data_quality(completions: list[dict], pairs: list[dict], counts: dict[str, A
     return {
         "reward_by_generator": rewards,
         "reward_length_correlation": correlation,
+        "components": components,
         "margin": describe(margins),
         "margin_by_strategy": {s: describe(v) for s, v in sorted(by_strategy.items())},
         "chosen_longer_fraction": sum(longer) / len(longer) if longer else None,
@@ -195,6 +208,13 @@ def render_html(quality: dict[str, Any], title: str) -> str:
         flagged = c["spearman"] is not None and abs(c["spearman"]) >= LENGTH_FLAG
         rows.append([generator, c["n"], c["pearson"], c["spearman"], "reward tracks length" if flagged else ""])
     out.append(_table(["generator", "n", "Pearson", "Spearman", f"|Spearman| >= {LENGTH_FLAG}"], rows))
+    for column, part in quality["components"].items():
+        out.append(f"<h3>{html.escape(column)} (one of the combined rewards)</h3>")
+        out.append(_table(["generator", "count", "mean", "std", "min", "max", "Pearson with length",
+                           "Spearman with length"],
+                          [[g, d.get("count"), d.get("mean"), d.get("std"), d.get("min"), d.get("max"),
+                            part["length_correlation"][g]["pearson"], part["length_correlation"][g]["spearman"]]
+                           for g, d in part["by_generator"].items()]))  # fmt: skip
     out.append(f"<p>chosen longer than rejected in {html.escape(fmt(quality['chosen_longer_fraction']))} of pairs; "
                f"mean characters chosen {html.escape(fmt(quality['chosen_mean_chars']))}, rejected "
                f"{html.escape(fmt(quality['rejected_mean_chars']))}.</p>")  # fmt: skip

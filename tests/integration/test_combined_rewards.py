@@ -68,3 +68,7 @@ def test_weighted_sum_of_two_function_rewards(ray_session, tmp_path):
     pairs = read_table(pipeline.table_path("pairs", "pairs")).to_pylist()
     assert sorted((p[S.CHOSEN], p[S.REJECTED]) for p in pairs) == [("12", "12     "), ("2", "  2"), ("7", "   7   ")]
     assert all(p[S.MARGIN] == pytest.approx(0.5 * (len(p[S.REJECTED]) - len(p[S.CHOSEN])) / 100) for p in pairs)
+    quality = manifests["pairs"]["stats"]["quality"]
+    assert sorted(quality["components"]) == ["reward_brevity", "reward_numeric_closeness"]
+    assert quality["components"]["reward_brevity"]["length_correlation"]["policy"]["spearman"] == pytest.approx(-1.0)
+    assert "reward_brevity (one of the combined rewards)" in (pipeline.store.path("pairs") / "report.html").read_text()

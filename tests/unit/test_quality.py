@@ -82,3 +82,16 @@ def test_html_report_shows_the_plots_and_numbers():
     # |Spearman| >= 0.3 is flagged for both generators here
     assert page.count("reward tracks length") == 2
     assert not re.search(r"<script", page)
+
+
+def test_each_combined_reward_is_reported_with_its_length_correlation():
+    rows = [completion("policy", "x" * n, float(n)) | {"reward_long": float(n), "reward_short": -float(n) / 10,
+                                                      S.REWARD_SOURCE: "1*a + 1*b"} for n in range(1, 5)]  # fmt: skip
+    q = data_quality(rows, [], {})
+    assert sorted(q["components"]) == ["reward_long", "reward_short"]
+    short = q["components"]["reward_short"]
+    assert short["by_generator"]["policy"]["mean"] == pytest.approx(-0.25)
+    assert short["length_correlation"]["policy"]["spearman"] == pytest.approx(-1.0)
+    assert q["components"]["reward_long"]["length_correlation"]["policy"]["pearson"] == pytest.approx(1.0)
+    page = render_html(q, "t")
+    assert "reward_short (one of the combined rewards)" in page and "<td>-0.25</td>" in page
