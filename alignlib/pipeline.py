@@ -191,9 +191,13 @@ def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     (out.path / "report.html").write_text(render_html(quality, f"alignlib {p.spec.name}: preference data"))
     needed = pairs if get_loss(p.spec.train.loss.name).paired else sft
     if not needed:
+        hint = (
+            "check the preference file (every pair identical, repeated or held out?)"
+            if p.spec.data.kind == "preferences"
+            else "lower pairs.min_margin, raise generate.num_samples, or add a weak model and gold_vs_weak"
+        )
         raise StageInputError(
-            f"pairs: no training examples survived for loss {p.spec.train.loss.name!r} (counts: {counts}); "
-            "lower pairs.min_margin, raise generate.num_samples, or add a weak model and gold_vs_weak"
+            f"pairs: no training examples survived for loss {p.spec.train.loss.name!r} (counts: {counts}); {hint}"
         )
     write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
     write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.table("sft"))

@@ -192,3 +192,13 @@ def test_export_pairs_then_import_gives_the_same_pairs(tmp_path, capsys):
     (tmp_path / "imp.yaml").write_text(json.dumps(imported.spec.model_dump(mode="json")))
     assert cli(["export-pairs", str(tmp_path / "imp.yaml"), "--out", str(again)]) == 0
     assert again.read_text() == exported.read_text()
+
+
+def test_a_preference_set_without_usable_pairs_stops_the_pairs_stage(tmp_path):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "q", "chosen": "same", "rejected": "same"}])
+    pipeline = Pipeline(job(tmp_path, {"path": str(path)}))
+    with pytest.raises(
+        StageInputError, match=r"no training examples survived .*'dropped_identical': 1.*preference file"
+    ):
+        pipeline.run(["prompts", "pairs"])
+    assert not pipeline.store.path("pairs").exists()
