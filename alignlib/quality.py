@@ -166,7 +166,7 @@ def svg_histogram(hist: dict[str, list[float]], label: str, width: int = 360, he
     parts = [f'<svg class="hist" role="img" aria-label="{html.escape(label)}" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']  # fmt: skip
     for i, n in enumerate(counts):
-        h = (base - 12) * n / top
+        h = max((base - 12) * n / top, 1.0 if n else 0.0)  # a bin with any rows stays visible
         x = pad + i * bar
         title = f"[{fmt(edges[i])}, {fmt(edges[i + 1])}]: {n}"
         parts.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{max(bar - 1, 1):.1f}" height="{h:.1f}" '
@@ -192,7 +192,7 @@ def render_html(quality: dict[str, Any], title: str) -> str:
     counts = quality["counts"]
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
            "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
-           "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}.flag{color:#b00;font-weight:bold}"
+           "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}"
            f"</style></head><body><h1>{html.escape(title)}</h1>"]  # fmt: skip
     out.append("<h2>Counts</h2>" + _table(["count", "value"], [[k, v] for k, v in sorted(counts.items())]))
     out.append("<h2>Reward by generator</h2>")
