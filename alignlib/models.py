@@ -166,11 +166,18 @@ def load_reward_model(source: str, dtype: str = "auto", on_gpu: bool = False):
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model(source), dtype=torch_dtype(dtype, on_gpu))
-    if model.config.num_labels != 1:
-        raise ValueError(
-            f"reward model {source!r} has num_labels={model.config.num_labels}; a reward model has one output"
-        )
+    check_reward_config(source, model.config)
     return model
+
+
+def check_reward_config(source: str, config=None) -> None:
+    """A reward model has one output (num_labels=1); ValueError naming the model otherwise."""
+    if config is None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model(source))
+    if config.num_labels != 1:
+        raise ValueError(f"reward model {source!r} has num_labels={config.num_labels}; a reward model has one output")
 
 
 def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:

@@ -97,10 +97,21 @@ class GenerateSpec(_Spec):
         1, description="Engine actors: a fixed count, or [min, max] for an autoscaling pool."
     )
     resources: dict[str, float] = Field(
-        {"GPU": 1.0}, description="Resources of one engine actor, e.g. {GPU: 1} or {CPU: 1}."
+        {"GPU": 1.0},
+        description="Resources of one engine actor, e.g. {GPU: 1} or {CPU: 1}. vllm: of one tensor/pipeline-"
+        "parallel worker; a replica reserves tensor_parallel_size * pipeline_parallel_size of these bundles.",
     )
     engine_kwargs: dict[str, Any] = Field(
         {}, description="Extra vLLM engine arguments (e.g. max_model_len, tensor_parallel_size)."
+    )
+    accelerator_type: str | None = Field(
+        None, description="vllm: schedule engine replicas only on nodes with this accelerator (e.g. H100, A100)."
+    )
+    max_pending_requests: int | None = Field(
+        None,
+        ge=1,
+        description="vllm: requests one replica keeps queued in its engine at most; null: vLLM's max_num_seqs "
+        "plus 10%.",
     )
     weak_model: WeakModelSpec | None = Field(
         None, description="A weaker model whose answers serve as `rejected` in `gold_vs_weak` pairs."
@@ -126,14 +137,25 @@ class GenerateSpec(_Spec):
 class ModelRewardSpec(_Spec):
     type: Literal["model"]
     model: str = Field(description="A sequence-classification reward model (num_labels=1), e.g. builtin:tiny-reward.")
-    engine: Literal["transformers"] = Field(
-        "transformers", description="Reward models run as HF sequence classifiers in a Ray Data actor pool."
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="`transformers`: an HF sequence classifier in a Ray Data actor pool, batches grouped by length. "
+        "`vllm`: vLLM's classify task through ray.data.llm (the same score, from vLLM's batching).",
     )
     batch_size: int = Field(32, ge=1)
     concurrency: int | tuple[int, int] = 1
     resources: dict[str, float] = Field({"GPU": 1.0})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_length: int = Field(1024, ge=8, description="Prompt + completion tokens scored (prompt truncated on the left).")
+    engine_kwargs: dict[str, Any] = Field(
+        {}, description="engine vllm: extra vLLM engine arguments (e.g. enforce_eager, max_model_len)."
+    )
+
+    @model_validator(mode="after")
+    def _kwargs_need_vllm(self) -> ModelRewardSpec:
+        if self.engine_kwargs and self.engine != "vllm":
+            raise ValueError("engine_kwargs are vLLM engine arguments; they need engine: vllm")
+        return self
 
 
 class FunctionRewardSpec(_Spec):

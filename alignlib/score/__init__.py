@@ -2,8 +2,9 @@
 
 In: `generate/completions` (COMPLETION_COLUMNS). Out: `score/scored` (SCORED_COLUMNS) with
 `reward` (float64) and `reward_source` (the reward model or `module:function`).
-Rewards come from a reward-model actor pool (`score.reward.type: model`, an HF
-sequence-classification model with one output) or a Python function (`type: function`).
+Rewards come from a reward model (`score.reward.type: model`, a sequence-classification model
+with one output: an HF actor pool scoring length-grouped micro-batches, or vLLM's classify task
+with `engine: vllm`) or a Python function (`type: function`).
 With `score.rewards`, each reward writes its own `reward_<name>` column and `reward` is their
 weighted sum; `reward_source` then spells the sum out, e.g. `1*a:f + 0.5*builtin:tiny-reward`.
 A reward that fails or is not a finite number stops the stage with the row it failed on.
@@ -16,6 +17,9 @@ import math
 import pyarrow as pa
 
 from alignlib import schema as S
+
+# The tokens a reward model reads, added before vLLM's classify step (not a `reward_<name>` column).
+REWARD_TOKENS = "scored_token_ids"
 
 
 class RewardError(ValueError):
@@ -43,10 +47,64 @@ class FunctionScorer:
         return batch.append_column(self.column, pa.array(rewards, pa.float64()))
 
 
-class ModelScorer:
-    """Scores prompt + completion with a sequence-classification reward model (logit 0 is the reward)."""
+def reward_sequence(tokenizer, messages: list[dict[str, str]], completion: str, max_length: int) -> list[int]:
+    """Prompt + completion (+ EOS) tokens a reward model reads, at most `max_length`, the prompt cut on the left."""
+    from alignlib.models import encode_completion, encode_prompt
 
-    def __init__(self, model: str, dtype: str, max_length: int, column: str = S.REWARD):
+    prompt = encode_prompt(tokenizer, messages)
+    answer = encode_completion(tokenizer, completion)[-max_length:]
+    return prompt[max(0, len(prompt) + len(answer) - max_length) :] + answer
+
+
+# A micro-batch grows while its padded tokens stay within this factor of its real tokens.
+PAD_SLACK = 1.25
+
+
+def length_groups(lengths: list[int], slack: float = PAD_SLACK) -> list[list[int]]:
+    """Row indices sorted by length, cut into runs of similar length.
+
+    A run ends when adding the next (longer) row would make rows * longest exceed `slack` times
+    the run's real tokens: a short answer is never padded to a long one, and uniform lengths stay
+    one micro-batch (the Ray Data batch).
+    """
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= slack * (real + lengths[i]):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
+
+
+class RewardEncoder:
+    """Ray Data callable: adds `scored_token_ids`, the tokens the reward model reads (for the vllm engine)."""
+
+    def __init__(self, model: str, max_length: int):
+        from alignlib.models import load_tokenizer
+
+        self.tokenizer = load_tokenizer(model)
+        self.max_length = max_length
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = [
+            reward_sequence(self.tokenizer, m, c, self.max_length)
+            for m, c in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True)
+        ]
+        return batch.append_column(REWARD_TOKENS, pa.array(ids, pa.list_(pa.int32())))
+
+
+class ModelScorer:
+    """Scores prompt + completion with a sequence-classification reward model (logit 0 is the reward).
+
+    Each Ray Data batch is sorted by token length and run as micro-batches of similar length
+    (`length_groups`); rewards are scattered back to the rows' order. `group_by_length=False`
+    pads the whole batch to its longest row (the benchmark's baseline).
+    """
+
+    def __init__(self, model: str, dtype: str, max_length: int, column: str = S.REWARD, group_by_length: bool = True):
         import torch
 
         from alignlib.models import load_reward_model, load_tokenizer
@@ -57,17 +115,29 @@ class ModelScorer:
         self.model = load_reward_model(model, dtype, self.on_gpu).eval().to("cuda" if self.on_gpu else "cpu")
         self.max_length = max_length
         self.column = column
+        self.group_by_length = group_by_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        sequences = [
+            reward_sequence(self.tokenizer, m, c, self.max_length)
+            for m, c in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True)
+        ]
+        rewards = self.rewards(sequences)
+        return batch.append_column(self.column, pa.array(rewards, pa.float64()))
+
+    def rewards(self, sequences: list[list[int]]) -> list[float]:
+        if not sequences:
+            return []
+        groups = length_groups([len(s) for s in sequences]) if self.group_by_length else [range(len(sequences))]
+        out = [0.0] * len(sequences)
+        for group in groups:
+            for i, value in zip(group, self._forward([sequences[i] for i in group]), strict=True):
+                out[i] = value
+        return out
+
+    def _forward(self, sequences: list[list[int]]) -> list[float]:
         import torch
 
-        from alignlib.models import encode_completion, encode_prompt
-
-        sequences = []
-        for messages, completion in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True):
-            prompt = encode_prompt(self.tokenizer, messages)
-            answer = encode_completion(self.tokenizer, completion)[-self.max_length :]
-            sequences.append(prompt[max(0, len(prompt) + len(answer) - self.max_length) :] + answer)
         width = max(len(s) for s in sequences)
         pad = self.tokenizer.pad_token_id
         # Right padding: the model reads its score at the last non-pad token of each row.
@@ -76,7 +146,7 @@ class ModelScorer:
         device = next(self.model.parameters()).device
         with torch.no_grad():
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        return batch.append_column(self.column, pa.array(logits[:, 0].float().cpu().tolist(), pa.float64()))
+        return logits[:, 0].float().cpu().tolist()
 
 
 def source_of(reward) -> str:
@@ -122,6 +192,10 @@ def _scored_by(completions, reward, column: str):
             FunctionScorer, fn_constructor_kwargs=dict(function=reward.function, column=column),
             batch_format="pyarrow", concurrency=1, num_cpus=0.5,
         )  # fmt: skip
+    if reward.engine == "vllm":
+        from alignlib.generate.vllm_engine import vllm_score
+
+        return vllm_score(completions, reward, column)
     from alignlib.generate.hf_engine import actor_resources
 
     return completions.map_batches(
