@@ -94,7 +94,9 @@ class HFGenerator:
             pad_id=self.tokenizer.pad_token_id, **self.params,
         )  # fmt: skip
         eos = self.tokenizer.eos_token_id
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        # A cut can end inside a multi-byte character; like vLLM's detokenizer, leave the partial bytes out
+        # rather than decode them as U+FFFD, so both engines write the same text.
+        texts = [t.rstrip("\ufffd") for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         finish = ["stop" if t and t[-1] == eos else "length" for t in tokens]
         return (
             batch.append_column(S.COMPLETION, pa.array(texts, pa.string()))

@@ -118,3 +118,23 @@ def test_length_groups_cover_every_row_once_and_never_pad_short_to_long():
 def test_uniform_lengths_stay_one_micro_batch():
     assert length_groups([20] * 32) == [list(range(32))]
     assert length_groups([]) == []
+
+
+def test_length_grouped_rewards_equal_padded_and_one_by_one_rewards():
+    import pyarrow as pa
+
+    from alignlib import schema as S
+    from alignlib.score import ModelScorer
+
+    # Heavy-tailed: most answers a few tokens, every 7th one hundreds.
+    texts = [" plus ".join(["the number"] * (40 + i)) if i % 7 == 0 else str(i) * (1 + i % 3) for i in range(30)]
+    batch = pa.table({
+        S.MESSAGES: [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(30)], S.COMPLETION: texts,
+    })  # fmt: skip
+    grouped = ModelScorer("builtin:tiny-reward", "auto", max_length=512)
+    padded = ModelScorer("builtin:tiny-reward", "auto", max_length=512, group_by_length=False)
+    by_group = grouped(batch)[S.REWARD].to_pylist()
+    assert by_group == pytest.approx(padded(batch)[S.REWARD].to_pylist(), abs=1e-5)
+    one_by_one = [padded(batch.slice(i, 1))[S.REWARD][0].as_py() for i in range(30)]
+    assert by_group == pytest.approx(one_by_one, abs=1e-5), "each reward lands on its own row"
+    assert len(set(by_group)) > 20
