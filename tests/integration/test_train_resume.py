@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = [
-    "generate.engine=transformers", "data.limit=100", "eval.enabled=false", "train.epochs=3",
+    "generate.engine=transformers", "data.limit=100", "eval.enabled=false", "train.epochs=6",
     "train.batch_size=2", "train.log_every=5", "train.backend.num_workers=1", "train.max_failures=1",
 ]  # fmt: skip
 UPSTREAM = ["prompts", "generate", "score", "pairs"]
@@ -64,13 +64,13 @@ def start_training(run: Path, marker: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
     return out
 
 
-def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if list((run / "train-ray").glob("*/checkpoint_*")):
