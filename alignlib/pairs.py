@@ -1,26 +1,50 @@
 """Stage `pairs`: scored completions -> preference pairs and a best-of-N SFT set.
 
-In: `score/scored` (SCORED_COLUMNS). Out: `pairs/pairs` (PAIR_COLUMNS) and `pairs/sft`
-(SFT_COLUMNS). Strategies, applied per prompt:
+In: `score/scored` (SCORED_COLUMNS), or `prompts/preferences` for an imported preference set.
+Out: `pairs/pairs` (PAIR_COLUMNS) and `pairs/sft` (SFT_COLUMNS). Strategies, applied per prompt
+(chosen is always the highest-reward policy sample, ties to the lower sample index):
 
-- best_vs_worst: the highest-reward policy sample vs the lowest.
-- best_vs_rest: the highest-reward policy sample vs each other one, largest margins first.
+- best_vs_worst: the best vs the worst; with max_pairs_per_prompt k, the i-th best vs the i-th worst.
+- best_vs_rest: the best vs each other sample, largest margins first.
+- best_vs_second: the best vs the runner-up (hard negatives).
+- best_vs_random: the best vs other samples in a random order seeded by (seed, prompt_id).
+- rejected_at_mean_minus_2std: rejected is the sample whose reward is nearest mean - 2 std of the
+  prompt's rewards (Xiao et al. 2025, "Finding the Sweet Spot"): clearly bad, but not an outlier.
 - gold_vs_weak: the dataset's reference answer vs each weak-model answer (no human labels needed).
 
-A candidate pair is dropped, and counted in the manifest, when chosen and rejected are the same
-text, when their rewards tie, or when the margin is below `min_margin`. The functions here are
-pure (lists of row dicts in, rows and counts out), so they are tested without Ray.
+Nothing is dropped silently; every drop is counted by reason (DROP_REASONS). Completions whose
+reward is NaN or missing, and (unless `include_truncated`) completions cut off at the token
+limit, take no part. The functions here are pure (row dicts in, rows and counts out), no Ray.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import random
+import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
 from alignlib import schema as S
+from alignlib.spec import PairsSpec
 
 Row = dict[str, Any]
+Candidates = list[tuple[Row, Row]]
+
+DROP_REASONS = {
+    "dropped_nan_reward": "completions whose reward is NaN or missing",
+    "dropped_truncated": "completions cut off at max_new_tokens (finish_reason length)",
+    "dropped_too_few_candidates": "prompt x strategy with too few usable completions to form a pair",
+    "dropped_identical": "candidate pairs whose chosen and rejected texts are the same",
+    "dropped_tie": "candidate pairs whose rewards are equal",
+    "dropped_below_margin": "candidate pairs whose reward gap is below min_margin",
+    "dropped_duplicate": "candidate pairs with a chosen/rejected text pair already kept for the prompt",
+    "dropped_over_cap": "pairs beyond max_pairs_per_prompt",
+}
+
+IMPORTED = "imported"
 
 
 def _pair(chosen: Row, rejected: Row, strategy: str) -> Row:
@@ -39,52 +63,115 @@ def _pair(chosen: Row, rejected: Row, strategy: str) -> Row:
     }
 
 
-def _ranked(rows: Iterable[Row], generator: str) -> list[Row]:
+def _ranked(rows: list[Row], generator: str) -> list[Row]:
     """Rows of one generator, best first; ties broken by sample index so the choice is stable."""
     return sorted((r for r in rows if r[S.GENERATOR] == generator), key=lambda r: (-r[S.REWARD], r[S.SAMPLE_INDEX]))
 
 
-def candidate_pairs(rows: list[Row], strategy: str) -> list[tuple[Row, Row]]:
-    """(chosen, rejected) candidates of one prompt for one strategy, before any filtering."""
-    if strategy == "best_vs_worst":
-        policy = _ranked(rows, S.GENERATOR_POLICY)
-        return [(policy[0], policy[-1])] if len(policy) >= 2 else []
-    if strategy == "best_vs_rest":
-        policy = _ranked(rows, S.GENERATOR_POLICY)
-        return [(policy[0], other) for other in policy[1:]]
+def _by_margin(candidates: Candidates) -> Candidates:
+    return sorted(candidates, key=lambda c: -(c[0][S.REWARD] - c[1][S.REWARD]))
+
+
+def _best_vs_worst(policy: list[Row], seed: int) -> Candidates:
+    return [(policy[i], policy[-1 - i]) for i in range(len(policy) // 2)]
+
+
+def _best_vs_rest(policy: list[Row], seed: int) -> Candidates:
+    return _by_margin([(policy[0], other) for other in policy[1:]])
+
+
+def _best_vs_second(policy: list[Row], seed: int) -> Candidates:
+    return [(policy[0], policy[1])] if len(policy) >= 2 else []
+
+
+def _best_vs_random(policy: list[Row], seed: int) -> Candidates:
+    others = policy[1:]
+    if not others:
+        return []
+    # A hash, not Python's hash(): the same seed and prompt give the same order in every process.
+    digest = hashlib.sha256(f"{seed}:best_vs_random:{policy[0][S.PROMPT_ID]}".encode()).hexdigest()
+    random.Random(int(digest[:16], 16)).shuffle(others)
+    return [(policy[0], other) for other in others]
+
+
+def _rejected_at_mean_minus_2std(policy: list[Row], seed: int) -> Candidates:
+    if len(policy) < 2:
+        return []
+    rewards = [r[S.REWARD] for r in policy]
+    target = statistics.fmean(rewards) - 2 * statistics.pstdev(rewards)
+    best = policy[0]
+    # Only a sample scored below the best can be rejected; with none, the tie is counted as such.
+    rejected = min(
+        policy[1:], key=lambda r: (r[S.REWARD] >= best[S.REWARD], abs(r[S.REWARD] - target), r[S.SAMPLE_INDEX])
+    )
+    return [(best, rejected)]
+
+
+POLICY_STRATEGIES: dict[str, Callable[[list[Row], int], Candidates]] = {
+    "best_vs_worst": _best_vs_worst,
+    "best_vs_rest": _best_vs_rest,
+    "best_vs_second": _best_vs_second,
+    "best_vs_random": _best_vs_random,
+    "rejected_at_mean_minus_2std": _rejected_at_mean_minus_2std,
+}
+
+
+def candidate_pairs(rows: list[Row], strategy: str, seed: int = 0) -> Candidates:
+    """(chosen, rejected) candidates of one prompt for one strategy, in the order the cap keeps them."""
+    if strategy in POLICY_STRATEGIES:
+        return POLICY_STRATEGIES[strategy](_ranked(rows, S.GENERATOR_POLICY), seed)
     if strategy == "gold_vs_weak":
         gold = _ranked(rows, S.GENERATOR_REFERENCE)
-        return [(gold[0], weak) for weak in _ranked(rows, S.GENERATOR_WEAK)[::-1]] if gold else []
+        return _by_margin([(gold[0], weak) for weak in _ranked(rows, S.GENERATOR_WEAK)]) if gold else []
     raise ValueError(f"unknown pair strategy {strategy!r}")
 
 
-def make_pairs(
-    rows: list[Row], strategies: list[str], min_margin: float, max_pairs_per_prompt: int
-) -> tuple[list[Row], Counter]:
-    """Pairs of one prompt's scored rows, and counts of what was emitted and dropped (and why)."""
+def usable(rows: list[Row], spec: PairsSpec, counts: Counter) -> list[Row]:
+    """The completions that may become pairs, with the length penalty applied to their reward."""
+    out = []
+    for row in rows:
+        reward = row[S.REWARD]
+        if reward is None or not math.isfinite(reward):
+            counts["dropped_nan_reward"] += 1
+        elif row.get(S.FINISH_REASON) == "length" and not spec.include_truncated:
+            counts["dropped_truncated"] += 1
+        elif spec.length_penalty:
+            out.append({**row, S.REWARD: reward - spec.length_penalty * len(row[S.COMPLETION])})
+        else:
+            out.append(row)
+    return out
+
+
+def make_pairs(rows: list[Row], spec: PairsSpec, seed: int = 0) -> tuple[list[Row], Counter]:
+    """Pairs of one prompt's usable rows, and counts of what was emitted and dropped (and why)."""
     counts: Counter = Counter()
     pairs: list[Row] = []
     seen: set[tuple[str, str]] = set()
-    for strategy in strategies:
+    for strategy in spec.strategies:
         kept = []
-        for chosen, rejected in candidate_pairs(rows, strategy):
+        candidates = candidate_pairs(rows, strategy, seed)
+        if strategy == "best_vs_worst":  # goes only as deep as the cap: the i-th pair is the i-th best
+            candidates = candidates[: spec.max_pairs_per_prompt]
+        if not candidates:
+            counts["dropped_too_few_candidates"] += 1
+        for chosen, rejected in candidates:
             margin = chosen[S.REWARD] - rejected[S.REWARD]
-            if chosen[S.COMPLETION] == rejected[S.COMPLETION]:
+            texts = (chosen[S.COMPLETION], rejected[S.COMPLETION])
+            if texts[0] == texts[1]:
                 counts["dropped_identical"] += 1
             elif margin == 0:
                 counts["dropped_tie"] += 1
-            elif margin < min_margin:
+            elif margin < spec.min_margin:
                 counts["dropped_below_margin"] += 1
-            elif (chosen[S.COMPLETION], rejected[S.COMPLETION]) in seen:
+            elif texts in seen:
                 counts["dropped_duplicate"] += 1
+            elif len(kept) >= spec.max_pairs_per_prompt:
+                counts["dropped_over_cap"] += 1
             else:
                 kept.append(_pair(chosen, rejected, strategy))
-                seen.add((chosen[S.COMPLETION], rejected[S.COMPLETION]))
-        kept.sort(key=lambda p: -p[S.MARGIN])
-        if len(kept) > max_pairs_per_prompt:
-            counts["dropped_over_cap"] += len(kept) - max_pairs_per_prompt
-        counts[f"pairs_{strategy}"] += min(len(kept), max_pairs_per_prompt)
-        pairs.extend(kept[:max_pairs_per_prompt])
+                seen.add(texts)
+        counts[f"pairs_{strategy}"] += len(kept)
+        pairs.extend(kept)
     return pairs, counts
 
 
@@ -92,7 +179,7 @@ def best_of_n(rows: list[Row], min_reward: float | None) -> tuple[Row | None, Co
     """The best policy sample of one prompt for rejection-sampling fine-tuning, or None."""
     policy = _ranked(rows, S.GENERATOR_POLICY)
     if not policy:
-        return None, Counter()
+        return None, Counter(sft_dropped_no_usable_sample=1)
     best = policy[0]
     if min_reward is not None and best[S.REWARD] < min_reward:
         return None, Counter(sft_dropped_below_min_reward=1)
@@ -100,21 +187,70 @@ def best_of_n(rows: list[Row], min_reward: float | None) -> tuple[Row | None, Co
     return row, Counter(sft_rows=1)
 
 
-def build(scored: list[Row], strategies: list[str], min_margin: float, max_pairs_per_prompt: int,
-          sft_min_reward: float | None) -> tuple[list[Row], list[Row], dict[str, int]]:  # fmt: skip
+def _zeros(spec: PairsSpec, strategies: list[str]) -> Counter:
+    """Every count a manifest reports, present even when zero, so a reader sees what was checked."""
+    keys = list(DROP_REASONS) + [f"pairs_{s}" for s in strategies] + ["sft_rows"]
+    return Counter(dict.fromkeys(keys, 0))
+
+
+def build(scored: list[Row], spec: PairsSpec, seed: int = 0) -> tuple[list[Row], list[Row], dict[str, int]]:
     """All prompts: (pairs, sft rows, counts)."""
     by_prompt: dict[str, list[Row]] = {}
     for row in scored:
         by_prompt.setdefault(row[S.PROMPT_ID], []).append(row)
-    pairs, sft, counts = [], [], Counter()
+    pairs, sft, counts = [], [], _zeros(spec, spec.strategies)
     for rows in by_prompt.values():
-        p, c = make_pairs(rows, strategies, min_margin, max_pairs_per_prompt)
+        rows = usable(rows, spec, counts)
+        p, c = make_pairs(rows, spec, seed)
         pairs += p
-        counts += c
-        best, c = best_of_n(rows, sft_min_reward)
-        counts += c
+        counts.update(c)
+        best, c = best_of_n(rows, spec.sft_min_reward)
+        counts.update(c)
         if best is not None:
             sft.append(best)
     counts["prompts"] = len(by_prompt)
     counts["prompts_without_pairs"] = len(by_prompt) - len({p[S.PROMPT_ID] for p in pairs})
     return pairs, sft, dict(counts)
+
+
+def import_pairs(preferences: list[Row], train_ids: set[str], spec: PairsSpec) -> tuple[list[Row], list[Row], dict]:
+    """An imported preference set (prompts stage, `data.kind: preferences`) -> (pairs, sft rows, counts).
+
+    Pairs are taken as the data gives them: rewards, where the file has them, are carried along but
+    not used to re-rank or filter by margin. Same-text and repeated pairs are dropped and counted;
+    pairs of held-out eval prompts are counted, not trained on. The SFT set is each prompt's chosen
+    answer with the highest reward (the first one without rewards).
+    """
+    counts = _zeros(spec, [IMPORTED])
+    pairs, sft, seen = [], {}, set()
+    for row in preferences:
+        key = (row[S.PROMPT_ID], row[S.CHOSEN], row[S.REJECTED])
+        if row[S.PROMPT_ID] not in train_ids:
+            counts["held_out_for_eval"] += 1
+        elif row[S.CHOSEN] == row[S.REJECTED]:
+            counts["dropped_identical"] += 1
+        elif key in seen:
+            counts["dropped_duplicate"] += 1
+        else:
+            seen.add(key)
+            chosen_reward, rejected_reward = row[S.CHOSEN_REWARD], row[S.REJECTED_REWARD]
+            margin = None if chosen_reward is None or rejected_reward is None else chosen_reward - rejected_reward
+            pair = {c: row[c] for c in (S.PROMPT_ID, S.PROMPT, S.MESSAGES, S.CHOSEN, S.REJECTED)}
+            pairs.append(pair | {
+                S.CHOSEN_REWARD: chosen_reward, S.REJECTED_REWARD: rejected_reward, S.MARGIN: margin,
+                S.STRATEGY: IMPORTED, S.CHOSEN_GENERATOR: IMPORTED, S.REJECTED_GENERATOR: IMPORTED,
+            })  # fmt: skip
+            best = sft.get(row[S.PROMPT_ID])
+            better = chosen_reward is not None and (
+                best is None or best[S.REWARD] is None or chosen_reward > best[S.REWARD]
+            )
+            if best is None or better:
+                sft[row[S.PROMPT_ID]] = {c: row[c] for c in (S.PROMPT_ID, S.PROMPT, S.MESSAGES)} | {
+                    S.COMPLETION: row[S.CHOSEN], S.REWARD: chosen_reward,
+                }  # fmt: skip
+    counts[f"pairs_{IMPORTED}"] = len(pairs)
+    counts["sft_rows"] = len(sft)
+    prompts = {r[S.PROMPT_ID] for r in preferences if r[S.PROMPT_ID] in train_ids}
+    counts["prompts"] = len(prompts)
+    counts["prompts_without_pairs"] = len(prompts) - len({p[S.PROMPT_ID] for p in pairs})
+    return pairs, list(sft.values()), dict(counts)

@@ -2,7 +2,8 @@
 
 Each stage function reads its inputs from the stage store and writes its tables into a
 `StageWriter`; `Pipeline.run` skips a stage whose output is complete and was made from the same
-spec sections and inputs (its fingerprint), so a killed job resumes where it stopped.
+spec sections and inputs (its fingerprint), so a killed job resumes where it stopped. With
+`data.kind: preferences` the imported pairs go from `prompts` straight to `pairs` (no generate, score).
 
     Pipeline(load_spec("jobs/demo.yaml")).run()            # everything
     Pipeline(spec).run(["score"])                           # one stage, inputs must exist
@@ -63,6 +64,8 @@ class Pipeline:
     def upstream(self, stage: str) -> list[str]:
         if stage == "train" and self.spec.train.precompute_reference:
             return ["ref_logps"]
+        if stage == "pairs" and self.spec.data.kind == "preferences":
+            return ["prompts"]  # an imported preference set skips generate and score
         return UPSTREAM[stage]
 
     def fingerprint(self, stage: str) -> str:
@@ -72,8 +75,12 @@ class Pipeline:
         return self._fingerprints[stage]
 
     def stages(self) -> list[str]:
-        skip = {"eval": not self.spec.eval.enabled, "ref_logps": not self.spec.train.precompute_reference}
-        return [s for s in STAGES if not skip.get(s, False)]
+        skipped = {"generate", "score"} if self.spec.data.kind == "preferences" else set()
+        if not self.spec.eval.enabled:
+            skipped.add("eval")
+        if not self.spec.train.precompute_reference:
+            skipped.add("ref_logps")
+        return [s for s in STAGES if s not in skipped]
 
     def run(self, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
         manifests = {}
@@ -83,6 +90,8 @@ class Pipeline:
                 log(f"{stage}: complete, skipped ({self.store.path(stage)})")
                 manifests[stage] = self.store.manifest(stage)
                 continue
+            if stage in ("generate", "score") and self.spec.data.kind == "preferences":
+                raise StageInputError(f"stage {stage!r}: data.kind is preferences, which has no {stage} stage")
             for upstream in self.upstream(stage):
                 if not self.store.is_complete(upstream, self.fingerprint(upstream)):
                     raise StageInputError(
@@ -113,12 +122,14 @@ def _brief(manifest: dict[str, Any]) -> str:
 
 
 def run_prompts(p: Pipeline, out: StageWriter) -> dict[str, Any]:
-    from alignlib.prompts import read_prompts, split, to_table
+    from alignlib.prompts import read_data, split, to_table
 
-    rows, counts = read_prompts(p.spec.data)
+    rows, preferences, counts = read_data(p.spec.data)
     train, held_out = split(rows, p.spec.data.eval_fraction, p.spec.seed)
     write_table(to_table(train), out.table("train"))
     write_table(to_table(held_out), out.table("eval"))
+    if p.spec.data.kind == "preferences":
+        write_table(to_table(preferences, S.PREFERENCE_COLUMNS), out.table("preferences"))
     return {"prompts": len(rows), **counts}
 
 
@@ -160,27 +171,42 @@ def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
 
     ensure_ray()
     completions = ray.data.read_parquet(str(p.table_path("generate", "completions")))
-    score(completions, p.spec.score.reward).write_parquet(str(out.table("scored")))
+    score(completions, p.spec.score).write_parquet(str(out.table("scored")))
     table = read_table(out.table("scored"))
-    return {"reward_mean": _mean(table[S.REWARD].to_pylist())}
+    columns = [S.REWARD] + [c for c, _, _ in p.spec.score.components() if c != S.REWARD]
+    return {f"{c}_mean": _mean(table[c].to_pylist()) for c in columns}
 
 
 def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     from alignlib.losses import get_loss
-    from alignlib.pairs import build
+    from alignlib.pairs import build, import_pairs
+    from alignlib.quality import data_quality, imported_completions, render_html
 
     spec = p.spec.pairs
-    scored = read_table(p.table_path("score", "scored")).to_pylist()
-    pairs, sft, counts = build(scored, spec.strategies, spec.min_margin, spec.max_pairs_per_prompt, spec.sft_min_reward)
+    if p.spec.data.kind == "preferences":
+        preferences = read_table(p.table_path("prompts", "preferences")).to_pylist()
+        train_ids = set(read_table(p.table_path("prompts", "train"))[S.PROMPT_ID].to_pylist())
+        pairs, sft, counts = import_pairs(preferences, train_ids, spec)
+        completions = imported_completions(pairs)
+    else:
+        scored = read_table(p.table_path("score", "scored")).to_pylist()
+        pairs, sft, counts = build(scored, spec, p.spec.seed)
+        completions = scored
+    quality = data_quality(completions, pairs, counts)
+    (out.path / "report.html").write_text(render_html(quality, f"alignlib {p.spec.name}: preference data"))
     needed = pairs if get_loss(p.spec.train.loss.name).paired else sft
     if not needed:
+        hint = (
+            "check the preference file (every pair identical, repeated or held out?)"
+            if p.spec.data.kind == "preferences"
+            else "lower pairs.min_margin, raise generate.num_samples, or add a weak model and gold_vs_weak"
+        )
         raise StageInputError(
-            f"pairs: no training examples survived for loss {p.spec.train.loss.name!r} (counts: {counts}); "
-            "lower pairs.min_margin, raise generate.num_samples, or add a weak model and gold_vs_weak"
+            f"pairs: no training examples survived for loss {p.spec.train.loss.name!r} (counts: {counts}); {hint}"
         )
     write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
     write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.table("sft"))
-    return counts
+    return {**counts, "quality": quality}
 
 
 def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
@@ -256,7 +282,7 @@ def run_eval(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         log(f"eval: sampling the {generator} policy on held-out prompts")
         completions = generate(prompts, model, sampling, spec.generate, generator, spec.eval.num_samples,
                                spec.seed, seed_key="eval").materialize()  # fmt: skip
-        score(completions, spec.score.reward).write_parquet(str(out.table("completions") / generator))
+        score(completions, spec.score).write_parquet(str(out.table("completions") / generator))
     rows = read_table(out.table("completions")).to_pylist()
     summary = summarize(rows)
     (out.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -17,8 +17,11 @@ def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
     if pairs:
         stats = pairs["stats"]
         kept = {k: v for k, v in stats.items() if k.startswith("pairs_")}
-        dropped = {k: v for k, v in stats.items() if k.startswith("dropped_")}
+        dropped = {k: v for k, v in stats.items() if k.startswith("dropped_") and v}
         print(f"  pairs kept {kept}; dropped {dropped or 'none'}")
+        report = store.path("pairs") / "report.html"
+        if report.exists():
+            print(f"  data-quality report (reward and margin distributions, reward-length correlation): {report}")
     export = manifests.get("export")
     if export:
         print(f"  trained model ({export['stats']['kind']}): {export['stats']['model']}")

@@ -35,7 +35,7 @@ STRATEGY = "strategy"
 CHOSEN_GENERATOR = "chosen_generator"
 REJECTED_GENERATOR = "rejected_generator"
 # Summed log-probs of chosen / rejected completion tokens under the reference (the starting policy),
-# written by the ref_logps stage or brought with imported pairs; training divides by the token
+# written by the ref_logps stage; training uses them when present and divides by the token
 # count itself when its loss wants length-averaged log-probs.
 REF_CHOSEN_LOGPS = "ref_chosen_logps"
 REF_REJECTED_LOGPS = "ref_rejected_logps"
@@ -55,6 +55,11 @@ PAIR_COLUMNS = [
 ]  # fmt: skip
 REF_PAIR_COLUMNS = PAIR_COLUMNS + [REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS]
 SFT_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, COMPLETION, REWARD]
+# An imported preference set (data.kind: preferences), as the prompts stage stores it.
+PREFERENCE_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, CHOSEN, REJECTED, CHOSEN_REWARD, REJECTED_REWARD, SOURCE]
+# The conversational preference layout of TRL and the alignment-handbook (optional scores as in UltraFeedback).
+TRL_PROMPT, TRL_CHOSEN, TRL_REJECTED = "prompt", "chosen", "rejected"
+TRL_SCORE_CHOSEN, TRL_SCORE_REJECTED = "score_chosen", "score_rejected"
 
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
@@ -73,14 +78,15 @@ def arrow_schema(columns: list[str]) -> pa.Schema:
     return pa.schema([(c, _TYPES[c]) for c in columns])
 
 
-def conform(table: pa.Table, columns: list[str]) -> pa.Table:
-    """Select `columns` in order with their canonical types.
+def conform(table: pa.Table, columns: list[str], extra: list[str] = ()) -> pa.Table:
+    """Select `columns` in order with their canonical types, then the `extra` reward columns (float64).
 
     Engines infer Arrow types per block, so a block whose `reference` is all null comes back typed
     `null`; casting every block to one schema keeps the Parquet files of a dataset readable together.
     """
-    require_columns(table.column_names, columns, "conform")
-    return pa.table([table[c].cast(_TYPES[c]) for c in columns], schema=arrow_schema(columns))
+    require_columns(table.column_names, [*columns, *extra], "conform")
+    schema = pa.schema([*arrow_schema(columns), *[(c, pa.float64()) for c in extra]])
+    return pa.table([table[c].cast(schema.field(c).type) for c in schema.names], schema=schema)
 
 
 class ColumnError(ValueError):
@@ -99,14 +105,19 @@ def messages_of(row: dict) -> list[dict]:
 
 
 def to_conversational(pairs_rows: list[dict]) -> list[dict]:
-    """alignlib pairs -> the prompt/chosen/rejected chat layout TRL and the alignment-handbook read."""
+    """alignlib pairs -> the prompt/chosen/rejected chat layout TRL and the alignment-handbook read.
+
+    Rewards, where a pair has them, go along as `score_chosen`/`score_rejected` (UltraFeedback's
+    names), so importing the file again (`data.kind: preferences`) gives back the same pairs.
+    """
     out = []
     for row in pairs_rows:
-        out.append(
-            {
-                "prompt": messages_of(row),
-                "chosen": [{"role": "assistant", "content": row[CHOSEN]}],
-                "rejected": [{"role": "assistant", "content": row[REJECTED]}],
-            }
-        )
+        record = {
+            TRL_PROMPT: messages_of(row),
+            TRL_CHOSEN: [{"role": "assistant", "content": row[CHOSEN]}],
+            TRL_REJECTED: [{"role": "assistant", "content": row[REJECTED]}],
+        }
+        if row.get(CHOSEN_REWARD) is not None and row.get(REJECTED_REWARD) is not None:
+            record |= {TRL_SCORE_CHOSEN: row[CHOSEN_REWARD], TRL_SCORE_REJECTED: row[REJECTED_REWARD]}
+        out.append(record)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -38,11 +39,23 @@ class DataSpec(_Spec):
     format: Literal["auto", "jsonl", "parquet"] = Field(
         "auto", description="File format; `auto` decides from the file extension."
     )
+    kind: Literal["prompts", "preferences"] = Field(
+        "prompts",
+        description="`prompts`: prompts to sample answers for. `preferences`: an existing preference set "
+        "(prompt/chosen/rejected, the TRL layout) that goes straight to the pairs stage; generate and score are "
+        "skipped.",
+    )
     prompt_field: str = Field(
         "prompt",
         description="Field holding the prompt: a string, or a chat list of {role, content} messages "
-        "(the conversational layout TRL and the alignment-handbook use).",
+        "(the conversational layout TRL and the alignment-handbook use). A chat that ends with an assistant "
+        "turn (a `messages` column) is the prompt plus its answer, which becomes the reference. Without this "
+        "field, chosen and rejected chats give the prompt as their shared leading turns (TRL's implicit prompt).",
     )
+    chosen_field: str = Field(
+        "chosen", description="Preference sets: the preferred answer, a string or a chat (prompt turns + answer)."
+    )
+    rejected_field: str = Field("rejected", description="Preference sets: the other answer, same forms as chosen.")
     reference_field: str | None = Field(
         None, description="Field holding the gold answer (needed by `gold_vs_weak` pairs and most function rewards)."
     )
@@ -138,26 +151,96 @@ class FunctionRewardSpec(_Spec):
 
 RewardSpec = Annotated[Union[ModelRewardSpec, FunctionRewardSpec], Field(discriminator="type")]
 
+DEFAULT_REWARD = "alignlib.rewards:exact_match"
 
-class ScoreSpec(_Spec):
-    reward: RewardSpec = Field(
-        default_factory=lambda: FunctionRewardSpec(type="function", function="alignlib.rewards:exact_match")
+
+class _Weighted(_Spec):
+    weight: float = Field(1.0, allow_inf_nan=False, description="Factor of this reward in the weighted sum.")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_]+$",
+        description="Names the column `reward_<name>`; defaults to the function's name or the model's last path part.",
     )
 
 
-PairStrategy = Literal["best_vs_worst", "best_vs_rest", "gold_vs_weak"]
+class WeightedModelReward(ModelRewardSpec, _Weighted):
+    pass
+
+
+class WeightedFunctionReward(FunctionRewardSpec, _Weighted):
+    pass
+
+
+WeightedRewardSpec = Annotated[Union[WeightedModelReward, WeightedFunctionReward], Field(discriminator="type")]
+
+
+def reward_name(reward: ModelRewardSpec | FunctionRewardSpec) -> str:
+    """`name` if given, else `numeric_closeness` for a function, `tiny_reward` for builtin:tiny-reward."""
+    if getattr(reward, "name", None):
+        return reward.name
+    ref = reward.function.partition(":")[2] if reward.type == "function" else reward.model
+    return re.sub(r"[^A-Za-z0-9_]", "_", re.split(r"[/:]", ref.rstrip("/"))[-1])
+
+
+class ScoreSpec(_Spec):
+    reward: RewardSpec | None = Field(
+        None, description=f"One reward, stored as `reward`. When neither reward nor rewards is set: {DEFAULT_REWARD}."
+    )
+    rewards: list[WeightedRewardSpec] = Field(
+        [],
+        description="Several rewards: `reward` is their weighted sum and each one's own value is kept in "
+        "`reward_<name>`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ScoreSpec:
+        if self.reward is not None and self.rewards:
+            raise ValueError("set `reward` (one reward) or `rewards` (a weighted sum), not both")
+        names = [reward_name(r) for r in self.rewards]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"rewards named {twice} more than once; give each a distinct `name`")
+        return self
+
+    def components(self) -> list[tuple[str, ModelRewardSpec | FunctionRewardSpec, float | None]]:
+        """(column, reward, weight) per reward; one unweighted reward writes `reward` itself."""
+        if self.rewards:
+            return [(f"reward_{reward_name(r)}", r, r.weight) for r in self.rewards]
+        reward = self.reward or FunctionRewardSpec(type="function", function=DEFAULT_REWARD)
+        return [("reward", reward, None)]
+
+
+PairStrategy = Literal[
+    "best_vs_worst", "best_vs_rest", "best_vs_second", "best_vs_random", "rejected_at_mean_minus_2std", "gold_vs_weak"
+]
+POLICY_STRATEGIES = ("best_vs_worst", "best_vs_rest", "best_vs_second", "best_vs_random", "rejected_at_mean_minus_2std")
 
 
 class PairsSpec(_Spec):
     strategy: PairStrategy | list[PairStrategy] = Field(
         "best_vs_worst",
-        description="best_vs_worst: top vs bottom policy sample; best_vs_rest: top vs each other sample; "
-        "gold_vs_weak: the reference answer vs the weak model's. A list applies several.",
+        description="How policy samples of a prompt are paired (chosen = the highest reward): best_vs_worst "
+        "(the i-th best vs the i-th worst), best_vs_rest, best_vs_second, best_vs_random (seeded by seed and "
+        "prompt), rejected_at_mean_minus_2std (rejected nearest mean - 2 std of the rewards); gold_vs_weak: the "
+        "reference answer vs the weak model's. A list applies several.",
     )
     min_margin: float = Field(
         0.1, ge=0.0, description="Pairs whose reward gap is below this are dropped (and counted)."
     )
-    max_pairs_per_prompt: int = Field(1, ge=1, description="Cap per prompt and strategy, largest margins first.")
+    max_pairs_per_prompt: int = Field(
+        1, ge=1, description="Cap per prompt and strategy, largest margins first (best_vs_random: in random order)."
+    )
+    length_penalty: float = Field(
+        0.0,
+        ge=0.0,
+        description="Subtracted from a completion's reward per character of its text before ranking; the pairs "
+        "and sft tables carry the penalised rewards. Counters rewards that grow with length.",
+    )
+    include_truncated: bool = Field(
+        False,
+        description="Use completions cut off at max_new_tokens (finish_reason `length`); by default they are "
+        "dropped (and counted).",
+    )
     sft_min_reward: float | None = Field(
         None, description="Best-of-N rows below this reward are left out of the SFT set (and counted)."
     )
@@ -276,8 +359,7 @@ class TrainSpec(_Spec):
     precompute_reference: bool = Field(
         False,
         description="DPO/IPO: compute reference log-probs once in a `ref_logps` stage (Ray Data actors) instead "
-        "of keeping a reference model in every training worker. Pairs that already carry `ref_chosen_logps` "
-        "and `ref_rejected_logps` columns are used as they are.",
+        "of keeping a reference model in every training worker.",
     )
     max_failures: int = Field(
         1, ge=0, description="Times Ray Train restarts the worker group from the last checkpoint after a failure."
@@ -336,13 +418,23 @@ def cross_check(spec: JobSpec) -> list[str]:
     """Combinations that cannot work, each as "path: message"."""
     problems = []
     strategies = spec.pairs.strategies
-    if "gold_vs_weak" in strategies:
+    generated = spec.data.kind == "prompts"  # a preference set brings its own pairs
+    if "gold_vs_weak" in strategies and generated:
         if spec.generate.weak_model is None:
             problems.append("generate.weak_model: pairs strategy gold_vs_weak needs a weak model")
         if spec.data.reference_field is None:
             problems.append("data.reference_field: pairs strategy gold_vs_weak needs the gold answer field")
-    if {"best_vs_worst", "best_vs_rest"} & set(strategies) and spec.generate.num_samples < 2:
+    if set(POLICY_STRATEGIES) & set(strategies) and spec.generate.num_samples < 2 and generated:
         problems.append(f"generate.num_samples: strategy {strategies} compares policy samples, so it needs at least 2")
+    if not generated:
+        # Imported pairs are taken as they are; a setting that would change nothing is refused, not ignored.
+        defaults = PairsSpec().model_dump()
+        unused = sorted(k for k, v in spec.pairs.model_dump().items() if v != defaults[k])
+        problems += [
+            f"pairs.{k}: not used with data.kind preferences (imported pairs are kept as given)" for k in unused
+        ]
+        if spec.generate.weak_model is not None:
+            problems.append("generate.weak_model: not used with data.kind preferences (nothing is generated)")
     backend = spec.train.backend
     if backend.name == "qlora" and spec.train.lora is None:
         problems.append("train.lora: the qlora backend trains LoRA adapters on a 4-bit base; set train.lora")
@@ -462,7 +554,7 @@ def stage_sections(spec: JobSpec) -> dict[str, dict[str, Any]]:
         "prompts": {"data": dump["data"], "seed": spec.seed},
         "generate": {"policy": dump["policy"], "generate": dump["generate"], "seed": spec.seed},
         "score": {"score": dump["score"]},
-        "pairs": {"pairs": dump["pairs"]},
+        "pairs": {"pairs": dump["pairs"], "seed": spec.seed},
         "train": {"policy": dump["policy"], "train": dump["train"], "seed": spec.seed},
         "export": {"export": dump["export"]},
         "eval": {

@@ -4,6 +4,8 @@ In: `generate/completions` (COMPLETION_COLUMNS). Out: `score/scored` (SCORED_COL
 `reward` (float64) and `reward_source` (the reward model or `module:function`).
 Rewards come from a reward-model actor pool (`score.reward.type: model`, an HF
 sequence-classification model with one output) or a Python function (`type: function`).
+With `score.rewards`, each reward writes its own `reward_<name>` column and `reward` is their
+weighted sum; `reward_source` then spells the sum out, e.g. `1*a:f + 0.5*builtin:tiny-reward`.
 A reward that fails or is not a finite number stops the stage with the row it failed on.
 """
 
@@ -21,11 +23,12 @@ class RewardError(ValueError):
 
 
 class FunctionScorer:
-    def __init__(self, function: str):
+    def __init__(self, function: str, column: str = S.REWARD):
         from alignlib.spec import resolve_function
 
         self.name = function
         self.fn = resolve_function(function)
+        self.column = column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rewards = []
@@ -37,13 +40,13 @@ class FunctionScorer:
             if not math.isfinite(value):
                 raise RewardError(f"reward {self.name} returned {value} for prompt {row[S.SOURCE]}")
             rewards.append(value)
-        return _with_rewards(batch, rewards, self.name)
+        return batch.append_column(self.column, pa.array(rewards, pa.float64()))
 
 
 class ModelScorer:
     """Scores prompt + completion with a sequence-classification reward model (logit 0 is the reward)."""
 
-    def __init__(self, model: str, dtype: str, max_length: int):
+    def __init__(self, model: str, dtype: str, max_length: int, column: str = S.REWARD):
         import torch
 
         from alignlib.models import load_reward_model, load_tokenizer
@@ -53,6 +56,7 @@ class ModelScorer:
         self.tokenizer = load_tokenizer(model)
         self.model = load_reward_model(model, dtype, self.on_gpu).eval().to("cuda" if self.on_gpu else "cpu")
         self.max_length = max_length
+        self.column = column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -72,28 +76,57 @@ class ModelScorer:
         device = next(self.model.parameters()).device
         with torch.no_grad():
             logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        return _with_rewards(batch, logits[:, 0].float().cpu().tolist(), self.name)
+        return batch.append_column(self.column, pa.array(logits[:, 0].float().cpu().tolist(), pa.float64()))
 
 
-def _with_rewards(batch: pa.Table, rewards: list[float], source: str) -> pa.Table:
-    out = batch.append_column(S.REWARD, pa.array(rewards, pa.float64()))
-    return S.conform(
-        out.append_column(S.REWARD_SOURCE, pa.array([source] * batch.num_rows, pa.string())), S.SCORED_COLUMNS
-    )
+def source_of(reward) -> str:
+    return reward.function if reward.type == "function" else reward.model
 
 
-def score(completions, reward):
-    """A Ray Dataset of completions -> a Ray Dataset of SCORED_COLUMNS rows. `reward` is a RewardSpec."""
+def combine(batch: pa.Table, components: list[tuple[str, str, float | None]]) -> pa.Table:
+    """Add `reward` (the weighted sum of the component columns) and `reward_source`.
+
+    `components` is (column, source, weight) per reward; a single unweighted reward has already
+    written `reward` and only gets its source.
+    """
+    if len(components) == 1 and components[0][2] is None:
+        source, columns = components[0][1], []
+    else:
+        columns = [column for column, _, _ in components]
+        total = [0.0] * batch.num_rows
+        for column, _, weight in components:
+            total = [t + weight * v for t, v in zip(total, batch[column].to_pylist(), strict=True)]
+        batch = batch.append_column(S.REWARD, pa.array(total, pa.float64()))
+        source = " + ".join(f"{weight:g}*{source}" for _, source, weight in components)
+    batch = batch.append_column(S.REWARD_SOURCE, pa.array([source] * batch.num_rows, pa.string()))
+    return S.conform(batch, S.SCORED_COLUMNS, extra=columns)
+
+
+def score(completions, score_spec):
+    """A Ray Dataset of completions -> a Ray Dataset of SCORED_COLUMNS rows (+ `reward_<name>` columns).
+
+    `score_spec` is the ScoreSpec; each reward is one map_batches step adding its column.
+    """
+    from alignlib.generate import LIGHT_CPUS
+
+    components = score_spec.components()
+    for column, reward, _ in components:
+        completions = _scored_by(completions, reward, column)
+    plan = [(column, source_of(reward), weight) for column, reward, weight in components]
+    return completions.map_batches(combine, fn_args=(plan,), batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+
+
+def _scored_by(completions, reward, column: str):
     if reward.type == "function":
         return completions.map_batches(
-            FunctionScorer, fn_constructor_kwargs=dict(function=reward.function), batch_format="pyarrow",
-            concurrency=1, num_cpus=0.5,
+            FunctionScorer, fn_constructor_kwargs=dict(function=reward.function, column=column),
+            batch_format="pyarrow", concurrency=1, num_cpus=0.5,
         )  # fmt: skip
     from alignlib.generate.hf_engine import actor_resources
 
     return completions.map_batches(
         ModelScorer,
-        fn_constructor_kwargs=dict(model=reward.model, dtype=reward.dtype, max_length=reward.max_length),
+        fn_constructor_kwargs=dict(model=reward.model, dtype=reward.dtype, max_length=reward.max_length, column=column),
         batch_size=reward.batch_size,
         batch_format="pyarrow",
         concurrency=reward.concurrency,
