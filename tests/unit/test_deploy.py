@@ -30,6 +30,7 @@ REQUIRED_FILES = [
     "k8s/kustomization.yaml",
     "k8s/base/kustomization.yaml",
     "k8s/base/pvc.yaml",
+    "k8s/base/networkpolicy.yaml",
     "k8s/base/raycluster.yaml",
     "k8s/base/rayjob.yaml",
     "k8s/overlays/dpo-zero3-8b/kustomization.yaml",
@@ -65,10 +66,14 @@ def only(objs: list[dict], kind: str) -> dict:
     return found[0]
 
 
-def gpu_group(raycluster: dict) -> dict:
-    groups = [g for g in raycluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-workers"]
-    assert len(groups) == 1, "RayCluster needs exactly one worker group named gpu-workers"
+def group(raycluster: dict, name: str) -> dict:
+    groups = [g for g in raycluster["spec"]["workerGroupSpecs"] if g["groupName"] == name]
+    assert len(groups) == 1, f"RayCluster needs exactly one worker group named {name}"
     return groups[0]
+
+
+def gpu_group(raycluster: dict) -> dict:
+    return group(raycluster, "gpu-1")
 
 
 def containers(group: dict) -> list[dict]:
@@ -171,24 +176,37 @@ def test_kuberay_objects_use_ray_io_v1():
 # -------------------------------------------------------------- RayCluster
 
 
-def test_gpu_workers_scale_from_zero_and_request_gpus():
-    group = gpu_group(only(base_manifests(), "RayCluster"))
-    assert group["minReplicas"] == 0, "idle GPU nodes must be released: minReplicas 0"
-    assert group.get("replicas", 0) == 0, "no GPU pod should start before a job asks for one"
-    assert group["maxReplicas"] >= 1, "maxReplicas 0 means no GPU can ever start"
-    for c in containers(group):
+@pytest.mark.parametrize("name,gpus", [("cpu", 0), ("gpu-1", 1), ("gpu-8", 8)])
+def test_worker_groups_scale_from_zero_with_their_gpus(name, gpus):
+    g = group(only(base_manifests(), "RayCluster"), name)
+    assert g["minReplicas"] == 0, "idle nodes must be released: minReplicas 0"
+    assert g.get("replicas", 0) == 0, "no worker pod should start before a job asks for one"
+    assert g["maxReplicas"] >= 1, "maxReplicas 0 means the group can never start"
+    assert g["idleTimeoutSeconds"] > 0
+    for c in containers(g):
         limits = c["resources"]["limits"]
         requests = c["resources"].get("requests", limits)
-        assert int(limits.get(GPU, 0)) >= 1, f"{c['name']} must set {GPU} limits"
-        assert int(requests.get(GPU, 0)) == int(limits[GPU]), f"{c['name']}: GPU requests must equal limits"
+        assert int(limits.get(GPU, 0)) == gpus, f"{name}/{c['name']} must have {gpus} x {GPU}"
+        assert int(requests.get(GPU, 0)) == gpus, f"{name}/{c['name']}: GPU requests must equal limits"
 
 
 def test_autoscaling_is_enabled():
     spec = only(base_manifests(), "RayCluster")["spec"]
     assert spec.get("enableInTreeAutoscaling") is True, "without the autoscaler GPU workers stay at 0"
     opts = spec["autoscalerOptions"]
+    assert opts["version"] == "v2", "per-group idle timeouts need autoscaler v2"
     assert opts["upscalingMode"] in ("Default", "Aggressive", "Conservative")
     assert opts["idleTimeoutSeconds"] > 0
+
+
+def test_every_worker_has_a_memory_backed_dev_shm():
+    spec = only(base_manifests(), "RayCluster")["spec"]
+    for g in spec["workerGroupSpecs"]:
+        pod = g["template"]["spec"]
+        shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+        assert len(shm) == 1 and shm[0]["emptyDir"]["sizeLimit"], f"{g['groupName']}: /dev/shm must be a sized tmpfs"
+        for c in pod["containers"]:
+            assert {"name": shm[0]["name"], "mountPath": "/dev/shm"} in c["volumeMounts"], g["groupName"]
 
 
 def test_head_has_no_gpu():
@@ -257,7 +275,8 @@ def test_rayjob_working_dir_is_the_image_workdir():
 def test_rayjob_entrypoint_names_an_existing_job_spec(variant):
     objs = base_manifests() if variant == "base" else overlay_manifests()
     argv = shlex.split(only(objs, "RayJob")["spec"]["entrypoint"])
-    assert argv[:2] == ["alignlib", "run"], f"entrypoint should be 'alignlib run ...', got {argv}"
+    assert argv[:4] == ["python", "-m", "alignlib", "run"], f"entrypoint should be 'python -m alignlib run ...', got {argv}"
+    argv = argv[2:]
     spec = argv[2]
     assert re.fullmatch(r"jobs/[\w.-]+\.ya?ml", spec), f"entrypoint should name jobs/*.yaml, got {spec}"
     assert (ROOT / spec).is_file(), f"RayJob ({variant}) runs {spec}, which is not in the repo"
@@ -272,6 +291,7 @@ def test_overlay_runs_dpo_on_eight_gpus():
     assert job["metadata"]["name"] != only(base, "RayJob")["metadata"]["name"], "overlay would replace the base job"
     assert gpu_group(only(over, "RayCluster"))["maxReplicas"] == 8
     assert gpu_group(only(over, "RayCluster"))["minReplicas"] == 0
+    assert group(only(over, "RayCluster"), "gpu-8")["maxReplicas"] == 1, "ZeRO-3 on 8 GPUs needs one 8-GPU pod"
 
 
 # ------------------------------------------------------------- kustomize
