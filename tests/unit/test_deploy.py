@@ -246,7 +246,8 @@ def test_ray_version_matches_image_and_constraints():
     assert c and (ROOT / c.group(1)).is_file(), "the Dockerfile's pip constraints file is missing"
     pins = (ROOT / c.group(1)).read_text()
     assert f"ray=={ray_version}" in pins, "constraints must keep the image's ray version"
-    assert re.search(r"^torch==", pins, re.M), "constraints must pin torch"
+    for package in ("torch", "vllm", "deepspeed", "bitsandbytes"):
+        assert re.search(rf"^{package}==", pins, re.M), f"constraints must pin {package} (the image is built with them)"
 
 
 # ------------------------------------------------------------------ RayJob
@@ -336,10 +337,11 @@ def test_aws_cluster_has_cpu_head_and_autoscaling_gpu_workers():
     cfg = load_docs(CLUSTER / "aws-gpu.yaml")[0]
     types = cfg["available_node_types"]
     head = types[cfg["head_node_type"]]
-    assert head["resources"].get("GPU", 0) == 0, "the head node must not be a GPU node"
-    workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
-    gpu = [t for t in workers if t["resources"].get("GPU", 0) >= 1]
-    assert gpu and all(t.get("min_workers", 0) == 0 for t in gpu), "GPU workers must scale from 0"
+    assert head["resources"].get("GPU", 0) == 0 and head["resources"].get("CPU") == 0, "the head runs no tasks"
+    workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
+    assert all(t.get("min_workers", 0) == 0 and t["max_workers"] >= 1 for t in workers.values()), "scale from 0"
+    # the same shapes as the KubeRay worker groups: CPU, 1 GPU, 8 GPUs
+    assert sorted(t["resources"].get("GPU", 0) for t in workers.values()) == [0, 1, 8]
     assert image_name(cfg["docker"]["image"]).endswith("/alignlib")
     assert any(SHARED in opt for opt in cfg["docker"]["run_options"]), f"containers must see {SHARED}"
 
@@ -402,9 +404,9 @@ def test_local_sh_submit_ships_repo_and_runs_alignlib(fake_repo):
     excludes = argv[argv.index("--runtime-env-json") + 1]
     assert ".venv" in excludes and "runs/" in excludes
     entry = argv[argv.index("--") + 1 :]
-    assert entry[:4] == ["alignlib", "run", "jobs/demo.yaml", "seed=3"]
+    assert entry[:6] == ["python", "-m", "alignlib", "run", "jobs/demo.yaml", "seed=3"]
     # a relative output_dir would vanish into Ray's copy of the repo
-    assert entry[4:] == [f"output_dir={repo}/runs/demo"]
+    assert entry[6:] == [f"output_dir={repo}/runs/demo"]
 
 
 @needs_bash
