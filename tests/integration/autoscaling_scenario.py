@@ -129,6 +129,7 @@ def main(output_dir: str, temp_dir: str) -> dict:
         watch.done.set()
         watch.join()
         result["max_workers"] = max(n for _, n in watch.samples)
+        result["first_worker_after_s"] = round(min(t for t, n in watch.samples if n) - started, 1)
         result["engine_total"] = watch.engine_total
         result["workers_after"] = len(watch.alive_workers())
         result["released_after_s"] = round(time.time() - finished, 1)
