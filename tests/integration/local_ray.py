@@ -69,11 +69,16 @@ class LocalHead:
         if autoscaling_config:
             self.args += ["--autoscaling-config", autoscaling_config]
 
-    def start(self) -> LocalHead:
-        res = subprocess.run(self.args, env=self.env, capture_output=True, text=True, timeout=120)
-        if res.returncode != 0:
-            self.stop()
-            raise RuntimeError(f"ray start failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    def start(self, attempts: int = 3) -> LocalHead:
+        # Ray gives a raylet 30 s to register with GCS; on a loaded 2-core machine that can run out.
+        for attempt in range(1, attempts + 1):
+            res = subprocess.run(self.args, env=self.env, capture_output=True, text=True, timeout=180)
+            if res.returncode == 0:
+                return self
+            stop_processes([self.temp_dir, self.gcs_address, f"--gcs_server_port={self.port}"])
+            if attempt == attempts or "timed out during startup" not in res.stderr + res.stdout:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+                raise RuntimeError(f"ray start failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return self
 
     def stop(self) -> None:

@@ -199,3 +199,9 @@ def test_cli_bad_input_exits_2_naming_the_field(args, expected, capsys):
 def test_cli_missing_spec_file(tmp_path, capsys):
     assert main(["k8s", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml: 1 problem(s) in the job spec:\n  - file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--retries", "-1"], ["--deadline", "0"]])
+def test_cli_refuses_nonsense_options(option, capsys):
+    assert main(["k8s", str(JOBS / "demo.yaml"), *option]) == 2
+    assert "alignlib k8s: --deadline must be >= 1 and --retries >= 0" in capsys.readouterr().err
