@@ -47,7 +47,7 @@ def test_demo_runs_as_a_ray_job(tmp_path):
             # transformers engine: 4 vLLM engine starts (policy, weak, eval x2) would double the test's time
             f"data.limit={PROMPTS}", "train.epochs=1", "generate.engine=transformers",
         ]  # fmt: skip
-        res = subprocess.run(submit, env=head.env, capture_output=True, text=True, timeout=900)
+        res = subprocess.run(submit, env=head.env, capture_output=True, text=True, timeout=1200)
         log = res.stdout + res.stderr
         assert res.returncode == 0, log[-5000:]
         assert re.search(r"Job 'raysubmit_\w+' succeeded", log), log[-3000:]
@@ -63,7 +63,7 @@ def test_demo_runs_as_a_ray_job(tmp_path):
     assert manifests["generate"]["tables"]["completions"] == train * (4 + 1 + 1)  # 4 policy, 1 weak, gold
     assert rows(out / "generate" / "completions") == train * 6
     pairs = manifests["pairs"]["tables"]["pairs"]
-    assert pairs >= train and rows(out / "pairs" / "pairs") == pairs  # gold_vs_weak gives one per prompt
+    assert 0 < pairs <= 2 * train and rows(out / "pairs" / "pairs") == pairs  # <= 1 per prompt and strategy
     assert manifests["train"]["tables"]["metrics"] == 1  # one epoch
     model = out / "export" / "model"
     assert (model / "config.json").is_file() and list(model.glob("*.safetensors"))
