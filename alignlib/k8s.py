@@ -113,15 +113,21 @@ def plan_groups(spec: JobSpec, source: str = "<spec>") -> list[WorkerGroup]:
     problems = []
     for d in demands(spec):
         gpus, cpus = d.per_actor.get("GPU", 0.0), d.per_actor.get("CPU", 0.0)
+        custom = sorted(set(d.per_actor) - {"CPU", "GPU", "memory"})
+        if custom:
+            problems.append(f"{_field(d.stage)}: no worker group offers the custom resource(s) {custom}; "
+                            "on Kubernetes ask for CPU/GPU only")  # fmt: skip
+            continue
         # ZeRO-3 (or any training) on 8+ GPUs goes to 8-GPU pods: NVLink inside a node, not the network.
         if gpus > 1 or (d.stage == "train" and gpus and d.count * gpus >= GPU_8.gpu):
             shape = GPU_8
         else:
             shape = GPU_1 if gpus else CPU
         if gpus > shape.gpu or cpus > shape.cpu:
+            hint = "lower it or split the model (tensor_parallel_size <= 8)" if gpus > shape.gpu else "lower it"
             problems.append(
-                f"{_field(spec, d.stage)}: one {d.stage} actor asks for {_fmt(d.per_actor)}, more than the largest "
-                f"pod ({shape.gpu} GPU, {shape.cpu} CPU); lower it or split the model (tensor_parallel_size <= 8)"
+                f"{_field(d.stage)}: one {d.stage} actor asks for {_fmt(d.per_actor)}, more than the largest "
+                f"pod ({shape.gpu} GPU, {shape.cpu} CPU); {hint}"
             )
             continue
         per_pod = min(shape.gpu // gpus if gpus else math.inf, shape.cpu // cpus if cpus else math.inf)
@@ -137,7 +143,7 @@ def plan_groups(spec: JobSpec, source: str = "<spec>") -> list[WorkerGroup]:
     return [g for g in groups.values() if g.max_replicas > 0]
 
 
-def _field(spec: JobSpec, stage: str) -> str:
+def _field(stage: str) -> str:
     return {"generate": "generate.resources", "score": "score.reward.resources", "train": "train.backend"}.get(
         stage, stage
     )

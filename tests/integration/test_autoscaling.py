@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ def test_generate_adds_worker_nodes_and_releases_them(tmp_path):
                              capture_output=True, text=True, timeout=900)  # fmt: skip
     finally:
         stop_processes([temp_dir])  # whatever the scenario left if it failed or timed out
+        shutil.rmtree(temp_dir, ignore_errors=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads(res.stdout.strip().splitlines()[-1])
     # every train prompt got its 2 policy samples: the stage ran to the end

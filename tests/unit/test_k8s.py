@@ -84,6 +84,18 @@ def test_an_actor_larger_than_any_pod_is_refused():
     ]
 
 
+def test_custom_resources_and_oversized_cpu_actors_are_refused():
+    with pytest.raises(SpecError) as err:
+        job("demo.yaml", "generate.resources={CPU: 1, engine: 1}", "train.backend.num_workers=1",
+            "score.reward={type: model, model: builtin:tiny-reward, resources: {CPU: 12}}")  # fmt: skip
+    assert err.value.problems == [
+        "generate.resources: no worker group offers the custom resource(s) ['engine']; on Kubernetes ask for "
+        "CPU/GPU only",
+        "score.reward.resources: one score actor asks for {CPU: 12}, more than the largest pod (0 GPU, 8 CPU); "
+        "lower it",
+    ]
+
+
 def test_every_group_starts_at_zero_and_the_head_runs_no_tasks():
     r = job("dpo-zero3-8b.yaml")
     cluster = rayjob(r)["spec"]["rayClusterSpec"]
