@@ -12,6 +12,7 @@ The pairs come from the real pipeline (transformers engine, function reward). Tr
 All three must end on the same weights.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -73,8 +74,13 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if list((run / "train-ray").glob("*/checkpoint_*")):
-            return
+        # Registered, not merely being written: Ray Train lists a checkpoint in its snapshot once it is whole.
+        for snapshot in (run / "train-ray").glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    return
+            except (OSError, ValueError):
+                pass  # being written
         if proc.poll() is not None:
             pytest.fail(f"training ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}")
         time.sleep(0.05)
@@ -98,8 +104,6 @@ def marked_processes(marker: str, title: str) -> list[int]:
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    import json
-
     checkpoint = json.loads((run / "train" / "manifest.json").read_text())["stats"]["checkpoint"]
     return _read_weights(Path(checkpoint) / "model")
 
