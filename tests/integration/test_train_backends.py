@@ -110,14 +110,15 @@ def test_reward_model_scoring(ray_session, tmp_path):
     import ray
 
     from alignlib.score import score
-    from alignlib.spec import ModelRewardSpec
+    from alignlib.spec import ModelRewardSpec, ScoreSpec
 
     rows = [
         {**{k: v for k, v in r.items() if k in S.PROMPT_COLUMNS}, S.REFERENCE: r[S.CHOSEN], S.SOURCE: f"t:{i}",
          S.COMPLETION: text, S.GENERATOR: "policy", S.SAMPLE_INDEX: 0, S.SEED: i, S.FINISH_REASON: "stop", S.NUM_TOKENS: 1}
         for i, r in enumerate(pairs_rows(6)) for text in (r[S.CHOSEN], "a much longer answer")
     ]  # fmt: skip
-    reward = ModelRewardSpec(type="model", model="builtin:tiny-reward", resources={"CPU": 1}, batch_size=4)
+    reward = ScoreSpec(reward=ModelRewardSpec(type="model", model="builtin:tiny-reward", resources={"CPU": 1},
+                                              batch_size=4))  # fmt: skip
     for attempt in ("first", "second"):
         score(ray.data.from_items(rows), reward).write_parquet(str(tmp_path / attempt))
     first = pads.dataset(str(tmp_path / "first")).to_table().sort_by(S.SEED).to_pylist()
