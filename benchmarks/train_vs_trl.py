@@ -379,18 +379,12 @@ def start_ray(workdir: Path) -> Path:
                 "ALIGNLIB_BENCH_PROBE_DIR": str(probe_dir), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     if os.environ.get("PYTHONPATH"):  # a worktree's alignlib in the workers too
         env_vars["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    for attempt in range(3):  # a raylet gets 30 s to register; on a busy machine that can run out
-        try:
-            ray.init(
-                address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                runtime_env={"env_vars": env_vars, "worker_process_setup_hook": _ray_worker_probe},
-            )  # fmt: skip
-            break
-        except Exception as error:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-            print(f"[bench] ray.init failed ({error}); retrying", flush=True)
+    from alignlib.pipeline import init_ray
+
+    init_ray(
+        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+        runtime_env={"env_vars": env_vars, "worker_process_setup_hook": _ray_worker_probe},
+    )  # fmt: skip
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     return probe_dir
 
