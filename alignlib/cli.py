@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("schema", help="print the job spec's JSON schema")
     export = job_command("export-pairs", "write the pairs as prompt/chosen/rejected chat JSONL (TRL, Axolotl)")
     export.add_argument("--out", required=True, help="JSONL file to write")
+    from alignlib import k8s
+
+    k8s.add_arguments(job_command("k8s", "print the KubeRay RayJob (+ ConfigMap, NetworkPolicy) that runs this job"))
     return parser
 
 
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0
+    if args.command == "k8s":
+        from alignlib.k8s import command
+
+        return command(args)
     spec_path = _demo_spec() if args.command == "demo" else Path(args.spec)
     try:
         spec = load_spec(spec_path, args.overrides)

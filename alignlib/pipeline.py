@@ -42,12 +42,28 @@ def log(message: str) -> None:
     print(f"[alignlib] {message}", flush=True)
 
 
+def init_ray(**kwargs) -> None:
+    """`ray.init(**kwargs)`, tried up to three times: a local start on a busy machine can miss Ray's fixed
+    30 s window for the raylet to register, with nothing else wrong."""
+    import ray
+
+    for attempt in range(1, 4):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:
+            if "timed out during startup" not in str(err) or attempt == 3:
+                raise
+            log(f"Ray's local start timed out (busy machine?); trying again ({attempt + 1}/3)")
+            ray.shutdown()
+
+
 def ensure_ray() -> None:
     """Attach to the cluster named by RAY_ADDRESS (`ray job submit` sets it) or start a local one."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        init_ray(log_to_driver=True)
     # Let a stage's own error (a reward that failed on file:line) reach the user, not Ray Data's
     # generic "UDF failed to process a data block" wrapper.
     ray.data.DataContext.get_current().raise_original_map_exception = True

@@ -555,7 +555,8 @@ def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
     raise SpecError(source, list(dict.fromkeys(problems)))
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+def load_raw(path: str | Path) -> Any:
+    """The YAML document of a spec file, unvalidated (SpecError if unreadable)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -565,7 +566,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise SpecError(str(path), [f"{where}invalid YAML: {getattr(err, 'problem', err)}"]) from None
-    raw = apply_overrides(raw if raw is not None else {}, overrides or [])
+    return raw if raw is not None else {}
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    raw = apply_overrides(load_raw(path), overrides or [])
     return parse_spec(raw, str(path))
 
 

@@ -44,8 +44,8 @@ shift
 case "$cmd" in
   start)
     need_ray
-    # Jobs run `alignlib` from the PATH of these Ray processes; put the venv
-    # that holds this ray (and alignlib) first so RAY=.venv/bin/ray just works.
+    # Jobs run `python -m alignlib` from the PATH of these Ray processes; put the
+    # venv that holds this ray (and alignlib) first so RAY=.venv/bin/ray just works.
     PATH="$(dirname "$(command -v "$RAY")"):$PATH"
     export PATH
     # Dashboard bound to loopback only: the job API runs arbitrary commands.
@@ -78,7 +78,7 @@ case "$cmd" in
     # past runs/ and .git out of the upload, which is size-limited.
     "$RAY" job submit --address "$ADDRESS" --working-dir "$ROOT" \
       --runtime-env-json '{"excludes": [".venv/", "runs/", ".git/"]}' \
-      -- alignlib run "$job" "${overrides[@]}"
+      -- python -m alignlib run "$job" "${overrides[@]}"
     ;;
   stop)
     need_ray

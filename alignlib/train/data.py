@@ -144,21 +144,29 @@ def step_batches(
 
 def collate(examples: list[dict[str, Any]], pad_id: int, paired: bool):
     """-> input_ids, attention_mask, labels, each (B, T) or (2B, T) with chosen rows then rejected rows."""
+    import numpy as np
     import torch
 
-    sequences = [(list(e[PROMPT_IDS]), list(e[CHOSEN_IDS])) for e in examples]
+    # Filled in NumPy and handed to torch once: per-row torch.tensor() and tensor slicing cost ~10x more
+    # on small batches (ids may be lists or the NumPy arrays Ray Data's iter_rows yields).
+    sequences = [(e[PROMPT_IDS], e[CHOSEN_IDS]) for e in examples]
     if paired:
-        sequences += [(list(e[PROMPT_IDS]), list(e[REJECTED_IDS])) for e in examples]
+        sequences += [(e[PROMPT_IDS], e[REJECTED_IDS]) for e in examples]
     width = max(len(p) + len(c) for p, c in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    input_ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    labels = np.full((len(sequences), width), IGNORE_INDEX, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
     for i, (p, c) in enumerate(sequences):
-        n = len(p) + len(c)
-        input_ids[i, :n] = torch.tensor(p + c)
-        labels[i, len(p) : n] = torch.tensor(c)
+        start, n = len(p), len(p) + len(c)
+        input_ids[i, :start] = p
+        input_ids[i, start:n] = c
+        labels[i, start:n] = c
         mask[i, :n] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(mask),
+        "labels": torch.from_numpy(labels),
+    }
     if paired and all(name in examples[0] for name in REF_COLUMNS):
         batch["ref_logps"] = torch.tensor(
             [e[S.REF_CHOSEN_LOGPS] for e in examples] + [e[S.REF_REJECTED_LOGPS] for e in examples],

@@ -28,7 +28,8 @@ def _loss_kwargs(loss, knobs: dict) -> dict:
     return {k: v for k, v in knobs.items() if k in accepted}
 
 
-def _policy_logps(model, batch, average: bool):
+def model_logps(model, batch, average: bool):
+    """Sequence log-probs of every row of a collated batch under `model` (see `losses.sequence_logps`)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return sequence_logps(logits, batch["labels"], average=average)
 
@@ -39,14 +40,14 @@ def _reference_logps(backend, reference, batch, average: bool):
         return ref / label_counts(batch["labels"]).clamp(min=1) if average else ref
     with torch.no_grad():
         if reference is not None:
-            return _policy_logps(reference, batch, average)
+            return model_logps(reference, batch, average)
         with backend.unwrapped.disable_adapter():
-            return _policy_logps(backend.unwrapped, batch, average)
+            return model_logps(backend.unwrapped, batch, average)
 
 
 def _forward_loss(loss, knobs: dict, backend, reference, batch, n: int):
     """Policy (and reference) log-probs of one micro-batch -> the loss's per-example output."""
-    logps = _policy_logps(backend.model, batch, loss.average_logps)
+    logps = model_logps(backend.model, batch, loss.average_logps)
     args = {"policy_chosen_logps": logps[:n]}
     if loss.paired:
         args["policy_rejected_logps"] = logps[n:]
@@ -134,12 +135,13 @@ def train_loop(config: dict) -> None:
                              seed=(spec.seed * 1_000_003 + epoch) * 1009 + rank)  # fmt: skip
         for micro_batches in steps:
             for examples in micro_batches:
-                batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id, loss.paired).items()}
+                batch = collate(examples, tokenizer.pad_token_id, loss.paired)
+                tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
+                padded += batch["attention_mask"].numel()
+                batch = {k: v.to(device) for k, v in batch.items()}
                 out = _forward_loss(loss, knobs, backend, reference, batch, len(examples))
                 backend.backward(out.losses.mean())
                 count += len(examples)
-                tokens += int(batch["attention_mask"].sum())
-                padded += batch["attention_mask"].numel()
                 for name, value in {"loss": out.losses.detach(), **out.metrics}.items():
                     totals[name] = totals.get(name, 0.0) + float(value.float().sum())
                 stepped = backend.step()

@@ -38,8 +38,8 @@ class ReferenceLogps:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from alignlib.losses import sequence_logps
         from alignlib.train.data import collate, encode_rows, example_length
+        from alignlib.train.loop import model_logps
 
         examples = encode_rows(
             self.tokenizer, batch.to_pylist(), True, self.train.max_length, self.train.max_prompt_length
@@ -52,8 +52,7 @@ class ReferenceLogps:
                 index = order[start : start + MICRO_BATCH]
                 tensors = collate([examples[i] for i in index], self.tokenizer.pad_token_id, paired=True)
                 tensors = {k: v.to(self.device) for k, v in tensors.items()}
-                logits = self.model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
-                logps = sequence_logps(logits, tensors["labels"]).tolist()
+                logps = model_logps(self.model, tensors, average=False).tolist()
                 for k, i in enumerate(index):
                     chosen[i], rejected[i] = logps[k], logps[len(index) + k]
         batch = batch.append_column(S.REF_CHOSEN_LOGPS, pa.array(chosen, pa.float64()))

@@ -12,6 +12,7 @@ The pairs come from the real pipeline (transformers engine, function reward). Tr
 All three must end on the same weights.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDES = [
-    "generate.engine=transformers", "data.limit=100", "eval.enabled=false", "train.epochs=3",
+    "generate.engine=transformers", "data.limit=100", "eval.enabled=false", "train.epochs=6",
     "train.batch_size=2", "train.log_every=5", "train.backend.num_workers=1", "train.max_failures=1",
 ]  # fmt: skip
 UPSTREAM = ["prompts", "generate", "score", "pairs"]
@@ -64,17 +65,22 @@ def start_training(run: Path, marker: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
     return out
 
 
-def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if list((run / "train-ray").glob("*/checkpoint_*")):
-            return
+        # Registered, not merely being written: Ray Train lists a checkpoint in its snapshot once it is whole.
+        for snapshot in (run / "train-ray").glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    return
+            except (OSError, ValueError):
+                pass  # being written
         if proc.poll() is not None:
             pytest.fail(f"training ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}")
         time.sleep(0.05)
@@ -98,8 +104,6 @@ def marked_processes(marker: str, title: str) -> list[int]:
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    import json
-
     checkpoint = json.loads((run / "train" / "manifest.json").read_text())["stats"]["checkpoint"]
     return _read_weights(Path(checkpoint) / "model")
 

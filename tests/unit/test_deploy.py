@@ -30,6 +30,7 @@ REQUIRED_FILES = [
     "k8s/kustomization.yaml",
     "k8s/base/kustomization.yaml",
     "k8s/base/pvc.yaml",
+    "k8s/base/networkpolicy.yaml",
     "k8s/base/raycluster.yaml",
     "k8s/base/rayjob.yaml",
     "k8s/overlays/dpo-zero3-8b/kustomization.yaml",
@@ -65,10 +66,14 @@ def only(objs: list[dict], kind: str) -> dict:
     return found[0]
 
 
-def gpu_group(raycluster: dict) -> dict:
-    groups = [g for g in raycluster["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu-workers"]
-    assert len(groups) == 1, "RayCluster needs exactly one worker group named gpu-workers"
+def group(raycluster: dict, name: str) -> dict:
+    groups = [g for g in raycluster["spec"]["workerGroupSpecs"] if g["groupName"] == name]
+    assert len(groups) == 1, f"RayCluster needs exactly one worker group named {name}"
     return groups[0]
+
+
+def gpu_group(raycluster: dict) -> dict:
+    return group(raycluster, "gpu-1")
 
 
 def containers(group: dict) -> list[dict]:
@@ -171,24 +176,37 @@ def test_kuberay_objects_use_ray_io_v1():
 # -------------------------------------------------------------- RayCluster
 
 
-def test_gpu_workers_scale_from_zero_and_request_gpus():
-    group = gpu_group(only(base_manifests(), "RayCluster"))
-    assert group["minReplicas"] == 0, "idle GPU nodes must be released: minReplicas 0"
-    assert group.get("replicas", 0) == 0, "no GPU pod should start before a job asks for one"
-    assert group["maxReplicas"] >= 1, "maxReplicas 0 means no GPU can ever start"
-    for c in containers(group):
+@pytest.mark.parametrize("name,gpus", [("cpu", 0), ("gpu-1", 1), ("gpu-8", 8)])
+def test_worker_groups_scale_from_zero_with_their_gpus(name, gpus):
+    g = group(only(base_manifests(), "RayCluster"), name)
+    assert g["minReplicas"] == 0, "idle nodes must be released: minReplicas 0"
+    assert g.get("replicas", 0) == 0, "no worker pod should start before a job asks for one"
+    assert g["maxReplicas"] >= 1, "maxReplicas 0 means the group can never start"
+    assert g["idleTimeoutSeconds"] > 0
+    for c in containers(g):
         limits = c["resources"]["limits"]
         requests = c["resources"].get("requests", limits)
-        assert int(limits.get(GPU, 0)) >= 1, f"{c['name']} must set {GPU} limits"
-        assert int(requests.get(GPU, 0)) == int(limits[GPU]), f"{c['name']}: GPU requests must equal limits"
+        assert int(limits.get(GPU, 0)) == gpus, f"{name}/{c['name']} must have {gpus} x {GPU}"
+        assert int(requests.get(GPU, 0)) == gpus, f"{name}/{c['name']}: GPU requests must equal limits"
 
 
 def test_autoscaling_is_enabled():
     spec = only(base_manifests(), "RayCluster")["spec"]
     assert spec.get("enableInTreeAutoscaling") is True, "without the autoscaler GPU workers stay at 0"
     opts = spec["autoscalerOptions"]
+    assert opts["version"] == "v2", "per-group idle timeouts need autoscaler v2"
     assert opts["upscalingMode"] in ("Default", "Aggressive", "Conservative")
     assert opts["idleTimeoutSeconds"] > 0
+
+
+def test_every_worker_has_a_memory_backed_dev_shm():
+    spec = only(base_manifests(), "RayCluster")["spec"]
+    for g in spec["workerGroupSpecs"]:
+        pod = g["template"]["spec"]
+        shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+        assert len(shm) == 1 and shm[0]["emptyDir"]["sizeLimit"], f"{g['groupName']}: /dev/shm must be a sized tmpfs"
+        for c in pod["containers"]:
+            assert {"name": shm[0]["name"], "mountPath": "/dev/shm"} in c["volumeMounts"], g["groupName"]
 
 
 def test_head_has_no_gpu():
@@ -228,7 +246,8 @@ def test_ray_version_matches_image_and_constraints():
     assert c and (ROOT / c.group(1)).is_file(), "the Dockerfile's pip constraints file is missing"
     pins = (ROOT / c.group(1)).read_text()
     assert f"ray=={ray_version}" in pins, "constraints must keep the image's ray version"
-    assert re.search(r"^torch==", pins, re.M), "constraints must pin torch"
+    for package in ("torch", "vllm", "deepspeed", "bitsandbytes"):
+        assert re.search(rf"^{package}==", pins, re.M), f"constraints must pin {package} (the image is built with them)"
 
 
 # ------------------------------------------------------------------ RayJob
@@ -257,7 +276,8 @@ def test_rayjob_working_dir_is_the_image_workdir():
 def test_rayjob_entrypoint_names_an_existing_job_spec(variant):
     objs = base_manifests() if variant == "base" else overlay_manifests()
     argv = shlex.split(only(objs, "RayJob")["spec"]["entrypoint"])
-    assert argv[:2] == ["alignlib", "run"], f"entrypoint should be 'alignlib run ...', got {argv}"
+    assert argv[:4] == ["python", "-m", "alignlib", "run"], f"entrypoint should be 'python -m alignlib run ...', got {argv}"
+    argv = argv[2:]
     spec = argv[2]
     assert re.fullmatch(r"jobs/[\w.-]+\.ya?ml", spec), f"entrypoint should name jobs/*.yaml, got {spec}"
     assert (ROOT / spec).is_file(), f"RayJob ({variant}) runs {spec}, which is not in the repo"
@@ -272,6 +292,7 @@ def test_overlay_runs_dpo_on_eight_gpus():
     assert job["metadata"]["name"] != only(base, "RayJob")["metadata"]["name"], "overlay would replace the base job"
     assert gpu_group(only(over, "RayCluster"))["maxReplicas"] == 8
     assert gpu_group(only(over, "RayCluster"))["minReplicas"] == 0
+    assert group(only(over, "RayCluster"), "gpu-8")["maxReplicas"] == 1, "ZeRO-3 on 8 GPUs needs one 8-GPU pod"
 
 
 # ------------------------------------------------------------- kustomize
@@ -316,10 +337,11 @@ def test_aws_cluster_has_cpu_head_and_autoscaling_gpu_workers():
     cfg = load_docs(CLUSTER / "aws-gpu.yaml")[0]
     types = cfg["available_node_types"]
     head = types[cfg["head_node_type"]]
-    assert head["resources"].get("GPU", 0) == 0, "the head node must not be a GPU node"
-    workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
-    gpu = [t for t in workers if t["resources"].get("GPU", 0) >= 1]
-    assert gpu and all(t.get("min_workers", 0) == 0 for t in gpu), "GPU workers must scale from 0"
+    assert head["resources"].get("GPU", 0) == 0 and head["resources"].get("CPU") == 0, "the head runs no tasks"
+    workers = {name: t for name, t in types.items() if name != cfg["head_node_type"]}
+    assert all(t.get("min_workers", 0) == 0 and t["max_workers"] >= 1 for t in workers.values()), "scale from 0"
+    # the same shapes as the KubeRay worker groups: CPU, 1 GPU, 8 GPUs
+    assert sorted(t["resources"].get("GPU", 0) for t in workers.values()) == [0, 1, 8]
     assert image_name(cfg["docker"]["image"]).endswith("/alignlib")
     assert any(SHARED in opt for opt in cfg["docker"]["run_options"]), f"containers must see {SHARED}"
 
@@ -382,9 +404,9 @@ def test_local_sh_submit_ships_repo_and_runs_alignlib(fake_repo):
     excludes = argv[argv.index("--runtime-env-json") + 1]
     assert ".venv" in excludes and "runs/" in excludes
     entry = argv[argv.index("--") + 1 :]
-    assert entry[:4] == ["alignlib", "run", "jobs/demo.yaml", "seed=3"]
+    assert entry[:6] == ["python", "-m", "alignlib", "run", "jobs/demo.yaml", "seed=3"]
     # a relative output_dir would vanish into Ray's copy of the repo
-    assert entry[4:] == [f"output_dir={repo}/runs/demo"]
+    assert entry[6:] == [f"output_dir={repo}/runs/demo"]
 
 
 @needs_bash
