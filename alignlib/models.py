@@ -186,12 +186,62 @@ def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     With a chat template the rendered text already carries any BOS the template wants, so no
     special tokens are added; without one, a single user turn is used as raw text (base models).
     """
+    text, special = _render(tokenizer, messages)
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def prompt_lengths(tokenizer, chats: list[list[dict[str, str]]]) -> list[int | None]:
+    """len(encode_prompt(tokenizer, chat)) for each chat, tokenized as one batch; None where the chat cannot
+    be rendered (several turns and no chat template)."""
+    rendered = []
+    for chat in chats:
+        try:
+            rendered.append(_render(tokenizer, chat))
+        except ValueError:
+            rendered.append(None)
+    lengths: list[int | None] = [None] * len(chats)
+    for special in (False, True):  # a batch shares add_special_tokens
+        index = [i for i, r in enumerate(rendered) if r is not None and r[1] == special]
+        if index:
+            ids = tokenizer([rendered[i][0] for i in index], add_special_tokens=special)["input_ids"]
+            for i, row in zip(index, ids, strict=True):
+                lengths[i] = len(row)
+    return lengths
+
+
+def _render(tokenizer, messages: list[dict[str, str]]) -> tuple[str, bool]:
+    """(prompt text, whether the tokenizer adds its special tokens), as every engine renders a prompt."""
     if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
     if len(messages) == 1 and messages[0]["role"] == "user":
-        return tokenizer(messages[0]["content"])["input_ids"]
+        return messages[0]["content"], True
     raise ValueError("this model has no chat template, so multi-turn prompts cannot be rendered; set chat_template")
+
+
+# Config keys that bound a model's positions; vLLM derives max_model_len as the smallest one present.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
+                "max_seq_length", "seq_len")  # fmt: skip
+
+
+def context_length(source: str) -> int | None:
+    """The tokens (prompt + completion) a model attends over, from its config; None if the config names none.
+
+    RoPE scaling (linear, dynamic, YaRN) stretches the window by its factor, as vLLM counts it; llama3 and
+    longrope configs already state the stretched length.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(source))
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    lengths = [v for k in CONTEXT_KEYS if isinstance(v := getattr(config, k, None), int) and v > 0]
+    if not lengths:
+        return None
+    length = min(lengths)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if kind in ("linear", "dynamic", "yarn") and isinstance(rope.get("factor"), (int, float)):
+        length = int((rope.get("original_max_position_embeddings") or length) * rope["factor"])
+    return length
 
 
 def encode_completion(tokenizer, text: str) -> list[int]:

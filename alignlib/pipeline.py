@@ -138,15 +138,36 @@ def _brief(manifest: dict[str, Any]) -> str:
 
 
 def run_prompts(p: Pipeline, out: StageWriter) -> dict[str, Any]:
-    from alignlib.prompts import read_data, split, to_table
+    import shutil
 
-    rows, preferences, counts = read_data(p.spec.data)
-    train, held_out = split(rows, p.spec.data.eval_fraction, p.spec.seed)
+    from alignlib.prompts import all_rejected, load_data, split, to_table
+
+    data = p.spec.data
+    fits = None
+    if data.kind == "prompts":  # these prompts go to generation: each must fit the models' context
+        from alignlib.context import ContextCheck
+
+        fits = ContextCheck(p.spec)
+    # Where the rejected rows of a run that kept none go: the stage itself is not committed then.
+    failed = p.store.root / "prompts.failed"
+    shutil.rmtree(failed, ignore_errors=True)
+    loaded = load_data(data, fits)
+    rejected = to_table(loaded.rejected, S.REJECTED_ROW_COLUMNS)
+    if not loaded.prompts:
+        write_table(rejected, failed / "rejected_rows")
+        raise all_rejected(data, loaded, failed / "rejected_rows")
+    train, held_out = split(loaded.prompts, data.eval_fraction, p.spec.seed)
     write_table(to_table(train), out.table("train"))
     write_table(to_table(held_out), out.table("eval"))
-    if p.spec.data.kind == "preferences":
-        write_table(to_table(preferences, S.PREFERENCE_COLUMNS), out.table("preferences"))
-    return {"prompts": len(rows), **counts}
+    if data.kind == "preferences":
+        write_table(to_table(loaded.preferences, S.PREFERENCE_COLUMNS), out.table("preferences"))
+    counts = loaded.counts(data)
+    if data.on_bad_rows == "reject":
+        write_table(rejected, out.table("rejected_rows"))
+        if loaded.rejected:
+            log(f"prompts: {len(loaded.rejected)} bad row(s) set aside {counts['rejected']} -> "
+                f"{p.store.path('prompts') / 'rejected_rows'}")  # fmt: skip
+    return {"prompts": len(loaded.prompts), **counts}
 
 
 def _sampling(spec: JobSpec, temperature: float | None = None):

@@ -13,15 +13,22 @@ chat, so the same prompt gets the same id in every run and file) and `source` na
 and line it came from. A stable hash of (seed, prompt_id) picks the held-out eval prompts. With
 `data.kind: preferences` also `prompts/preferences` (PREFERENCE_COLUMNS), the pairs stage's input.
 
-Bad rows are errors naming the file, line and field; nothing is dropped silently: exact duplicate
-prompts are merged and counted in the manifest, a prompt given two different answers is an error.
+Bad rows are errors naming the file, line and field (`data.on_bad_rows: error`), or are set aside with
+a reason code into `prompts/rejected_rows` (`reject`) while the valid rows go on; nothing is dropped
+silently: exact duplicate prompts are merged and counted in the manifest, a prompt given two different
+answers is a bad row. Problems with the file itself (missing, empty, unreadable) always stop the job.
 """
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
 import hashlib
 import json
 import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +38,31 @@ import pyarrow.parquet as pq
 from alignlib import schema as S
 from alignlib.spec import DataSpec
 
+# Reason codes of a bad row, as `rejected_rows.reason` and the manifest's `rejected` counts name them.
+REASONS = (
+    "not_utf8", "invalid_json", "not_an_object", "missing_field", "null_field", "empty_prompt", "wrong_type",
+    "bad_chat", "not_finite", "ambiguous_reference", "conflicting_reference", "prompt_too_long", "no_chat_template",
+)  # fmt: skip
+RAW_CHARS = 2000  # of a rejected row's text kept in `rejected_rows.raw`
+BATCH = 1024  # rows whose prompts are tokenized together for the context check
+
 
 class DataError(ValueError):
-    pass
+    """Bad input data. A bad row carries `where` ("file:line" or "file#row"), `field` (None: the whole
+    line) and `reason` (one of REASONS); a problem with the file itself has no `where`."""
+
+    def __init__(self, message: str, *, where: str | None = None, field: str | None = None, reason: str = ""):
+        super().__init__(message if where is None else f"{where}: {message}")
+        self.where, self.field, self.reason, self.detail = where, field, reason, message
+
+
+def _bad(where: str, field: str | None, reason: str, message: str) -> DataError:
+    return DataError(message, where=where, field=field, reason=reason)
+
+
+def _kind_of(value: Any) -> str:
+    """null_field for a null, wrong_type for anything else that is not what a field needs."""
+    return "null_field" if value is None else "wrong_type"
 
 
 def prompt_id(messages: list[dict[str, str]]) -> str:
@@ -41,8 +70,12 @@ def prompt_id(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _iter_records(spec: DataSpec):
-    """Yield (where, record) with `where` as "file:line" (JSONL) or "file#row" (Parquet)."""
+Record = tuple[str, Any, "dict | DataError"]  # (where, raw text or record, record or the line's error)
+
+
+def _iter_records(spec: DataSpec) -> Iterator[Record]:
+    """Yield (where, raw, record) with `where` as "file:line" (JSONL) or "file#row" (Parquet); a line
+    that is not a JSON object comes as its DataError in place of the record."""
     path = Path(spec.path)
     if not path.exists():
         raise DataError(f"data.path: {path} does not exist")
@@ -51,29 +84,71 @@ def _iter_records(spec: DataSpec):
         fmt = "parquet" if path.is_dir() or path.suffix == ".parquet" else "jsonl"
         if fmt == "jsonl" and path.suffix not in (".jsonl", ".json", ".ndjson"):
             raise DataError(f"data.path: cannot tell the format of {path}; set data.format to jsonl or parquet")
-    if fmt == "parquet":
-        table = pq.read_table(path)
-        for i, record in enumerate(table.to_pylist()):
-            yield f"{path}#{i}", record
-        return
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    yield from (_parquet_records(path, spec) if fmt == "parquet" else _jsonl_records(path))
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
+    """Lines are read as bytes and decoded one by one, so bad UTF-8 names its line and byte offset."""
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, data in enumerate(f, start=1):
+            where, start = f"{path}:{lineno}", offset
+            offset += len(data)
+            if lineno == 1 and data.startswith(codecs.BOM_UTF8):
+                data, start = data[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raw = data.decode("utf-8", errors="backslashreplace")
+                yield where, raw, _bad(where, None, "not_utf8", f"not UTF-8: byte 0x{data[err.start]:02x} at "
+                                       f"column {err.start + 1} (byte {start + err.start} of the file)")  # fmt: skip
+                continue
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+                yield where, line, _bad(where, None, "invalid_json", f"invalid JSON: {err.msg} (column {err.colno})")
+                continue
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield f"{path}:{lineno}", record
+                yield where, line, _bad(where, None, "not_an_object",
+                                        f"expected a JSON object, got {type(record).__name__}")  # fmt: skip
+                continue
+            yield where, line, record
+
+
+def _parquet_records(path: Path, spec: DataSpec) -> Iterator[Record]:
+    import pyarrow.lib
+
+    try:
+        table = pq.read_table(path)
+    except (pyarrow.lib.ArrowException, OSError) as err:
+        raise DataError(f"data.path: {path} is not a readable Parquet file: {err}") from None
+    _require_columns(path, table.column_names, spec)
+    for i, record in enumerate(table.to_pylist()):
+        yield f"{path}#{i}", record, record
+
+
+def _require_columns(path: Path, columns: list[str], spec: DataSpec) -> None:
+    """A column every row needs is missing: one error naming the file and its columns, not one per row."""
+    has = set(columns)
+    needed = []
+    if spec.prompt_field not in has and not {spec.chosen_field, spec.rejected_field} <= has:
+        needed.append(("data.prompt_field", spec.prompt_field))
+    if spec.reference_field is not None:
+        needed.append(("data.reference_field", spec.reference_field))
+    if spec.kind == "preferences":
+        needed += [("data.chosen_field", spec.chosen_field), ("data.rejected_field", spec.rejected_field)]
+    missing = [f"{name} {column!r}" for name, column in needed if column not in has]
+    if missing:
+        raise DataError(f"{path}: no column for {', '.join(missing)}; the file's columns are {columns}")
 
 
 def _chat(value: list, where: str, field: str) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise DataError(f"{where}: {field}[{i}] must be an object with string 'role' and 'content'")
+            raise _bad(where, field, "bad_chat", f"{field}[{i}] must be an object with string 'role' and 'content'")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -83,7 +158,7 @@ def _prompt_and_answer(value: Any, where: str, field: str) -> tuple[list[dict[st
     `messages` column) is the prompt plus its answer; otherwise the answer is None."""
     if isinstance(value, str):
         if not value.strip():
-            raise DataError(f"{where}: field {field!r} is an empty string")
+            raise _bad(where, field, "empty_prompt", f"field {field!r} is an empty string")
         return [{"role": "user", "content": value}], None
     if isinstance(value, list) and value:
         chat = _chat(value, where, field)
@@ -91,9 +166,14 @@ def _prompt_and_answer(value: Any, where: str, field: str) -> tuple[list[dict[st
         if chat[-1]["role"] == "assistant":
             answer, chat = chat[-1]["content"], chat[:-1]
             if not chat or chat[-1]["role"] == "assistant":
-                raise DataError(f"{where}: {field} must hold prompt turns before its final assistant answer")
+                raise _bad(
+                    where, field, "bad_chat", f"{field} must hold prompt turns before its final assistant answer"
+                )
         return chat, answer
-    raise DataError(f"{where}: field {field!r} must be a non-empty string or chat list, got {type(value).__name__}")
+    reason = "empty_prompt" if value == [] else _kind_of(value)
+    raise _bad(
+        where, field, reason, f"field {field!r} must be a non-empty string or chat list, got {type(value).__name__}"
+    )
 
 
 def _answer(value: Any, prompt: list[dict[str, str]] | None, where: str, field: str) -> str:
@@ -102,13 +182,16 @@ def _answer(value: Any, prompt: list[dict[str, str]] | None, where: str, field: 
     if isinstance(value, str):
         return value
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: field {field!r} must be a string or a chat list, got {type(value).__name__}")
+        message = f"field {field!r} must be a string or a chat list, got {type(value).__name__}"
+        raise _bad(where, field, _kind_of(value), message)
     chat = _chat(value, where, field)
     if prompt is not None and chat[: len(prompt)] == prompt:
         chat = chat[len(prompt) :]
     if len(chat) != 1 or chat[0]["role"] != "assistant":
         roles = [m["role"] for m in chat]
-        raise DataError(f"{where}: field {field!r} must be one assistant turn after the prompt, got roles {roles}")
+        raise _bad(
+            where, field, "bad_chat", f"field {field!r} must be one assistant turn after the prompt, got roles {roles}"
+        )
     return chat[0]["content"]
 
 
@@ -119,16 +202,17 @@ def _implicit_prompt(record: dict, spec: DataSpec, where: str) -> list[dict[str,
         hint = ""
         if spec.kind == "prompts" and spec.chosen_field in record and spec.rejected_field in record:
             hint = "; for a preference set without a prompt field, chosen and rejected must be chat lists"
-        raise DataError(f"{where}: missing field {spec.prompt_field!r} (fields: {sorted(record)}){hint}")
+        raise _bad(where, spec.prompt_field, "missing_field",
+                   f"missing field {spec.prompt_field!r} (fields: {sorted(record)}){hint}")  # fmt: skip
     chosen, rejected = _chat(chosen, where, spec.chosen_field), _chat(rejected, where, spec.rejected_field)
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise DataError(
-            f"{where}: no field {spec.prompt_field!r}, and {spec.chosen_field!r} and {spec.rejected_field!r} "
-            "share no leading prompt turns"
-        )
+        raise _bad(
+            where, spec.prompt_field, "missing_field", f"no field {spec.prompt_field!r}, and {spec.chosen_field!r} "
+            f"and {spec.rejected_field!r} share no leading prompt turns",
+        )  # fmt: skip
     return chosen[:n]
 
 
@@ -136,13 +220,16 @@ def _reference(record: dict, spec: DataSpec, answer: str | None, where: str) -> 
     if spec.reference_field is None:
         return answer
     if answer is not None:
-        raise DataError(
-            f"{where}: {spec.prompt_field} ends with an assistant answer and data.reference_field is set too; "
-            "which one is the gold answer? (unset data.reference_field to use the chat's answer)"
-        )
+        raise _bad(
+            where, spec.reference_field, "ambiguous_reference", f"{spec.prompt_field} ends with an assistant answer "
+            "and data.reference_field is set too; which one is the gold answer? (unset data.reference_field to use "
+            "the chat's answer)",
+        )  # fmt: skip
     value = record.get(spec.reference_field)
     if value is None or isinstance(value, (dict, list)):
-        raise DataError(f"{where}: field {spec.reference_field!r} must be a string or number, got {value!r}")
+        reason = "missing_field" if spec.reference_field not in record else _kind_of(value)
+        raise _bad(where, spec.reference_field, reason,
+                   f"field {spec.reference_field!r} must be a string or number, got {value!r}")  # fmt: skip
     return str(value)
 
 
@@ -156,7 +243,8 @@ def _score(record: dict, field: str, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{where}: field {field!r} must be a finite number, got {value!r}")
+        reason = "not_finite" if isinstance(value, float) else "wrong_type"
+        raise _bad(where, field, reason, f"field {field!r} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -175,7 +263,8 @@ def _parse(record: dict, spec: DataSpec, where: str) -> tuple[dict[str, Any], di
         return prompt, None
     for field in (spec.chosen_field, spec.rejected_field):
         if field not in record:
-            raise DataError(f"{where}: missing field {field!r} of a preference set (fields: {sorted(record)})")
+            raise _bad(where, field, "missing_field",
+                       f"missing field {field!r} of a preference set (fields: {sorted(record)})")  # fmt: skip
     preference = {
         S.PROMPT_ID: pid, S.PROMPT: prompt[S.PROMPT], S.MESSAGES: messages,
         S.CHOSEN: _answer(record[spec.chosen_field], messages, where, spec.chosen_field),
@@ -186,41 +275,151 @@ def _parse(record: dict, spec: DataSpec, where: str) -> tuple[dict[str, Any], di
     return prompt, preference
 
 
+@dataclass
+class Loaded:
+    """What a data file gave: distinct prompts in file order, preference rows (kind `preferences`), the
+    rows set aside (REJECTED_ROW_COLUMNS, `data.on_bad_rows: reject`) and the counts for the manifest."""
+
+    prompts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    preferences: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rejected: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    duplicates: int = 0
+
+    def counts(self, spec: DataSpec) -> dict[str, Any]:
+        out: dict[str, Any] = {"duplicates_merged": self.duplicates}
+        if spec.kind == "preferences":
+            out["preference_rows"] = len(self.preferences)
+        if spec.on_bad_rows == "reject":
+            out["rejected_rows"] = len(self.rejected)
+            out["rejected"] = dict(sorted(Counter(r[S.REASON] for r in self.rejected).items()))
+        return out
+
+
 def read_prompts(spec: DataSpec) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """All distinct prompts in file order, plus counts of what was merged."""
     prompts, _, counts = read_data(spec)
     return prompts, counts
 
 
-def read_data(spec: DataSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+def read_data(spec: DataSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """(distinct prompts in file order, preference rows (kind `preferences`, else []), counts)."""
-    rows: dict[str, dict[str, Any]] = {}
-    preferences = []
-    duplicates = 0
-    for where, record in _iter_records(spec):
-        row, preference = _parse(record, spec, where)
-        pid = row[S.PROMPT_ID]
-        if pid in rows:
-            if rows[pid][S.REFERENCE] != row[S.REFERENCE]:
-                raise DataError(
-                    f"{where}: same prompt as {rows[pid][S.SOURCE]} but a different reference "
-                    f"({row[S.REFERENCE]!r} vs {rows[pid][S.REFERENCE]!r})"
-                )
-            if preference is not None:
-                preferences.append(preference)  # a prompt often has several pairs
-            duplicates += 1
-            continue
-        if spec.limit is not None and len(rows) >= spec.limit:
-            break
-        rows[pid] = row
-        if preference is not None:
-            preferences.append(preference)
-    if not rows:
+    loaded = load_data(spec)
+    if not loaded.prompts:
+        raise all_rejected(spec, loaded, None)
+    return loaded.prompts, loaded.preferences, loaded.counts(spec)
+
+
+Fit = Callable[[list[list[dict[str, str]]]], list[tuple[str, str] | None]]
+
+
+def load_data(spec: DataSpec, fits: Fit | None = None) -> Loaded:
+    """Read, parse, merge duplicates and set bad rows aside (or stop at the first, `on_bad_rows: error`).
+
+    `fits` (a `context.ContextCheck`) maps chats to None or (reason, message) for prompts no generating
+    model can take; it sees each distinct prompt once, BATCH at a time. Rows are handled in file order,
+    so in `error` mode the first bad row in the file is the one reported.
+    """
+    reader = _Reader(spec, fits)
+    batch: list[tuple[str, Any, Any]] = []
+    for where, raw, record in _iter_records(spec):
+        parsed = record if isinstance(record, DataError) else _try_parse(record, spec, where)
+        batch.append((where, raw, parsed))
+        if len(batch) == BATCH:
+            if reader.take(batch):
+                return reader.loaded
+            batch = []
+    reader.take(batch)
+    if not reader.loaded.prompts and not reader.loaded.rejected:
         raise DataError(f"data.path: {spec.path} holds no prompts")
-    counts = {"duplicates_merged": duplicates}
-    if spec.kind == "preferences":
-        counts["preference_rows"] = len(preferences)
-    return list(rows.values()), preferences, counts
+    return reader.loaded
+
+
+def _try_parse(record: dict, spec: DataSpec, where: str):
+    try:
+        return _parse(record, spec, where)
+    except DataError as err:
+        return err
+
+
+class _Reader:
+    """Merges parsed rows into a `Loaded`, in file order."""
+
+    def __init__(self, spec: DataSpec, fits: Fit | None):
+        self.spec, self.fits = spec, fits
+        self.loaded = Loaded()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.unfit: dict[str, tuple[str, str]] = {}  # prompt_id -> (reason, message)
+
+    def take(self, batch: list[tuple[str, Any, Any]]) -> bool:
+        """Add a batch of (where, raw, (prompt row, preference) or DataError); True once data.limit is reached."""
+        self._check_fit([p for _, _, p in batch if not isinstance(p, DataError)])
+        for where, raw, parsed in batch:
+            try:
+                if isinstance(parsed, DataError):
+                    raise parsed
+                if self._add(where, *parsed):
+                    return True
+            except DataError as err:
+                self._set_aside(err, raw)
+        return False
+
+    def _check_fit(self, parsed: list[tuple[dict, Any]]) -> None:
+        if self.fits is None:
+            return
+        new = {row[S.PROMPT_ID]: row[S.MESSAGES] for row, _ in parsed if row[S.PROMPT_ID] not in self.rows}
+        new = {pid: chat for pid, chat in new.items() if pid not in self.unfit}
+        for pid, problem in zip(new, self.fits(list(new.values())), strict=True):
+            if problem is not None:
+                self.unfit[pid] = problem
+
+    def _add(self, where: str, row: dict[str, Any], preference: dict[str, Any] | None) -> bool:
+        pid = row[S.PROMPT_ID]
+        if pid in self.unfit:
+            raise _bad(where, self.spec.prompt_field, *self.unfit[pid])
+        if pid in self.rows:
+            first = self.rows[pid]
+            if first[S.REFERENCE] != row[S.REFERENCE]:
+                raise _bad(
+                    where, self.spec.reference_field or self.spec.prompt_field, "conflicting_reference",
+                    f"same prompt as {first[S.SOURCE]} but a different reference "
+                    f"({row[S.REFERENCE]!r} vs {first[S.REFERENCE]!r})",
+                )  # fmt: skip
+            if preference is not None:
+                self.loaded.preferences.append(preference)  # a prompt often has several pairs
+            self.loaded.duplicates += 1
+            return False
+        if self.spec.limit is not None and len(self.rows) >= self.spec.limit:
+            return True
+        self.rows[pid] = row
+        self.loaded.prompts.append(row)
+        if preference is not None:
+            self.loaded.preferences.append(preference)
+        return False
+
+    def _set_aside(self, err: DataError, raw: Any) -> None:
+        if self.spec.on_bad_rows == "error":
+            raise DataError(
+                f"{err.detail} (data.on_bad_rows: reject would set such rows aside)",
+                where=err.where, field=err.field, reason=err.reason,
+            )  # fmt: skip
+        text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
+        text = text.rstrip("\r\n")
+        if len(text) > RAW_CHARS:
+            text = f"{text[:RAW_CHARS]}... ({len(text) - RAW_CHARS} more characters)"
+        self.loaded.rejected.append(
+            {S.SOURCE: err.where, S.FIELD: err.field, S.REASON: err.reason, S.MESSAGE: str(err), S.RAW: text}
+        )
+
+
+def all_rejected(spec: DataSpec, loaded: Loaded, table: Path | None) -> DataError:
+    """The error when no row was valid: every row was set aside (where to see them), or the file held none."""
+    if not loaded.rejected:
+        return DataError(f"data.path: {spec.path} holds no prompts")
+    reasons = dict(Counter(r[S.REASON] for r in loaded.rejected))
+    where = f"; see {table}" if table is not None else ""
+    return DataError(
+        f"data.path: every row of {spec.path} was rejected ({len(loaded.rejected)} rows: {reasons}){where}"
+    )
 
 
 def split(rows: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -13,6 +13,16 @@ def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
     for stage, manifest in manifests.items():
         tables = ", ".join(f"{name} {rows} rows" for name, rows in manifest["tables"].items()) or "model"
         print(f"  {stage:<9} {store.path(stage)}  {tables}")
+    prompts = manifests.get("prompts")
+    if prompts:
+        stats = prompts["stats"]
+        line = f"  prompts: {stats.get('prompts')} distinct, {stats.get('duplicates_merged', 0)} duplicate(s) merged"
+        if "rejected_rows" in stats:
+            rejected = stats["rejected_rows"]
+            line += f"; {rejected} bad row(s) rejected {stats['rejected']}" if rejected else "; no bad rows"
+            if rejected:
+                line += f" -> {store.path('prompts') / 'rejected_rows'}"
+        print(line)
     pairs = manifests.get("pairs")
     if pairs:
         stats = pairs["stats"]

@@ -57,6 +57,10 @@ REF_PAIR_COLUMNS = PAIR_COLUMNS + [REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS]
 SFT_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, COMPLETION, REWARD]
 # An imported preference set (data.kind: preferences), as the prompts stage stores it.
 PREFERENCE_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, CHOSEN, REJECTED, CHOSEN_REWARD, REJECTED_REWARD, SOURCE]
+# Input rows the prompts stage set aside (data.on_bad_rows: reject): where, which field, a reason code
+# (prompts.REASONS), the human message, and the row as read (truncated).
+FIELD, REASON, MESSAGE, RAW = "field", "reason", "message", "raw"
+REJECTED_ROW_COLUMNS = [SOURCE, FIELD, REASON, MESSAGE, RAW]
 # The conversational preference layout of TRL and the alignment-handbook (optional scores as in UltraFeedback).
 TRL_PROMPT, TRL_CHOSEN, TRL_REJECTED = "prompt", "chosen", "rejected"
 TRL_SCORE_CHOSEN, TRL_SCORE_REJECTED = "score_chosen", "score_rejected"
@@ -70,7 +74,8 @@ _TYPES = {
     REWARD_SOURCE: pa.string(), CHOSEN: pa.string(), REJECTED: pa.string(), CHOSEN_REWARD: pa.float64(),
     REJECTED_REWARD: pa.float64(), MARGIN: pa.float64(), STRATEGY: pa.string(),
     CHOSEN_GENERATOR: pa.string(), REJECTED_GENERATOR: pa.string(), REF_CHOSEN_LOGPS: pa.float64(),
-    REF_REJECTED_LOGPS: pa.float64(),
+    REF_REJECTED_LOGPS: pa.float64(), FIELD: pa.string(), REASON: pa.string(), MESSAGE: pa.string(),
+    RAW: pa.string(),
 }  # fmt: skip
 
 

@@ -63,6 +63,15 @@ class DataSpec(_Spec):
         0.1, ge=0.0, lt=1.0, description="Share of prompts held out for the eval stage (chosen by a stable hash)."
     )
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts of the file (for smoke runs).")
+    on_bad_rows: Literal["error", "reject"] = Field(
+        "error",
+        description="What a bad row does: invalid JSON or UTF-8, a missing, null, empty or wrongly typed field, a "
+        "second, different answer to a prompt, or (data.kind prompts) a prompt that with generate.max_new_tokens "
+        "does not fit the context of a model that generates from it. `error`: the first one stops the job, naming "
+        "its file, line or row, and field. `reject`: bad rows are set aside into `prompts/rejected_rows` (source, "
+        "field, reason, message, raw), counted by reason in the manifest and the summary, and the valid rows go "
+        "on. A problem with the file itself (missing, empty, unreadable, a missing Parquet column) always stops.",
+    )
 
 
 class ModelSpec(_Spec):
@@ -578,7 +587,7 @@ def stage_sections(spec: JobSpec) -> dict[str, dict[str, Any]]:
     """The parts of the spec each stage depends on; a change there invalidates the stage's output."""
     dump = spec.model_dump(mode="json")
     return {
-        "prompts": {"data": dump["data"], "seed": spec.seed},
+        "prompts": {"data": dump["data"], "seed": spec.seed, "context": _context_settings(spec)},
         "generate": {"policy": dump["policy"], "generate": dump["generate"], "seed": spec.seed},
         "score": {"score": dump["score"]},
         "pairs": {"pairs": dump["pairs"], "seed": spec.seed},
@@ -591,6 +600,19 @@ def stage_sections(spec: JobSpec) -> dict[str, dict[str, Any]]:
             "score": dump["score"],
             "seed": spec.seed,
         },
+    }
+
+
+def _context_settings(spec: JobSpec) -> dict[str, Any] | None:
+    """What the prompts stage's context-length check reads (see `alignlib.context`): changing it reruns the stage."""
+    if spec.data.kind != "prompts":
+        return None
+    g = spec.generate
+    models = [spec.policy] + ([g.weak_model] if g.weak_model is not None else [])
+    return {
+        "models": [[m.model, m.chat_template] for m in models],
+        "max_new_tokens": g.max_new_tokens,
+        "max_model_len": g.engine_kwargs.get("max_model_len") if g.engine == "vllm" else None,
     }
 
 
