@@ -375,14 +375,15 @@ class _Reader:
     def _add(self, where: str, row: dict[str, Any], preference: dict[str, Any] | None) -> bool:
         pid = row[S.PROMPT_ID]
         if pid in self.unfit:
-            raise _bad(where, self.spec.prompt_field, *self.unfit[pid])
+            reason, message = self.unfit[pid]
+            raise _bad(where, self.spec.prompt_field, reason, f"field {self.spec.prompt_field!r}: {message}")
         if pid in self.rows:
             first = self.rows[pid]
             if first[S.REFERENCE] != row[S.REFERENCE]:
+                field = self.spec.reference_field or self.spec.prompt_field
                 raise _bad(
-                    where, self.spec.reference_field or self.spec.prompt_field, "conflicting_reference",
-                    f"same prompt as {first[S.SOURCE]} but a different reference "
-                    f"({row[S.REFERENCE]!r} vs {first[S.REFERENCE]!r})",
+                    where, field, "conflicting_reference", f"same prompt as {first[S.SOURCE]} but a different "
+                    f"reference (field {field!r}: {row[S.REFERENCE]!r} vs {first[S.REFERENCE]!r})",
                 )  # fmt: skip
             if preference is not None:
                 self.loaded.preferences.append(preference)  # a prompt often has several pairs
