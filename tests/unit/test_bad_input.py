@@ -299,6 +299,23 @@ def test_prompt_lengths_are_the_lengths_generation_encodes(model_cache):
     assert prompt_lengths(bare, chats) == [len(encode_prompt(bare, chats[0])), None, len(encode_prompt(bare, chats[2]))]
 
 
+def test_context_length_reads_the_config_as_vllm_does(tmp_path):
+    from transformers import GPT2Config, LlamaConfig
+
+    from alignlib.models import context_length
+
+    configs = {
+        "llama": LlamaConfig(max_position_embeddings=256),
+        "gpt2": GPT2Config(n_positions=300),
+        "rope_linear_x4": LlamaConfig(max_position_embeddings=256, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    }
+    for name, config in configs.items():
+        config.save_pretrained(tmp_path / name)
+    assert {name: context_length(str(tmp_path / name)) for name in configs} == {
+        "llama": 256, "gpt2": 300, "rope_linear_x4": 1024,
+    }  # fmt: skip
+
+
 # -- the spec ----------------------------------------------------------------------------------
 
 
