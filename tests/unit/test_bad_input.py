@@ -284,6 +284,8 @@ def test_vllm_max_model_len_and_the_weak_model_bound_the_context(tmp_path, capsy
 
 
 def test_prompt_lengths_are_the_lengths_generation_encodes(model_cache):
+    from tokenizers.processors import TemplateProcessing
+
     from alignlib.models import encode_prompt, load_tokenizer, prompt_lengths
 
     chats = [
@@ -296,6 +298,11 @@ def test_prompt_lengths_are_the_lengths_generation_encodes(model_cache):
         assert prompt_lengths(tokenizer, chats) == [len(encode_prompt(tokenizer, c)) for c in chats]
     bare = load_tokenizer("builtin:tiny-policy")
     bare.chat_template = None  # a base model: one user turn is raw text, several turns cannot be rendered
+    bos = bare.bos_token_id  # and its tokenizer adds a BOS to raw text, which counts
+    bare.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[(bare.bos_token, bos)]
+    )
+    assert encode_prompt(bare, chats[0])[0] == bos
     assert prompt_lengths(bare, chats) == [len(encode_prompt(bare, chats[0])), None, len(encode_prompt(bare, chats[2]))]
 
 
