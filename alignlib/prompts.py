@@ -21,43 +21,24 @@ answers is a bad row. Problems with the file itself (missing, empty, unreadable)
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from alignlib import schema as S
+from alignlib.records import DataError, bad_row, iter_records
 from alignlib.spec import DataSpec
 
-# Reason codes of a bad row, as `rejected_rows.reason` and the manifest's `rejected` counts name them.
-REASONS = (
-    "not_utf8", "invalid_json", "not_an_object", "missing_field", "null_field", "empty_prompt", "wrong_type",
-    "bad_chat", "not_finite", "ambiguous_reference", "conflicting_reference", "prompt_too_long", "no_chat_template",
-)  # fmt: skip
 RAW_CHARS = 2000  # of a rejected row's text kept in `rejected_rows.raw`
 BATCH = 1024  # rows whose prompts are tokenized together for the context check
-
-
-class DataError(ValueError):
-    """Bad input data. A bad row carries `where` ("file:line" or "file#row"), `field` (None: the whole
-    line) and `reason` (one of REASONS); a problem with the file itself has no `where`."""
-
-    def __init__(self, message: str, *, where: str | None = None, field: str | None = None, reason: str = ""):
-        super().__init__(message if where is None else f"{where}: {message}")
-        self.where, self.field, self.reason, self.detail = where, field, reason, message
-
-
-def _bad(where: str, field: str | None, reason: str, message: str) -> DataError:
-    return DataError(message, where=where, field=field, reason=reason)
 
 
 def _kind_of(value: Any) -> str:
@@ -70,85 +51,11 @@ def prompt_id(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-Record = tuple[str, Any, "dict | DataError"]  # (where, raw text or record, record or the line's error)
-
-
-def _iter_records(spec: DataSpec) -> Iterator[Record]:
-    """Yield (where, raw, record) with `where` as "file:line" (JSONL) or "file#row" (Parquet); a line
-    that is not a JSON object comes as its DataError in place of the record."""
-    path = Path(spec.path)
-    if not path.exists():
-        raise DataError(f"data.path: {path} does not exist")
-    fmt = spec.format
-    if fmt == "auto":
-        fmt = "parquet" if path.is_dir() or path.suffix == ".parquet" else "jsonl"
-        if fmt == "jsonl" and path.suffix not in (".jsonl", ".json", ".ndjson"):
-            raise DataError(f"data.path: cannot tell the format of {path}; set data.format to jsonl or parquet")
-    yield from (_parquet_records(path, spec) if fmt == "parquet" else _jsonl_records(path))
-
-
-def _jsonl_records(path: Path) -> Iterator[Record]:
-    """Lines are read as bytes and decoded one by one, so bad UTF-8 names its line and byte offset."""
-    offset = 0
-    with path.open("rb") as f:
-        for lineno, data in enumerate(f, start=1):
-            where, start = f"{path}:{lineno}", offset
-            offset += len(data)
-            if lineno == 1 and data.startswith(codecs.BOM_UTF8):
-                data, start = data[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
-            try:
-                line = data.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raw = data.decode("utf-8", errors="backslashreplace")
-                yield where, raw, _bad(where, None, "not_utf8", f"not UTF-8: byte 0x{data[err.start]:02x} at "
-                                       f"column {err.start + 1} (byte {start + err.start} of the file)")  # fmt: skip
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield where, line, _bad(where, None, "invalid_json", f"invalid JSON: {err.msg} (column {err.colno})")
-                continue
-            if not isinstance(record, dict):
-                yield where, line, _bad(where, None, "not_an_object",
-                                        f"expected a JSON object, got {type(record).__name__}")  # fmt: skip
-                continue
-            yield where, line, record
-
-
-def _parquet_records(path: Path, spec: DataSpec) -> Iterator[Record]:
-    import pyarrow.lib
-
-    try:
-        table = pq.read_table(path)
-    except (pyarrow.lib.ArrowException, OSError) as err:
-        raise DataError(f"data.path: {path} is not a readable Parquet file: {err}") from None
-    _require_columns(path, table.column_names, spec)
-    for i, record in enumerate(table.to_pylist()):
-        yield f"{path}#{i}", record, record
-
-
-def _require_columns(path: Path, columns: list[str], spec: DataSpec) -> None:
-    """A column every row needs is missing: one error naming the file and its columns, not one per row."""
-    has = set(columns)
-    needed = []
-    if spec.prompt_field not in has and not {spec.chosen_field, spec.rejected_field} <= has:
-        needed.append(("data.prompt_field", spec.prompt_field))
-    if spec.reference_field is not None:
-        needed.append(("data.reference_field", spec.reference_field))
-    if spec.kind == "preferences":
-        needed += [("data.chosen_field", spec.chosen_field), ("data.rejected_field", spec.rejected_field)]
-    missing = [f"{name} {column!r}" for name, column in needed if column not in has]
-    if missing:
-        raise DataError(f"{path}: no column for {', '.join(missing)}; the file's columns are {columns}")
-
-
 def _chat(value: list, where: str, field: str) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise _bad(where, field, "bad_chat", f"{field}[{i}] must be an object with string 'role' and 'content'")
+            raise bad_row(where, field, "bad_chat", f"{field}[{i}] must be an object with string 'role' and 'content'")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -158,7 +65,7 @@ def _prompt_and_answer(value: Any, where: str, field: str) -> tuple[list[dict[st
     `messages` column) is the prompt plus its answer; otherwise the answer is None."""
     if isinstance(value, str):
         if not value.strip():
-            raise _bad(where, field, "empty_prompt", f"field {field!r} is an empty string")
+            raise bad_row(where, field, "empty_prompt", f"field {field!r} is an empty string")
         return [{"role": "user", "content": value}], None
     if isinstance(value, list) and value:
         chat = _chat(value, where, field)
@@ -166,12 +73,12 @@ def _prompt_and_answer(value: Any, where: str, field: str) -> tuple[list[dict[st
         if chat[-1]["role"] == "assistant":
             answer, chat = chat[-1]["content"], chat[:-1]
             if not chat or chat[-1]["role"] == "assistant":
-                raise _bad(
+                raise bad_row(
                     where, field, "bad_chat", f"{field} must hold prompt turns before its final assistant answer"
                 )
         return chat, answer
     reason = "empty_prompt" if value == [] else _kind_of(value)
-    raise _bad(
+    raise bad_row(
         where, field, reason, f"field {field!r} must be a non-empty string or chat list, got {type(value).__name__}"
     )
 
@@ -183,13 +90,13 @@ def _answer(value: Any, prompt: list[dict[str, str]] | None, where: str, field: 
         return value
     if not isinstance(value, list) or not value:
         message = f"field {field!r} must be a string or a chat list, got {type(value).__name__}"
-        raise _bad(where, field, _kind_of(value), message)
+        raise bad_row(where, field, _kind_of(value), message)
     chat = _chat(value, where, field)
     if prompt is not None and chat[: len(prompt)] == prompt:
         chat = chat[len(prompt) :]
     if len(chat) != 1 or chat[0]["role"] != "assistant":
         roles = [m["role"] for m in chat]
-        raise _bad(
+        raise bad_row(
             where, field, "bad_chat", f"field {field!r} must be one assistant turn after the prompt, got roles {roles}"
         )
     return chat[0]["content"]
@@ -202,14 +109,14 @@ def _implicit_prompt(record: dict, spec: DataSpec, where: str) -> list[dict[str,
         hint = ""
         if spec.kind == "prompts" and spec.chosen_field in record and spec.rejected_field in record:
             hint = "; for a preference set without a prompt field, chosen and rejected must be chat lists"
-        raise _bad(where, spec.prompt_field, "missing_field",
+        raise bad_row(where, spec.prompt_field, "missing_field",
                    f"missing field {spec.prompt_field!r} (fields: {sorted(record)}){hint}")  # fmt: skip
     chosen, rejected = _chat(chosen, where, spec.chosen_field), _chat(rejected, where, spec.rejected_field)
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise _bad(
+        raise bad_row(
             where, spec.prompt_field, "missing_field", f"no field {spec.prompt_field!r}, and {spec.chosen_field!r} "
             f"and {spec.rejected_field!r} share no leading prompt turns",
         )  # fmt: skip
@@ -220,7 +127,7 @@ def _reference(record: dict, spec: DataSpec, answer: str | None, where: str) -> 
     if spec.reference_field is None:
         return answer
     if answer is not None:
-        raise _bad(
+        raise bad_row(
             where, spec.reference_field, "ambiguous_reference", f"{spec.prompt_field} ends with an assistant answer "
             "and data.reference_field is set too; which one is the gold answer? (unset data.reference_field to use "
             "the chat's answer)",
@@ -228,7 +135,7 @@ def _reference(record: dict, spec: DataSpec, answer: str | None, where: str) -> 
     value = record.get(spec.reference_field)
     if value is None or isinstance(value, (dict, list)):
         reason = "missing_field" if spec.reference_field not in record else _kind_of(value)
-        raise _bad(where, spec.reference_field, reason,
+        raise bad_row(where, spec.reference_field, reason,
                    f"field {spec.reference_field!r} must be a string or number, got {value!r}")  # fmt: skip
     return str(value)
 
@@ -244,7 +151,7 @@ def _score(record: dict, field: str, where: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         reason = "not_finite" if isinstance(value, float) else "wrong_type"
-        raise _bad(where, field, reason, f"field {field!r} must be a finite number, got {value!r}")
+        raise bad_row(where, field, reason, f"field {field!r} must be a finite number, got {value!r}")
     return float(value)
 
 
@@ -263,7 +170,7 @@ def _parse(record: dict, spec: DataSpec, where: str) -> tuple[dict[str, Any], di
         return prompt, None
     for field in (spec.chosen_field, spec.rejected_field):
         if field not in record:
-            raise _bad(where, field, "missing_field",
+            raise bad_row(where, field, "missing_field",
                        f"missing field {field!r} of a preference set (fields: {sorted(record)})")  # fmt: skip
     preference = {
         S.PROMPT_ID: pid, S.PROMPT: prompt[S.PROMPT], S.MESSAGES: messages,
@@ -321,7 +228,7 @@ def load_data(spec: DataSpec, fits: Fit | None = None) -> Loaded:
     """
     reader = _Reader(spec, fits)
     batch: list[tuple[str, Any, Any]] = []
-    for where, raw, record in _iter_records(spec):
+    for where, raw, record in iter_records(spec):
         parsed = record if isinstance(record, DataError) else _try_parse(record, spec, where)
         batch.append((where, raw, parsed))
         if len(batch) == BATCH:
@@ -376,12 +283,12 @@ class _Reader:
         pid = row[S.PROMPT_ID]
         if pid in self.unfit:
             reason, message = self.unfit[pid]
-            raise _bad(where, self.spec.prompt_field, reason, f"field {self.spec.prompt_field!r}: {message}")
+            raise bad_row(where, self.spec.prompt_field, reason, f"field {self.spec.prompt_field!r}: {message}")
         if pid in self.rows:
             first = self.rows[pid]
             if first[S.REFERENCE] != row[S.REFERENCE]:
                 field = self.spec.reference_field or self.spec.prompt_field
-                raise _bad(
+                raise bad_row(
                     where, field, "conflicting_reference", f"same prompt as {first[S.SOURCE]} but a different "
                     f"reference (field {field!r}: {row[S.REFERENCE]!r} vs {first[S.REFERENCE]!r})",
                 )  # fmt: skip

@@ -17,7 +17,8 @@ import pytest
 
 from alignlib import schema as S
 from alignlib.cli import main as cli
-from alignlib.prompts import RAW_CHARS, REASONS
+from alignlib.prompts import RAW_CHARS
+from alignlib.records import REASONS
 from alignlib.store import StageStore, read_table
 
 GOOD = [{"q": f"What is {i} + {i}?", "a": str(2 * i)} for i in range(1, 5)]
