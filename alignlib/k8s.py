@@ -400,14 +400,10 @@ class Rendered:
     def to_yaml(self) -> str:
         head = [f"# alignlib k8s: job {self.spec.name!r} -> RayJob {self.name}",
                 f"# output_dir {self.spec.output_dir}; worker groups (max pods, from the stages' requests):"]  # fmt: skip
-        head += [
-            f"#   {g.shape.group} x{g.max_replicas}: {'; '.join(g.reasons) or 'CPU-only steps'}" for g in self.groups
-        ]
+        head += [f"#   {g.shape.group} x{g.max_replicas}: {'; '.join(g.reasons) or 'CPU-only steps'}" for g in self.groups]
         if self.spec.generate.engine == "vllm" and not any(g.shape.gpu for g in self.groups):
             head += ["# Note: the image's vLLM is the CUDA build; a CPU-only job needs generate.engine=transformers"]
-        head += [
-            f"# Needs: KubeRay >= 1.5.1, PVC {PVC} (k8s/base/pvc.yaml), Secret {RAY_AUTH_SECRET} (key auth_token)."
-        ]
+        head += [f"# Needs: KubeRay >= 1.5.1, PVC {PVC} (k8s/base/pvc.yaml), Secret {RAY_AUTH_SECRET} (key auth_token)."]
         body = yaml.dump_all(self.documents, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=120)
         return "\n".join(head) + "\n" + body
 

@@ -276,9 +276,7 @@ def test_rayjob_working_dir_is_the_image_workdir():
 def test_rayjob_entrypoint_names_an_existing_job_spec(variant):
     objs = base_manifests() if variant == "base" else overlay_manifests()
     argv = shlex.split(only(objs, "RayJob")["spec"]["entrypoint"])
-    assert argv[:4] == ["python", "-m", "alignlib", "run"], (
-        f"entrypoint should be 'python -m alignlib run ...', got {argv}"
-    )
+    assert argv[:4] == ["python", "-m", "alignlib", "run"], f"entrypoint should be 'python -m alignlib run ...', got {argv}"
     argv = argv[2:]
     spec = argv[2]
     assert re.fullmatch(r"jobs/[\w.-]+\.ya?ml", spec), f"entrypoint should name jobs/*.yaml, got {spec}"

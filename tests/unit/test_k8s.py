@@ -61,10 +61,9 @@ def test_cpu_only_job_gets_cpu_workers_only():
 
 def test_stages_run_one_after_another_so_the_peak_counts_not_the_sum():
     # 4 generate actors, then 2 training workers: 4 one-GPU pods, not 6
-    assert (
-        groups("orpo-qlora-7b.yaml", "score.reward.concurrency=2", "train.backend={name: ddp, num_workers: 2}")["gpu-1"]
-        == 4
-    )
+    assert groups("orpo-qlora-7b.yaml", "score.reward.concurrency=2", "train.backend={name: ddp, num_workers: 2}")[
+        "gpu-1"
+    ] == 4
     # 6 DDP workers on 1 GPU each stay on 1-GPU pods; 8 move to an 8-GPU pod
     assert groups("orpo-qlora-7b.yaml", "train.backend={name: ddp, num_workers: 6}") == {"cpu": 1, "gpu-1": 6}
     assert groups("orpo-qlora-7b.yaml", "train.backend={name: ddp, num_workers: 16}")["gpu-8"] == 2

@@ -152,9 +152,7 @@ def test_schema_command_prints_json_schema():
 def test_qlora_with_several_workers_is_refused_with_the_reason():
     lora = {"r": 4}
     found = problems(spec_with(train={"backend": {"name": "qlora", "num_workers": 4}, "lora": lora}))
-    assert len(found) == 1 and found[0].startswith(
-        "train.backend.qlora: num_workers 4: the qlora backend trains on one"
-    )
+    assert len(found) == 1 and found[0].startswith("train.backend.qlora: num_workers 4: the qlora backend trains on one")
     ok = parse_spec(spec_with(train={"backend": {"name": "qlora", "num_workers": 1}, "lora": lora}))
     assert ok.train.backend.num_workers == 1
 
