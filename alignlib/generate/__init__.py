@@ -70,10 +70,10 @@ def reference_rows(batch: pa.Table) -> pa.Table:
 class PromptEncoder:
     """Ray Data callable: adds `prompt_token_ids` rendered with the model's chat template."""
 
-    def __init__(self, model: str, chat_template: str | None):
+    def __init__(self, model: str, chat_template: str | None, trust_remote_code: bool = False):
         from alignlib.models import load_tokenizer
 
-        self.tokenizer = load_tokenizer(model, chat_template)
+        self.tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from alignlib.models import encode_prompt
@@ -95,7 +95,9 @@ def generate(prompts, model, sampling: Sampling, settings, generator: str, num_s
         num_cpus=LIGHT_CPUS,
     ).map_batches(
         PromptEncoder,
-        fn_constructor_kwargs=dict(model=model.model, chat_template=model.chat_template),
+        fn_constructor_kwargs=dict(
+            model=model.model, chat_template=model.chat_template, trust_remote_code=model.trust_remote_code
+        ),
         batch_format="pyarrow",
         concurrency=1,
         num_cpus=LIGHT_CPUS,
