@@ -138,6 +138,7 @@ class Backend:
             set_peft_model_state_dict(self.unwrapped, state)
         else:
             _load_full(self.unwrapped, state)
+        # weights_only: tensors and plain containers only; a tampered state.pt cannot run code when read.
         saved = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -269,6 +270,8 @@ class DeepSpeedBackend(Backend):
             self.engine.module.save_pretrained(directory / "model", state_dict=state)
 
     def load(self, directory: Path) -> None:
+        # DeepSpeed reads its own optimizer shards with torch.load(weights_only=False) (a pickle); these are
+        # files this job wrote under output_dir/train-ray, never a stage output or a user-supplied file.
         _, client = self.engine.load_checkpoint(
             str(directory / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
         )
