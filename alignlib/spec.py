@@ -550,7 +550,7 @@ def resolve_function(ref: str):
         raise ValueError(f"cannot import module {module_name!r}: {err}") from err
     fn = getattr(module, attr, None)
     if fn is None:
-        raise ValueError(f"module {module_name!r} has no function {attr!r}")
+        raise ValueError(f"module {module_name!r} has no callable {attr!r}")
     if isinstance(fn, type) or not callable(fn):
         raise ValueError(f"{module_name}:{attr} is a {type(fn).__name__}, not a function")
     return fn

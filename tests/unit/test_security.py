@@ -265,7 +265,7 @@ def test_export_writes_safetensors_and_refuses_pickled_weights(model_cache, tmp_
         ("alignlib.rewards", "expected `module:function`"),
         ("os.path:", "expected `module:function`"),
         ("no_such_module_xyz:score", "cannot import module 'no_such_module_xyz'"),
-        ("alignlib.rewards:no_such_function", "module 'alignlib.rewards' has no function 'no_such_function'"),
+        ("alignlib.rewards:no_such_function", "module 'alignlib.rewards' has no callable 'no_such_function'"),
         ("alignlib.rewards:_INTEGER", "'_INTEGER' is not a public function name"),
         ("os:_exit", "'_exit' is not a public function name"),
         ("alignlib.rewards:re.compile", "'re.compile' is not a public function name"),
