@@ -56,6 +56,7 @@ def _demo_spec() -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from alignlib.redaction import redact
     from alignlib.spec import SpecError, json_schema, load_spec
 
     if args.command == "schema":
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(spec_path, args.overrides)
     except SpecError as err:
-        print(err, file=sys.stderr)
+        print(redact(str(err)), file=sys.stderr)
         return 2
     if args.command == "validate":
         print(f"{spec_path}: valid (job {spec.name!r}, output_dir {spec.output_dir})")
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if not type(root).__module__.startswith("alignlib"):
             raise  # not a problem alignlib diagnosed: keep the whole traceback
         # First line only: Ray appends retry advice to errors raised inside Ray Data.
-        print(f"alignlib: error: {str(root).splitlines()[0]}", file=sys.stderr)
+        print(redact(f"alignlib: error: {str(root).splitlines()[0]}"), file=sys.stderr)
         return 1
     print_summary(spec, manifests)
     return 0

@@ -40,11 +40,11 @@ class ContextCheck:
         for role, model in (("policy", spec.policy), ("weak", g.weak_model)):
             if model is None:
                 continue
-            tokenizer = load_tokenizer(model.model, model.chat_template)
+            tokenizer = load_tokenizer(model.model, model.chat_template, model.trust_remote_code)
             if max_model_len is not None:
                 limit, limit_from = int(max_model_len), "generate.engine_kwargs.max_model_len"
             else:
-                limit, limit_from = context_length(model.model), "its config"
+                limit, limit_from = context_length(model.model, model.trust_remote_code), "its config"
             self.models.append(_Model(role, model.model, tokenizer, limit, limit_from))
 
     def __call__(self, chats: list[list[dict[str, str]]]) -> list[tuple[str, str] | None]:

@@ -12,26 +12,45 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+# Weight files in pickle formats: loading one can run code, so an export never contains them.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
-def export_model(checkpoint_model: str, target: str, base_model: str, merge_lora: bool) -> str:
-    """Returns the kind of model written: `full`, `merged-lora` or `lora-adapter`."""
+
+def export_model(checkpoint_model: str, target: str, base_model: str, merge_lora: bool,
+                 trust_remote_code: bool = False) -> str:  # fmt: skip
+    """Returns the kind of model written: `full`, `merged-lora` or `lora-adapter`; weights are safetensors."""
     source, target_path = Path(checkpoint_model), Path(target)
     is_adapter = (source / "adapter_config.json").exists()
     if not is_adapter or not merge_lora:
         shutil.copytree(source, target_path)
-        return "lora-adapter" if is_adapter else "full"
+        kind = "lora-adapter" if is_adapter else "full"
+    else:
+        _merge(source, target_path, base_model, trust_remote_code)
+        kind = "merged-lora"
+    require_safetensors(target_path)
+    return kind
 
+
+def _merge(source: Path, target_path: Path, base_model: str, trust_remote_code: bool) -> None:
     import torch
     from peft import PeftModel
-    from transformers import AutoConfig, AutoTokenizer
 
-    from alignlib.models import load_causal_lm, resolve_model
+    from alignlib.models import load_causal_lm, load_config, load_tokenizer
 
     # Merge in float32 on CPU (merging into a 4-bit or bf16 base would round small updates away),
     # then store in the dtype the base checkpoint was published in.
-    stored = getattr(AutoConfig.from_pretrained(resolve_model(base_model)), "dtype", None) or torch.float32
-    base = load_causal_lm(base_model, dtype="float32", on_gpu=False)
+    stored = getattr(load_config(base_model, trust_remote_code), "dtype", None) or torch.float32
+    base = load_causal_lm(base_model, dtype="float32", on_gpu=False, trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(source)).merge_and_unload()
     merged.to(getattr(torch, stored) if isinstance(stored, str) else stored).save_pretrained(target_path)
-    AutoTokenizer.from_pretrained(str(source)).save_pretrained(target_path)
-    return "merged-lora"
+    load_tokenizer(str(source), trust_remote_code=trust_remote_code).save_pretrained(target_path)
+
+
+def require_safetensors(model_dir: Path) -> None:
+    """RuntimeError if an exported model holds pickle-format weights or no safetensors at all."""
+    pickled = sorted(p.name for p in model_dir.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickled or not any(model_dir.rglob("*.safetensors")):
+        raise RuntimeError(
+            f"export: {model_dir} must hold its weights as safetensors only (found pickle files {pickled} "
+            "or no .safetensors); refusing to publish a model whose loading could run code"
+        )

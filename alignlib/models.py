@@ -10,9 +10,11 @@ the real code paths (vLLM, Ray Train, export) on any machine without a model hub
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,10 +147,56 @@ def torch_dtype(name: str, on_gpu: bool):
     return getattr(torch, dtype_name(name, on_gpu))
 
 
-def load_tokenizer(source: str, chat_template: str | None = None):
+class RemoteCodeError(ValueError):
+    """A model needs Python code of its own to load, and the job spec did not allow it."""
+
+
+def ships_code(source: str) -> bool:
+    """Whether a local model directory maps its classes to Python files of its own (`auto_map`).
+
+    Hub ids and built-ins are not looked into (nothing is downloaded here); for those the loaders'
+    own refusal, reworded by `_refusing_remote_code`, is the check.
+    """
+    if is_builtin(source):
+        return False
+    path = Path(source).expanduser()
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            if "auto_map" in json.loads((path / name).read_text()):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def check_remote_code(source: str, trust_remote_code: bool, field: str) -> None:
+    """RemoteCodeError naming `field` when `source` ships its own code and the spec did not trust it."""
+    if not trust_remote_code and ships_code(source):
+        raise RemoteCodeError(
+            f"model {source!r} ships Python code of its own (`auto_map` in its config), which alignlib does not "
+            f"run unless the job spec allows it; review that code, then set {field}: true"
+        )
+
+
+@contextmanager
+def _refusing_remote_code(source: str):
+    """transformers' refusal to run a model's own code (trust_remote_code=False), said in spec terms."""
+    try:
+        yield
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise RemoteCodeError(
+            f"model {source!r} needs Python code of its own to load, which alignlib does not run unless the job "
+            "spec allows it; set trust_remote_code: true on that model (policy, generate.weak_model or the reward)"
+        ) from err
+
+
+def load_tokenizer(source: str, chat_template: str | None = None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(source))
+    with _refusing_remote_code(source):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(source), trust_remote_code=trust_remote_code)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
@@ -156,26 +204,37 @@ def load_tokenizer(source: str, chat_template: str | None = None):
     return tokenizer
 
 
-def load_causal_lm(source: str, dtype: str = "auto", on_gpu: bool = False, **kwargs):
+def load_causal_lm(source: str, dtype: str = "auto", on_gpu: bool = False, trust_remote_code: bool = False, **kwargs):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve_model(source), dtype=torch_dtype(dtype, on_gpu), **kwargs)
+    with _refusing_remote_code(source):
+        return AutoModelForCausalLM.from_pretrained(
+            resolve_model(source), dtype=torch_dtype(dtype, on_gpu), trust_remote_code=trust_remote_code, **kwargs
+        )
 
 
-def load_reward_model(source: str, dtype: str = "auto", on_gpu: bool = False):
+def load_config(source: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    with _refusing_remote_code(source):
+        return AutoConfig.from_pretrained(resolve_model(source), trust_remote_code=trust_remote_code)
+
+
+def load_reward_model(source: str, dtype: str = "auto", on_gpu: bool = False, trust_remote_code: bool = False):
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model(source), dtype=torch_dtype(dtype, on_gpu))
+    with _refusing_remote_code(source):
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(source), dtype=torch_dtype(dtype, on_gpu), trust_remote_code=trust_remote_code
+        )
     check_reward_config(source, model.config)
     return model
 
 
-def check_reward_config(source: str, config=None) -> None:
+def check_reward_config(source: str, config=None, trust_remote_code: bool = False) -> None:
     """A reward model has one output (num_labels=1); ValueError naming the model otherwise."""
     if config is None:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(resolve_model(source))
+        config = load_config(source, trust_remote_code)
     if config.num_labels != 1:
         raise ValueError(f"reward model {source!r} has num_labels={config.num_labels}; a reward model has one output")
 
@@ -223,15 +282,13 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_le
                 "max_seq_length", "seq_len")  # fmt: skip
 
 
-def context_length(source: str) -> int | None:
+def context_length(source: str, trust_remote_code: bool = False) -> int | None:
     """The tokens (prompt + completion) a model attends over, from its config; None if the config names none.
 
     RoPE scaling (linear, dynamic, YaRN) stretches the window by its factor, as vLLM counts it; llama3 and
     longrope configs already state the stretched length.
     """
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolve_model(source))
+    config = load_config(source, trust_remote_code)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     lengths = [v for k in CONTEXT_KEYS if isinstance(v := getattr(config, k, None), int) and v > 0]
     if not lengths:

@@ -19,7 +19,8 @@ from typing import Any
 import pyarrow as pa
 
 from alignlib import schema as S
-from alignlib.spec import JobSpec, eval_temperature, stage_sections
+from alignlib.redaction import redact
+from alignlib.spec import JobSpec, eval_temperature, remote_code_models, stage_sections
 from alignlib.store import STAGES, StageStore, StageWriter, count_rows, fingerprint, read_table, write_table
 
 UPSTREAM = {
@@ -39,7 +40,8 @@ class StageInputError(RuntimeError):
 
 
 def log(message: str) -> None:
-    print(f"[alignlib] {message}", flush=True)
+    """One progress line on stdout; values of secret-looking environment variables are masked."""
+    print(redact(f"[alignlib] {message}"), flush=True)
 
 
 def init_ray(**kwargs) -> None:
@@ -98,7 +100,18 @@ class Pipeline:
             skipped.add("ref_logps")
         return [s for s in STAGES if s not in skipped]
 
+    def check_remote_code(self) -> None:
+        """Say which models may run their own code; refuse a local model that ships code the spec did not allow."""
+        from alignlib.models import check_remote_code
+
+        for field, model, trusted in remote_code_models(self.spec):
+            if trusted:
+                log(f"{field} is true: model {model} may run Python code shipped with it when loaded")
+            else:
+                check_remote_code(model, trusted, field)
+
     def run(self, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        self.check_remote_code()
         manifests = {}
         for stage in only or self.stages():
             fp = self.fingerprint(stage)
@@ -298,7 +311,9 @@ def run_export(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         raise StageInputError(f"export: the training checkpoint {checkpoint} is gone; rerun `alignlib train`")
     target = out.path / "model"
     task = ray.remote(num_cpus=1)(export_model)
-    kind = ray.get(task.remote(str(checkpoint / "model"), str(target), p.spec.policy.model, p.spec.export.merge_lora))
+    policy = p.spec.policy
+    kind = ray.get(task.remote(str(checkpoint / "model"), str(target), policy.model, p.spec.export.merge_lora,
+                               policy.trust_remote_code))  # fmt: skip
     return {"kind": kind, "source": str(checkpoint / "model"), "model": str(p.store.path("export") / "model")}
 
 
@@ -312,8 +327,9 @@ def run_eval(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     ensure_ray()
     spec = p.spec
     prompts = ray.data.read_parquet(str(p.table_path("prompts", "eval")))
+    # The export keeps the policy's own code (if any), so it is trusted exactly as far as the policy is.
     trained = ModelSpec(model=str(p.store.path("export") / "model"), chat_template=spec.policy.chat_template,
-                        dtype=spec.policy.dtype)  # fmt: skip
+                        dtype=spec.policy.dtype, trust_remote_code=spec.policy.trust_remote_code)  # fmt: skip
     sampling = _sampling(spec, eval_temperature(spec))
     for generator, model in ((S.GENERATOR_BASE, spec.policy), (S.GENERATOR_TRAINED, trained)):
         log(f"eval: sampling the {generator} policy on held-out prompts")

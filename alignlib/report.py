@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from alignlib.redaction import redact
 from alignlib.store import StageStore
+
+
+def _print(text: str) -> None:
+    print(redact(text))  # paths and stats could carry a secret from the environment; never print one
 
 
 def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
     store = StageStore(spec.output_dir)
-    print(f"\n== alignlib job {spec.name!r}: outputs under {store.root}")
+    _print(f"\n== alignlib job {spec.name!r}: outputs under {store.root}")
     for stage, manifest in manifests.items():
         tables = ", ".join(f"{name} {rows} rows" for name, rows in manifest["tables"].items()) or "model"
-        print(f"  {stage:<9} {store.path(stage)}  {tables}")
+        _print(f"  {stage:<9} {store.path(stage)}  {tables}")
     prompts = manifests.get("prompts")
     if prompts:
         stats = prompts["stats"]
@@ -22,23 +27,23 @@ def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
             line += f"; {rejected} bad row(s) rejected {stats['rejected']}" if rejected else "; no bad rows"
             if rejected:
                 line += f" -> {store.path('prompts') / 'rejected_rows'}"
-        print(line)
+        _print(line)
     pairs = manifests.get("pairs")
     if pairs:
         stats = pairs["stats"]
         kept = {k: v for k, v in stats.items() if k.startswith("pairs_")}
         dropped = {k: v for k, v in stats.items() if k.startswith("dropped_") and v}
-        print(f"  pairs kept {kept}; dropped {dropped or 'none'}")
+        _print(f"  pairs kept {kept}; dropped {dropped or 'none'}")
         report = store.path("pairs") / "report.html"
         if report.exists():
-            print(f"  data-quality report (reward and margin distributions, reward-length correlation): {report}")
+            _print(f"  data-quality report (reward and margin distributions, reward-length correlation): {report}")
     export = manifests.get("export")
     if export:
-        print(f"  trained model ({export['stats']['kind']}): {export['stats']['model']}")
+        _print(f"  trained model ({export['stats']['kind']}): {export['stats']['model']}")
     result = manifests.get("eval")
     if result:
         s = result["stats"]
-        print(
+        _print(
             f"  eval on {s['prompts']} held-out prompts: mean reward {s['base_mean_reward']:.3f} (start) -> "
             f"{s['trained_mean_reward']:.3f} (trained); win rate of trained over start {s['win_rate']:.2f}"
         )

@@ -34,6 +34,12 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+TRUST_REMOTE_CODE = (
+    "Let transformers and vLLM import Python code shipped with the model (its config.json `auto_map`). "
+    "Off by default: such code runs with the job's rights. When on, the job logs it once per model."
+)
+
+
 class DataSpec(_Spec):
     path: str = Field(description="Prompt file: .jsonl or .parquet (or a directory of .parquet files).")
     format: Literal["auto", "jsonl", "parquet"] = Field(
@@ -87,10 +93,18 @@ class ModelSpec(_Spec):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; `auto` is bfloat16 on GPU and float32 on CPU."
     )
+    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
 
 
 class WeakModelSpec(ModelSpec):
     num_samples: int = Field(1, ge=1, description="Completions per prompt from the weak model.")
+
+
+def _refuse_remote_code_kwarg(kwargs: dict[str, Any], field: str) -> dict[str, Any]:
+    """Remote code is switched on per model, where it is logged, never through raw engine arguments."""
+    if "trust_remote_code" in kwargs:
+        raise ValueError(f"trust_remote_code is not an engine argument here; set {field}: true instead")
+    return kwargs
 
 
 class GenerateSpec(_Spec):
@@ -126,6 +140,11 @@ class GenerateSpec(_Spec):
         None, description="A weaker model whose answers serve as `rejected` in `gold_vs_weak` pairs."
     )
 
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_remote_code(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _refuse_remote_code_kwarg(value, "policy.trust_remote_code (or generate.weak_model.trust_remote_code)")
+
     @field_validator("concurrency")
     @classmethod
     def _concurrency_range(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
@@ -159,6 +178,12 @@ class ModelRewardSpec(_Spec):
     engine_kwargs: dict[str, Any] = Field(
         {}, description="engine vllm: extra vLLM engine arguments (e.g. enforce_eager, max_model_len)."
     )
+    trust_remote_code: bool = Field(False, description=TRUST_REMOTE_CODE)
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_remote_code(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _refuse_remote_code_kwarg(value, "trust_remote_code on this reward")
 
     @model_validator(mode="after")
     def _kwargs_need_vllm(self) -> ModelRewardSpec:
@@ -170,7 +195,8 @@ class ModelRewardSpec(_Spec):
 class FunctionRewardSpec(_Spec):
     type: Literal["function"]
     function: str = Field(
-        description="`module:function` called as fn(prompt=str, completion=str, reference=str|None) -> float."
+        description="`module:function` called as fn(prompt=str, completion=str, reference=str|None) -> float. "
+        "The module is imported by name (dotted, on the Python path); file paths and private names are refused."
     )
 
     @field_validator("function")
@@ -411,8 +437,16 @@ class EvalSpec(_Spec):
     )
 
 
+# A name that becomes part of a path (the Ray Train run directory): no separators, no `..`, no leading dot.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 class JobSpec(_Spec):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name (used for the Ray Train run).")
+    name: str = Field(
+        description="Run name (names the Ray Train run directory): letters, digits, `.`, `_`, `-`; no path "
+        "separators or `..`.",
+        json_schema_extra={"pattern": SAFE_NAME.pattern},
+    )
     output_dir: str = Field(description="Where every stage writes; on a cluster, a path all nodes share.")
     seed: int = 0
     data: DataSpec
@@ -423,6 +457,16 @@ class JobSpec(_Spec):
     train: TrainSpec = Field(default_factory=TrainSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not SAFE_NAME.fullmatch(value) or ".." in value:
+            raise ValueError(
+                f"{value!r} is not a plain name: it becomes part of a path under output_dir, so it may hold only "
+                "letters, digits, `.`, `_` and `-`, start with a letter or digit, and contain no `/`, `\\` or `..`"
+            )
+        return value
 
     @field_validator("output_dir")
     @classmethod
@@ -489,18 +533,35 @@ def cross_check(spec: JobSpec) -> list[str]:
     return problems
 
 
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_PUBLIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
 def resolve_function(ref: str):
-    """`module:function` -> the callable; ValueError with the reason if it cannot be had."""
+    """`module:function` -> the callable; ValueError with the reason if it cannot be had.
+
+    Only a public function of a module importable by its dotted name is accepted: never a file path
+    (which would run whatever file a spec points at), a private name, a class or another non-function.
+    Nothing here evaluates the string; it is split, checked and looked up with getattr.
+    """
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"expected `module:function`, got {ref!r}")
+        raise ValueError(f"expected `module:function` (e.g. alignlib.rewards:exact_match), got {ref!r}")
+    if "/" in module_name or "\\" in module_name or module_name.endswith(".py"):
+        raise ValueError(f"{module_name!r} is a file path; name an importable module (dotted, on the Python path)")
+    if not _MODULE.fullmatch(module_name):
+        raise ValueError(f"{module_name!r} is not a module name (dotted Python identifiers)")
+    if not _PUBLIC_NAME.fullmatch(attr):
+        raise ValueError(f"{attr!r} is not a public function name (private `_` names and attribute paths are refused)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"cannot import module {module_name!r}: {err}") from err
     fn = getattr(module, attr, None)
-    if not callable(fn):
+    if fn is None:
         raise ValueError(f"module {module_name!r} has no callable {attr!r}")
+    if isinstance(fn, type) or not callable(fn):
+        raise ValueError(f"{module_name}:{attr} is a {type(fn).__name__}, not a function")
     return fn
 
 
@@ -564,8 +625,45 @@ def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
     raise SpecError(source, list(dict.fromkeys(problems)))
 
 
+# A spec is a few hundred values; aliases may repeat parts of it, but not blow it up (a "billion laughs"
+# document is a few lines whose aliases expand to billions of values once dumped or hashed).
+MAX_SPEC_VALUES = 100_000
+
+
+def expanded_size(raw: Any, limit: int = MAX_SPEC_VALUES) -> int:
+    """The number of values in `raw` with every alias expanded; ValueError past `limit` or on a cycle.
+
+    YAML aliases load as shared Python objects, so the document itself is small; the cost comes later
+    when it is validated, dumped and hashed as a tree. Sizes are memoised per object: linear time.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ValueError("a YAML alias refers to a value that contains it (a recursive document)")
+        active.add(key)
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+        total = 1 + sum(size(child) for child in children)
+        active.discard(key)
+        if total > limit:
+            raise ValueError(f"the document expands to more than {limit} values through its aliases")
+        sizes[key] = total
+        return total
+
+    return size(raw)
+
+
 def load_raw(path: str | Path) -> Any:
-    """The YAML document of a spec file, unvalidated (SpecError if unreadable)."""
+    """The YAML document of a spec file, unvalidated (SpecError if unreadable).
+
+    `yaml.safe_load` builds only plain data: python/* tags (which would import or call) are refused.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -575,12 +673,30 @@ def load_raw(path: str | Path) -> Any:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise SpecError(str(path), [f"{where}invalid YAML: {getattr(err, 'problem', err)}"]) from None
+    try:
+        expanded_size(raw)
+    except ValueError as err:
+        raise SpecError(str(path), [f"refused: {err}"]) from None
     return raw if raw is not None else {}
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
     raw = apply_overrides(load_raw(path), overrides or [])
     return parse_spec(raw, str(path))
+
+
+def remote_code_models(spec: JobSpec) -> list[tuple[str, str, bool]]:
+    """(field, model, trust_remote_code) of every model the job loads, `field` naming where to switch it on."""
+    out = [("policy.trust_remote_code", spec.policy.model, spec.policy.trust_remote_code)]
+    if spec.generate.weak_model is not None:
+        weak = spec.generate.weak_model
+        out.append(("generate.weak_model.trust_remote_code", weak.model, weak.trust_remote_code))
+    if spec.score.reward is not None and spec.score.reward.type == "model":
+        out.append(("score.reward.trust_remote_code", spec.score.reward.model, spec.score.reward.trust_remote_code))
+    for i, reward in enumerate(spec.score.rewards):
+        if reward.type == "model":
+            out.append((f"score.rewards[{i}].trust_remote_code", reward.model, reward.trust_remote_code))
+    return out
 
 
 def stage_sections(spec: JobSpec) -> dict[str, dict[str, Any]]:

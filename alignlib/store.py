@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from alignlib.redaction import redact
+
 MANIFEST = "manifest.json"
 STAGES = ["prompts", "generate", "score", "pairs", "ref_logps", "train", "export", "eval"]
 
@@ -92,7 +94,8 @@ class StageWriter:
             "seconds": round(time.time() - self.started, 2),
             "versions": versions(),
         }
-        (self.path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        # Stats can quote paths and messages; a secret from the environment is masked, never written.
+        (self.path / MANIFEST).write_text(redact(json.dumps(manifest, indent=2, sort_keys=True)) + "\n")
         if self.final.exists():
             trash = self.final.with_name(f".{self.stage}.old-{uuid.uuid4().hex[:8]}")
             self.final.rename(trash)

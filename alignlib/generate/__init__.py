@@ -70,25 +70,26 @@ def reference_rows(batch: pa.Table) -> pa.Table:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_tokenizer(model: str, chat_template: str | None, version: int | None):
+def _cached_tokenizer(model: str, chat_template: str | None, trust_remote_code: bool, version: int | None):
     from alignlib.models import load_tokenizer
 
-    return load_tokenizer(model, chat_template)
+    return load_tokenizer(model, chat_template, trust_remote_code)
 
 
-def _tokenizer(model: str, chat_template: str | None):
+def _tokenizer(model: str, chat_template: str | None, trust_remote_code: bool):
     """One tokenizer per model in each Ray worker process (task workers are reused across blocks and
     jobs). A local directory is keyed by its tokenizer file's mtime too, so a model exported again
     under the same path (the eval stage of a rerun) is never read from a stale cache."""
     config = Path(model) / "tokenizer_config.json"
-    return _cached_tokenizer(model, chat_template, config.stat().st_mtime_ns if config.exists() else None)
+    version = config.stat().st_mtime_ns if config.exists() else None
+    return _cached_tokenizer(model, chat_template, trust_remote_code, version)
 
 
-def encode_prompts(batch: pa.Table, model: str, chat_template: str | None) -> pa.Table:
+def encode_prompts(batch: pa.Table, model: str, chat_template: str | None, trust_remote_code: bool) -> pa.Table:
     """Ray Data task: adds `prompt_token_ids` rendered with the model's chat template."""
     from alignlib.models import encode_prompt
 
-    tokenizer = _tokenizer(model, chat_template)
+    tokenizer = _tokenizer(model, chat_template, trust_remote_code)
     ids = [encode_prompt(tokenizer, m) for m in batch[S.MESSAGES].to_pylist()]
     return batch.append_column("prompt_token_ids", pa.array(ids, pa.list_(pa.int32())))
 
@@ -109,7 +110,7 @@ def generate(prompts, model, sampling: Sampling, settings, generator: str, num_s
         num_cpus=LIGHT_CPUS,
     ).map_batches(
         encode_prompts,
-        fn_kwargs=dict(model=model.model, chat_template=model.chat_template),
+        fn_kwargs=dict(model=model.model, chat_template=model.chat_template, trust_remote_code=model.trust_remote_code),
         batch_format="pyarrow",
         num_cpus=LIGHT_CPUS,
     )

@@ -77,14 +77,14 @@ def _draw(logits, temperature: float, top_p: float, generator) -> int:
 
 class HFGenerator:
     def __init__(self, model: str, dtype: str, chat_template: str | None, max_new_tokens: int,
-                 temperature: float, top_p: float):  # fmt: skip
+                 temperature: float, top_p: float, trust_remote_code: bool = False):  # fmt: skip
         import torch
 
         from alignlib.models import load_causal_lm, load_tokenizer
 
         on_gpu = torch.cuda.is_available()
-        self.tokenizer = load_tokenizer(model, chat_template)
-        self.model = load_causal_lm(model, dtype, on_gpu).eval().to("cuda" if on_gpu else "cpu")
+        self.tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
+        self.model = load_causal_lm(model, dtype, on_gpu, trust_remote_code).eval().to("cuda" if on_gpu else "cpu")
         self.params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -115,6 +115,7 @@ def hf_generate(requests, model, sampling, settings):
             max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
+            trust_remote_code=model.trust_remote_code,
         ),  # fmt: skip
         batch_size=settings.batch_size,
         batch_format="pyarrow",

@@ -40,8 +40,13 @@ def pool_size(concurrency: int | tuple[int, int]) -> tuple[int, int]:
 
 def processor_config(model_source: str, *, dtype: str, batch_size: int, concurrency: int | tuple[int, int],
                      resources: dict[str, float], engine_kwargs: dict[str, Any], task_type: str = "generate",
-                     accelerator_type: str | None = None, max_pending_requests: int | None = None):  # fmt: skip
-    """The `vLLMEngineProcessorConfig` for one model; `dtype` is the spec's (auto resolved here)."""
+                     accelerator_type: str | None = None, max_pending_requests: int | None = None,
+                     trust_remote_code: bool = False):  # fmt: skip
+    """The `vLLMEngineProcessorConfig` for one model; `dtype` is the spec's (auto resolved here).
+
+    `trust_remote_code` goes into the engine arguments, where both vLLM and ray.data.llm's own
+    tokenizer and config loading read it; it is the model spec's field, never taken from `engine_kwargs`.
+    """
     from ray.data.llm import vLLMEngineProcessorConfig
 
     from alignlib.models import dtype_name, resolve_model
@@ -50,7 +55,11 @@ def processor_config(model_source: str, *, dtype: str, batch_size: int, concurre
     return vLLMEngineProcessorConfig(
         model_source=resolve_model(model_source),
         task_type=task_type,
-        engine_kwargs={"dtype": dtype_name(dtype, on_gpu=on_gpu), **engine_kwargs},
+        engine_kwargs={
+            "dtype": dtype_name(dtype, on_gpu=on_gpu),
+            **engine_kwargs,
+            "trust_remote_code": trust_remote_code,
+        },
         batch_size=batch_size,
         concurrency=pool_size(concurrency),
         # One bundle per tensor/pipeline-parallel worker: tensor_parallel_size 2 with {GPU: 1} reserves 2 GPUs
@@ -72,6 +81,7 @@ def generate_config(model, settings):
         model.model, dtype=model.dtype, batch_size=settings.batch_size, concurrency=settings.concurrency,
         resources=settings.resources, engine_kwargs=settings.engine_kwargs,
         accelerator_type=settings.accelerator_type, max_pending_requests=settings.max_pending_requests,
+        trust_remote_code=model.trust_remote_code,
     )  # fmt: skip
 
 
@@ -80,6 +90,7 @@ def reward_config(reward):
     return processor_config(
         reward.model, dtype=reward.dtype, batch_size=reward.batch_size, concurrency=reward.concurrency,
         resources=reward.resources, engine_kwargs=reward.engine_kwargs, task_type="classify",
+        trust_remote_code=reward.trust_remote_code,
     )  # fmt: skip
 
 
@@ -108,7 +119,7 @@ def vllm_generate(requests, model, sampling, settings):
 
     config = generate_config(model, settings)
     max_tokens = sampling.max_new_tokens
-    stop_ids = {load_tokenizer(model.model).eos_token_id}
+    stop_ids = {load_tokenizer(model.model, trust_remote_code=model.trust_remote_code).eos_token_id}
 
     def preprocess(row):
         params = dict(
@@ -143,10 +154,11 @@ def vllm_score(completions, reward, column: str):
     from alignlib.models import check_reward_config
     from alignlib.score import REWARD_TOKENS, RewardEncoder
 
-    check_reward_config(reward.model)
+    check_reward_config(reward.model, trust_remote_code=reward.trust_remote_code)
     config = reward_config(reward)
     tokenized = completions.map_batches(
-        RewardEncoder, fn_constructor_kwargs=dict(model=reward.model, max_length=reward.max_length),
+        RewardEncoder, fn_constructor_kwargs=dict(model=reward.model, max_length=reward.max_length,
+                                                  trust_remote_code=reward.trust_remote_code),
         batch_format="pyarrow", concurrency=1, num_cpus=LIGHT_CPUS,
     )  # fmt: skip
 

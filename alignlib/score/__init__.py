@@ -82,10 +82,10 @@ def length_groups(lengths: list[int], slack: float = PAD_SLACK) -> list[list[int
 class RewardEncoder:
     """Ray Data callable: adds `scored_token_ids`, the tokens the reward model reads (for the vllm engine)."""
 
-    def __init__(self, model: str, max_length: int):
+    def __init__(self, model: str, max_length: int, trust_remote_code: bool = False):
         from alignlib.models import load_tokenizer
 
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.max_length = max_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -104,15 +104,18 @@ class ModelScorer:
     pads the whole batch to its longest row (the benchmark's baseline).
     """
 
-    def __init__(self, model: str, dtype: str, max_length: int, column: str = S.REWARD, group_by_length: bool = True):
+    def __init__(self, model: str, dtype: str, max_length: int, column: str = S.REWARD, group_by_length: bool = True,
+                 trust_remote_code: bool = False):  # fmt: skip
         import torch
 
         from alignlib.models import load_reward_model, load_tokenizer
 
         self.on_gpu = torch.cuda.is_available()
         self.name = model
-        self.tokenizer = load_tokenizer(model)
-        self.model = load_reward_model(model, dtype, self.on_gpu).eval().to("cuda" if self.on_gpu else "cpu")
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        self.model = (
+            load_reward_model(model, dtype, self.on_gpu, trust_remote_code).eval().to("cuda" if self.on_gpu else "cpu")
+        )
         self.max_length = max_length
         self.column = column
         self.group_by_length = group_by_length
@@ -200,7 +203,13 @@ def _scored_by(completions, reward, column: str):
 
     return completions.map_batches(
         ModelScorer,
-        fn_constructor_kwargs=dict(model=reward.model, dtype=reward.dtype, max_length=reward.max_length, column=column),
+        fn_constructor_kwargs=dict(
+            model=reward.model,
+            dtype=reward.dtype,
+            max_length=reward.max_length,
+            column=column,
+            trust_remote_code=reward.trust_remote_code,
+        ),
         batch_size=reward.batch_size,
         batch_format="pyarrow",
         concurrency=reward.concurrency,

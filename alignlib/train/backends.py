@@ -55,7 +55,8 @@ class Backend:
     # -- model ------------------------------------------------------------------------------
     def load_base(self):
         on_gpu = self.device.type == "cuda"
-        return load_causal_lm(self.spec.policy.model, self.spec.policy.dtype, on_gpu)
+        policy = self.spec.policy
+        return load_causal_lm(policy.model, policy.dtype, on_gpu, policy.trust_remote_code)
 
     def build(self):
         model = self.load_base()
@@ -137,7 +138,8 @@ class Backend:
             set_peft_model_state_dict(self.unwrapped, state)
         else:
             _load_full(self.unwrapped, state)
-        saved = torch.load(directory / "state.pt", map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain containers only; a tampered state.pt cannot run code when read.
+        saved = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.micro, self.step_count = saved["micro"], saved["step"]
@@ -177,6 +179,7 @@ class QLoRABackend(Backend):
         model = AutoModelForCausalLM.from_pretrained(
             resolve_model(self.spec.policy.model), quantization_config=quant, dtype=compute,
             device_map={"": self.device.index or 0} if self.device.type == "cuda" else {"": "cpu"},
+            trust_remote_code=self.spec.policy.trust_remote_code,
         )  # fmt: skip
         return model
 
@@ -267,6 +270,8 @@ class DeepSpeedBackend(Backend):
             self.engine.module.save_pretrained(directory / "model", state_dict=state)
 
     def load(self, directory: Path) -> None:
+        # DeepSpeed reads its own optimizer shards with torch.load(weights_only=False) (a pickle); these are
+        # files this job wrote under output_dir/train-ray, never a stage output or a user-supplied file.
         _, client = self.engine.load_checkpoint(
             str(directory / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
         )

@@ -61,10 +61,11 @@ def encode_rows(
 class Tokenize:
     """Ray Data callable class: a batch of pairs / SFT rows -> token-id columns (+ reference log-probs)."""
 
-    def __init__(self, model: str, chat_template: str | None, paired: bool, max_length: int, max_prompt_length):
+    def __init__(self, model: str, chat_template: str | None, paired: bool, max_length: int, max_prompt_length,
+                 trust_remote_code: bool = False):  # fmt: skip
         from alignlib.models import load_tokenizer
 
-        self.tokenizer = load_tokenizer(model, chat_template)
+        self.tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
         self.paired, self.max_length, self.max_prompt_length = paired, max_length, max_prompt_length
 
     def __call__(self, batch):
@@ -105,7 +106,7 @@ def tokenize_dataset(dataset, spec, paired: bool):
     return dataset.map_batches(
         Tokenize,
         fn_constructor_args=(spec.policy.model, spec.policy.chat_template, paired, train.max_length,
-                             train.max_prompt_length),
+                             train.max_prompt_length, spec.policy.trust_remote_code),
         batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=LIGHT_CPUS,
     ).materialize()  # fmt: skip
 

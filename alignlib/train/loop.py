@@ -68,7 +68,9 @@ def reference_source(loss, lora: bool, precomputed: bool) -> str:
 
 def _say(message: str) -> None:
     # Ray Train patches print() in workers to both log and echo it, so every line came out twice.
-    sys.__stdout__.write(f"[alignlib] {message}\n")
+    from alignlib.redaction import redact
+
+    sys.__stdout__.write(redact(f"[alignlib] {message}") + "\n")
     sys.__stdout__.flush()
 
 
@@ -106,7 +108,7 @@ def train_loop(config: dict) -> None:
 
     loss = get_loss(train.loss.name)
     knobs = _loss_kwargs(loss, train.loss.model_dump(exclude={"name"}))
-    tokenizer = load_tokenizer(spec.policy.model, spec.policy.chat_template)
+    tokenizer = load_tokenizer(spec.policy.model, spec.policy.chat_template, spec.policy.trust_remote_code)
     backend = make_backend(spec, config["total_steps"], device)
     model = backend.build()
     source = reference_source(loss, train.lora is not None, config.get("precomputed_reference", False))

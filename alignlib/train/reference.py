@@ -32,8 +32,9 @@ class ReferenceLogps:
         self.train = spec.train
         on_gpu = spec.train.backend.use_gpu and torch.cuda.is_available()
         self.device = torch.device("cuda" if on_gpu else "cpu")
-        self.tokenizer = load_tokenizer(spec.policy.model, spec.policy.chat_template)
-        self.model = load_causal_lm(spec.policy.model, spec.policy.dtype, on_gpu).to(self.device).eval()
+        policy = spec.policy
+        self.tokenizer = load_tokenizer(policy.model, policy.chat_template, policy.trust_remote_code)
+        self.model = load_causal_lm(policy.model, policy.dtype, on_gpu, policy.trust_remote_code).to(self.device).eval()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch

@@ -4,6 +4,7 @@ Asserts what a user of `alignlib demo` would look at: the stage directories and 
 tables' columns and row counts, the pairs, the exported model, and the before/after eval numbers.
 """
 
+import sys
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -13,6 +14,9 @@ from alignlib import schema as S
 from alignlib.pipeline import Pipeline
 from alignlib.spec import load_spec
 from alignlib.store import STAGES
+
+sys.path.insert(0, str(Path(__file__).parent))
+from output_checks import unsafe_stage_files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -115,6 +119,11 @@ def test_export_loads_with_from_pretrained(demo_run):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert model.config.num_hidden_layers == 2 and tokenizer.chat_template
+
+
+def test_stage_outputs_hold_no_pickle(demo_run):
+    _, run, _ = demo_run
+    assert unsafe_stage_files(run) == [], "stage outputs are Parquet, JSON, HTML, safetensors and tokenizer text"
 
 
 def test_trained_policy_beats_the_starting_policy(demo_run):
