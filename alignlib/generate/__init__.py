@@ -23,6 +23,24 @@ from alignlib import schema as S
 # core each can leave an engine actor's pipeline unschedulable on a small machine.
 LIGHT_CPUS = 0.25
 
+# What Ray does when an engine or reward actor dies (OOM kill, lost node, preemption): it starts the
+# actor again, as often as needed over a long job, and retries the batches that were in flight on
+# it. A batch whose actor dies on each of its 1 + 3 tries stops the stage with Ray's error instead
+# of killing actors forever. The stage then checks that no row was lost or written twice
+# (`alignlib.verify`). Ray Data's own defaults are -1 / -1 (forever); these are set here, not inherited.
+ACTOR_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 3}
+
+
+def one_batch_per_block(dataset, batch_size: int):
+    """Cut a dataset into blocks of `batch_size` rows, so an actor pool gets one batch per task.
+
+    Ray Data gives one task a whole block however big; a small input (one Parquet row group) would
+    then be one task: one busy actor whatever the pool size, no output until it ends, and all of it
+    redone if its actor dies. Cut per batch, work spreads over the pool, results stream out, and a
+    killed actor costs only the batches it had in flight.
+    """
+    return dataset.repartition(target_num_rows_per_block=batch_size)
+
 
 @dataclass(frozen=True)
 class Sampling:

@@ -106,7 +106,9 @@ class HFGenerator:
 
 
 def hf_generate(requests, model, sampling, settings):
-    return requests.map_batches(
+    from alignlib.generate import ACTOR_FAULT_TOLERANCE, one_batch_per_block
+
+    return one_batch_per_block(requests, settings.batch_size).map_batches(
         HFGenerator,
         fn_constructor_kwargs=dict(
             model=model.model,
@@ -120,4 +122,5 @@ def hf_generate(requests, model, sampling, settings):
         batch_format="pyarrow",
         concurrency=settings.concurrency,
         **actor_resources(settings.resources),
+        **ACTOR_FAULT_TOLERANCE,
     )

@@ -187,10 +187,12 @@ def score(completions, score_spec):
 
 
 def _scored_by(completions, reward, column: str):
+    from alignlib.generate import ACTOR_FAULT_TOLERANCE, one_batch_per_block
+
     if reward.type == "function":
         return completions.map_batches(
             FunctionScorer, fn_constructor_kwargs=dict(function=reward.function, column=column),
-            batch_format="pyarrow", concurrency=1, num_cpus=0.5,
+            batch_format="pyarrow", concurrency=1, num_cpus=0.5, **ACTOR_FAULT_TOLERANCE,
         )  # fmt: skip
     if reward.engine == "vllm":
         from alignlib.generate.vllm_engine import vllm_score
@@ -198,11 +200,12 @@ def _scored_by(completions, reward, column: str):
         return vllm_score(completions, reward, column)
     from alignlib.generate.hf_engine import actor_resources
 
-    return completions.map_batches(
+    return one_batch_per_block(completions, reward.batch_size).map_batches(
         ModelScorer,
         fn_constructor_kwargs=dict(model=reward.model, dtype=reward.dtype, max_length=reward.max_length, column=column),
         batch_size=reward.batch_size,
         batch_format="pyarrow",
         concurrency=reward.concurrency,
         **actor_resources(reward.resources),
+        **ACTOR_FAULT_TOLERANCE,
     )
