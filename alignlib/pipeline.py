@@ -22,7 +22,16 @@ import pyarrow as pa
 
 from alignlib import schema as S
 from alignlib.spec import JobSpec, eval_temperature, stage_sections
-from alignlib.store import STAGES, StageStore, StageWriter, count_rows, fingerprint, read_table, write_table
+from alignlib.store import (
+    ROWS_PER_FILE,
+    STAGES,
+    StageStore,
+    StageWriter,
+    count_rows,
+    fingerprint,
+    read_table,
+    write_table,
+)
 from alignlib.verify import KEY, check_completions, check_scored
 
 UPSTREAM = {
@@ -194,11 +203,11 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         for generator, model, n in jobs:
             log(f"generate: {n} sample(s) per prompt from {generator} model {model.model} ({g.engine})")
             generate(prompts, model, _sampling(spec), g, generator, n, spec.seed).write_parquet(
-                str(out.table("completions") / generator)
+                str(out.table("completions") / generator), min_rows_per_file=ROWS_PER_FILE
             )
         if spec.data.reference_field is not None:
             prompts.map_batches(reference_rows, batch_format="pyarrow").write_parquet(
-                str(out.table("completions") / S.GENERATOR_REFERENCE)
+                str(out.table("completions") / S.GENERATOR_REFERENCE), min_rows_per_file=ROWS_PER_FILE
             )
     check_completions(out.table("completions"), _expected_completions(p, jobs))
     return {"engine": g.engine}
@@ -221,7 +230,7 @@ def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     ensure_ray()
     with ordered_data():
         completions = ray.data.read_parquet(str(p.table_path("generate", "completions")))
-        score(completions, p.spec.score).write_parquet(str(out.table("scored")))
+        score(completions, p.spec.score).write_parquet(str(out.table("scored")), min_rows_per_file=ROWS_PER_FILE)
     check_scored(out.table("scored"), p.table_path("generate", "completions"))
     table = read_table(out.table("scored"))
     columns = [S.REWARD] + [c for c, _, _ in p.spec.score.components() if c != S.REWARD]

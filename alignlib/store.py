@@ -29,6 +29,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 MANIFEST = "manifest.json"
+# Rows per Parquet file Ray Data writes at least (the last file may hold fewer). Engines work in
+# batch-sized blocks; a file per block would leave thousands of small files.
+ROWS_PER_FILE = 10_000
 STAGES = ["prompts", "generate", "score", "pairs", "ref_logps", "train", "export", "eval"]
 
 
