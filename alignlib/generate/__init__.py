@@ -23,12 +23,11 @@ from alignlib import schema as S
 # core each can leave an engine actor's pipeline unschedulable on a small machine.
 LIGHT_CPUS = 0.25
 
-# What Ray does when an engine or reward actor dies (OOM kill, lost node, preemption): it starts the
-# actor again, as often as needed over a long job, and retries the batches that were in flight on
-# it. A batch whose actor dies on each of its 1 + 3 tries stops the stage with Ray's error instead
-# of killing actors forever. The stage then checks that no row was lost or written twice
-# (`alignlib.verify`). Ray Data's own defaults are -1 / -1 (forever); these are set here, not inherited.
-ACTOR_FAULT_TOLERANCE = {"max_restarts": -1, "max_task_retries": 3}
+# A killed engine or reward actor (OOM kill, lost node, preemption): Ray Data's actor pools restart it
+# and retry the batches that were in flight on it (their defaults, max_restarts and max_task_retries
+# -1; Ray 2.60 deprecates setting them through map_batches). Whatever the retries did, a stage then
+# checks that no row was lost or written twice before it commits (`alignlib.verify`), and
+# tests/integration/test_faults.py kills those actors for real.
 
 
 def one_batch_per_block(dataset, batch_size: int):

@@ -106,7 +106,7 @@ class HFGenerator:
 
 
 def hf_generate(requests, model, sampling, settings):
-    from alignlib.generate import ACTOR_FAULT_TOLERANCE, one_batch_per_block
+    from alignlib.generate import one_batch_per_block
 
     return one_batch_per_block(requests, settings.batch_size).map_batches(
         HFGenerator,
@@ -122,5 +122,4 @@ def hf_generate(requests, model, sampling, settings):
         batch_format="pyarrow",
         concurrency=settings.concurrency,
         **actor_resources(settings.resources),
-        **ACTOR_FAULT_TOLERANCE,
     )

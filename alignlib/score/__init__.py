@@ -187,12 +187,12 @@ def score(completions, score_spec):
 
 
 def _scored_by(completions, reward, column: str):
-    from alignlib.generate import ACTOR_FAULT_TOLERANCE, one_batch_per_block
+    from alignlib.generate import one_batch_per_block
 
     if reward.type == "function":
         return completions.map_batches(
             FunctionScorer, fn_constructor_kwargs=dict(function=reward.function, column=column),
-            batch_format="pyarrow", concurrency=1, num_cpus=0.5, **ACTOR_FAULT_TOLERANCE,
+            batch_format="pyarrow", concurrency=1, num_cpus=0.5,
         )  # fmt: skip
     if reward.engine == "vllm":
         from alignlib.generate.vllm_engine import vllm_score
@@ -207,5 +207,4 @@ def _scored_by(completions, reward, column: str):
         batch_format="pyarrow",
         concurrency=reward.concurrency,
         **actor_resources(reward.resources),
-        **ACTOR_FAULT_TOLERANCE,
     )
