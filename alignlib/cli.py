@@ -1,6 +1,7 @@
 """Command line: `alignlib run JOB.yaml [key=value ...]`, one stage at a time, validate, schema, demo.
 
 alignlib run jobs/demo.yaml                 # prompts -> generate -> ... -> eval
+alignlib run jobs/demo.yaml --until pairs   # stop after the preference data
 alignlib score jobs/demo.yaml               # one stage (its inputs must exist)
 alignlib validate jobs/demo.yaml            # every problem, with its field path
 alignlib demo                               # = alignlib run jobs/demo.yaml
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
     for cmd in (job_command("run", "run every stage (complete ones are skipped)"),):
         cmd.add_argument("--force", action="store_true", help="rerun stages even if their outputs are complete")
+        cmd.add_argument("--until", choices=STAGES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
     for stage in STAGES:
         job_command(stage, f"run only the {stage} stage").add_argument("--force", action="store_true")
     job_command("validate", "check a job spec without running it")
@@ -82,9 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export-pairs":
         return _export_pairs(Pipeline(spec), Path(args.out))
 
+    pipeline = Pipeline(spec, force=args.force)
     only = None if args.command in ("run", "demo") else [args.command]
+    if getattr(args, "until", None):
+        stages = pipeline.stages()
+        if args.until not in stages:
+            print(f"alignlib: error: --until {args.until}: this job has no such stage ({', '.join(stages)})",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        only = stages[: stages.index(args.until) + 1]
     try:
-        manifests = Pipeline(spec, force=args.force).run(only)
+        manifests = pipeline.run(only)
     except Exception as err:
         root = _root_cause(err)
         if not type(root).__module__.startswith("alignlib"):

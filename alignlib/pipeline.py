@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,17 @@ import pyarrow as pa
 from alignlib import schema as S
 from alignlib.redaction import redact
 from alignlib.spec import JobSpec, eval_temperature, remote_code_models, stage_sections
-from alignlib.store import STAGES, StageStore, StageWriter, count_rows, fingerprint, read_table, write_table
+from alignlib.store import (
+    ROWS_PER_FILE,
+    STAGES,
+    StageStore,
+    StageWriter,
+    count_rows,
+    fingerprint,
+    read_table,
+    write_table,
+)
+from alignlib.verify import KEY, check_completions, check_scored
 
 UPSTREAM = {
     "prompts": [],
@@ -69,6 +81,25 @@ def ensure_ray() -> None:
     # Let a stage's own error (a reward that failed on file:line) reach the user, not Ray Data's
     # generic "UDF failed to process a data block" wrapper.
     ray.data.DataContext.get_current().raise_original_map_exception = True
+
+
+@contextmanager
+def ordered_data() -> Iterator[None]:
+    """Ray Data datasets made and run inside keep every step's output in input order.
+
+    A model's output for a row differs in the last bits with the rows batched beside it (padding,
+    matrix shapes), and a sampled token or a reward can follow. Unordered, blocks reach an actor in
+    the order tasks happen to finish, so batches differ between runs; ordered, a rerun (or a retry
+    after a killed actor) batches the same rows together and gives the same bytes.
+    """
+    import ray
+
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 class Pipeline:
@@ -197,21 +228,32 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
 
     ensure_ray()
     spec, g = p.spec, p.spec.generate
-    prompts = ray.data.read_parquet(str(p.table_path("prompts", "train")))
     jobs = [(S.GENERATOR_POLICY, spec.policy, g.num_samples)]
     if g.weak_model is not None:
         jobs.append((S.GENERATOR_WEAK, g.weak_model, g.weak_model.num_samples))
-    # One model at a time: each engine gets the whole cluster instead of competing for it.
-    for generator, model, n in jobs:
-        log(f"generate: {n} sample(s) per prompt from {generator} model {model.model} ({g.engine})")
-        generate(prompts, model, _sampling(spec), g, generator, n, spec.seed).write_parquet(
-            str(out.table("completions") / generator)
-        )
-    if spec.data.reference_field is not None:
-        prompts.map_batches(reference_rows, batch_format="pyarrow").write_parquet(
-            str(out.table("completions") / S.GENERATOR_REFERENCE)
-        )
+    with ordered_data():
+        prompts = ray.data.read_parquet(str(p.table_path("prompts", "train")))
+        # One model at a time: each engine gets the whole cluster instead of competing for it.
+        for generator, model, n in jobs:
+            log(f"generate: {n} sample(s) per prompt from {generator} model {model.model} ({g.engine})")
+            generate(prompts, model, _sampling(spec), g, generator, n, spec.seed).write_parquet(
+                str(out.table("completions") / generator), min_rows_per_file=ROWS_PER_FILE
+            )
+        if spec.data.reference_field is not None:
+            prompts.map_batches(reference_rows, batch_format="pyarrow").write_parquet(
+                str(out.table("completions") / S.GENERATOR_REFERENCE), min_rows_per_file=ROWS_PER_FILE
+            )
+    check_completions(out.table("completions"), _expected_completions(p, jobs))
     return {"engine": g.engine}
+
+
+def _expected_completions(p: Pipeline, jobs: list[tuple[str, Any, int]]) -> dict[str, tuple[list[str], int]]:
+    """generator -> (prompt ids, samples per prompt) the generate stage must write, each row once."""
+    prompts = read_table(p.table_path("prompts", "train")).select([S.PROMPT_ID, S.REFERENCE]).to_pylist()
+    expected = {generator: ([r[S.PROMPT_ID] for r in prompts], n) for generator, _, n in jobs}
+    if p.spec.data.reference_field is not None:
+        expected[S.GENERATOR_REFERENCE] = ([r[S.PROMPT_ID] for r in prompts if r[S.REFERENCE] is not None], 1)
+    return expected
 
 
 def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
@@ -220,8 +262,10 @@ def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     from alignlib.score import score
 
     ensure_ray()
-    completions = ray.data.read_parquet(str(p.table_path("generate", "completions")))
-    score(completions, p.spec.score).write_parquet(str(out.table("scored")))
+    with ordered_data():
+        completions = ray.data.read_parquet(str(p.table_path("generate", "completions")))
+        score(completions, p.spec.score).write_parquet(str(out.table("scored")), min_rows_per_file=ROWS_PER_FILE)
+    check_scored(out.table("scored"), p.table_path("generate", "completions"))
     table = read_table(out.table("scored"))
     columns = [S.REWARD] + [c for c, _, _ in p.spec.score.components() if c != S.REWARD]
     return {f"{c}_mean": _mean(table[c].to_pylist()) for c in columns}
@@ -239,7 +283,8 @@ def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         pairs, sft, counts = import_pairs(preferences, train_ids, spec)
         completions = imported_completions(pairs)
     else:
-        scored = read_table(p.table_path("score", "scored")).to_pylist()
+        # In key order: the pairs file is then the same bytes whatever order Ray Data wrote the rows in.
+        scored = read_table(p.table_path("score", "scored")).sort_by([(c, "ascending") for c in KEY]).to_pylist()
         pairs, sft, counts = build(scored, spec, p.spec.seed)
         completions = scored
     quality = data_quality(completions, pairs, counts)
@@ -290,10 +335,11 @@ def run_ref_logps(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     from alignlib.train.reference import reference_logps
 
     ensure_ray()
-    pairs = ray.data.read_parquet(str(p.table_path("pairs", "pairs"))).materialize()
-    rows = pairs.count()
-    log(f"ref_logps: reference log-probs of {rows} pairs under {p.spec.policy.model}")
-    reference_logps(pairs, p.spec).write_parquet(str(out.table("pairs")))
+    with ordered_data():
+        pairs = ray.data.read_parquet(str(p.table_path("pairs", "pairs"))).materialize()
+        rows = pairs.count()
+        log(f"ref_logps: reference log-probs of {rows} pairs under {p.spec.policy.model}")
+        reference_logps(pairs, p.spec).write_parquet(str(out.table("pairs")))
     written = count_rows(out.table("pairs"))
     if written != rows:
         raise RuntimeError(f"ref_logps: {rows} pairs in, {written} rows out; refusing to trust the output")
@@ -326,16 +372,17 @@ def run_eval(p: Pipeline, out: StageWriter) -> dict[str, Any]:
 
     ensure_ray()
     spec = p.spec
-    prompts = ray.data.read_parquet(str(p.table_path("prompts", "eval")))
     # The export keeps the policy's own code (if any), so it is trusted exactly as far as the policy is.
     trained = ModelSpec(model=str(p.store.path("export") / "model"), chat_template=spec.policy.chat_template,
                         dtype=spec.policy.dtype, trust_remote_code=spec.policy.trust_remote_code)  # fmt: skip
     sampling = _sampling(spec, eval_temperature(spec))
-    for generator, model in ((S.GENERATOR_BASE, spec.policy), (S.GENERATOR_TRAINED, trained)):
-        log(f"eval: sampling the {generator} policy on held-out prompts")
-        completions = generate(prompts, model, sampling, spec.generate, generator, spec.eval.num_samples,
-                               spec.seed, seed_key="eval").materialize()  # fmt: skip
-        score(completions, spec.score).write_parquet(str(out.table("completions") / generator))
+    with ordered_data():
+        prompts = ray.data.read_parquet(str(p.table_path("prompts", "eval")))
+        for generator, model in ((S.GENERATOR_BASE, spec.policy), (S.GENERATOR_TRAINED, trained)):
+            log(f"eval: sampling the {generator} policy on held-out prompts")
+            completions = generate(prompts, model, sampling, spec.generate, generator, spec.eval.num_samples,
+                                   spec.seed, seed_key="eval").materialize()  # fmt: skip
+            score(completions, spec.score).write_parquet(str(out.table("completions") / generator))
     rows = read_table(out.table("completions")).to_pylist()
     summary = summarize(rows)
     (out.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

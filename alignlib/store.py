@@ -31,6 +31,9 @@ import pyarrow.parquet as pq
 from alignlib.redaction import redact
 
 MANIFEST = "manifest.json"
+# Rows per Parquet file Ray Data writes at least (the last file may hold fewer). Engines work in
+# batch-sized blocks; a file per block would leave thousands of small files.
+ROWS_PER_FILE = 10_000
 STAGES = ["prompts", "generate", "score", "pairs", "ref_logps", "train", "export", "eval"]
 
 

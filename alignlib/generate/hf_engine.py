@@ -1,8 +1,9 @@
 """The `transformers` engine: a batched sampler over an HF causal LM, one model per Ray actor.
 
 HF `generate` draws all rows of a batch from one random stream; here each row samples from its
-own `torch.Generator` seeded with the row's `seed`, so a sample does not depend on which batch it
-landed in. Prompts are left-padded and decoded with a KV cache.
+own `torch.Generator` seeded with the row's `seed`, so its random draws do not depend on which batch
+it landed in (its logits can, in the last bits: see `pipeline.ordered_data`). Prompts are
+left-padded and decoded with a KV cache.
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ class HFGenerator:
 
 
 def hf_generate(requests, model, sampling, settings):
-    return requests.map_batches(
+    from alignlib.generate import one_batch_per_block
+
+    return one_batch_per_block(requests, settings.batch_size).map_batches(
         HFGenerator,
         fn_constructor_kwargs=dict(
             model=model.model,

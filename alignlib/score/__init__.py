@@ -190,6 +190,8 @@ def score(completions, score_spec):
 
 
 def _scored_by(completions, reward, column: str):
+    from alignlib.generate import one_batch_per_block
+
     if reward.type == "function":
         return completions.map_batches(
             FunctionScorer, fn_constructor_kwargs=dict(function=reward.function, column=column),
@@ -201,7 +203,7 @@ def _scored_by(completions, reward, column: str):
         return vllm_score(completions, reward, column)
     from alignlib.generate.hf_engine import actor_resources
 
-    return completions.map_batches(
+    return one_batch_per_block(completions, reward.batch_size).map_batches(
         ModelScorer,
         fn_constructor_kwargs=dict(
             model=reward.model,

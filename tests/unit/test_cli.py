@@ -76,3 +76,12 @@ def test_export_pairs_writes_trl_conversational_jsonl(tmp_path):
     missing = run(sys.executable, "-m", "alignlib", "export-pairs", "jobs/demo.yaml", f"output_dir={tmp_path}/none",
                   "--out", str(target))  # fmt: skip
     assert missing.returncode == 1 and "no complete pairs" in missing.stderr
+
+
+def test_run_until_stops_after_that_stage(tmp_path):
+    done = run(
+        sys.executable, "-m", "alignlib", "run", "jobs/demo.yaml", f"output_dir={tmp_path}", "--until", "prompts"
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "prompts" / "manifest.json").exists()
+    assert not (tmp_path / "generate").exists()

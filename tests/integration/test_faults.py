@@ -1,0 +1,290 @@
+"""Faults injected for real into the generate and score stages, and reruns that must give the same bytes.
+
+One job (43 training prompts, 2 policy samples each plus the gold answer, the transformers engine, the
+builtin:tiny-reward model) runs up to `pairs` in these ways, all on the session's local Ray:
+
+- reference: uninterrupted, in this process;
+- again, uninterrupted, into another directory: every table equal, the single-file ones byte for byte;
+- `alignlib run JOB.yaml --until pairs` in its own process group, three times:
+  1. the whole job SIGKILLed while generate is mid-way (its temporary directory already holds Parquet);
+  2. rerun: the engine actor SIGKILLed after it started 3 batches (Ray restarts it), generate finishes;
+     then the whole job SIGKILLed while the reward actor is mid-way through the score stage;
+  3. rerun: the reward actor SIGKILLed after 3 batches (Ray restarts it), the job finishes;
+  after which completions, scores and pairs must equal the reference: no row lost, none twice;
+- a finished run tampered with (a Parquet file deleted, a manifest cut short): the rerun redoes those stages.
+
+Actors are found by their process title (`ray::MapWorker(MapBatches(HFGenerator)).submit` while a batch
+runs) among this test process's descendants: the session's Ray was started here, so its workers are ours.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from alignlib import schema as S
+from alignlib.pipeline import Pipeline
+from alignlib.spec import load_spec
+from alignlib.store import read_table
+from alignlib.verify import KEY
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+UPSTREAM = ["prompts", "generate", "score", "pairs"]
+TRAIN_PROMPTS, SAMPLES = 43, 2  # data.limit 48, 10% held out
+SPEC = {
+    "name": "faults",
+    "seed": 0,
+    "data": {"path": str(ROOT / "jobs/data/addition.jsonl"), "prompt_field": "question", "reference_field": "answer",
+             "eval_fraction": 0.1, "limit": 48},
+    "policy": {"model": "builtin:tiny-policy"},
+    "generate": {"engine": "transformers", "num_samples": SAMPLES, "max_new_tokens": 16, "batch_size": 4,
+                 "resources": {"CPU": 1}},
+    "score": {"reward": {"type": "model", "model": "builtin:tiny-reward", "batch_size": 4, "resources": {"CPU": 1}}},
+    "pairs": {"strategy": ["best_vs_worst"], "min_margin": 0.0, "include_truncated": True},
+    "train": {"backend": {"name": "ddp", "num_workers": 1, "use_gpu": False}},
+    "eval": {"enabled": False},
+}  # fmt: skip
+SINGLE_FILE_TABLES = [("prompts", "train"), ("prompts", "eval"), ("pairs", "pairs"), ("pairs", "sft")]
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults") / "job.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    return path
+
+
+def run_in_process(spec_file: Path, run: Path) -> Path:
+    Pipeline(load_spec(spec_file, [f"output_dir={run}"])).run(UPSTREAM)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, spec_file, tmp_path_factory):
+    return run_in_process(spec_file, tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def second(reference, spec_file, tmp_path_factory):
+    return run_in_process(spec_file, tmp_path_factory.mktemp("second"))
+
+
+def rows(run: Path, stage: str, table: str) -> list[dict]:
+    return read_table(run / stage / table).to_pylist()
+
+
+def by_key(table_rows: list[dict]) -> dict[tuple, dict]:
+    keyed = {tuple(r[c] for c in KEY): r for r in table_rows}
+    assert len(keyed) == len(table_rows), "a (prompt_id, generator, sample_index) key appears twice"
+    return keyed
+
+
+def assert_exact_completions(run: Path, stage: str = "generate", table: str = "completions") -> None:
+    """One row per prompt and policy sample, one gold answer per prompt, no key twice."""
+    found = rows(run, stage, table)
+    counts = {g: sum(r[S.GENERATOR] == g for r in found) for g in (S.GENERATOR_POLICY, S.GENERATOR_REFERENCE)}
+    assert counts == {S.GENERATOR_POLICY: TRAIN_PROMPTS * SAMPLES, S.GENERATOR_REFERENCE: TRAIN_PROMPTS}
+    assert len(by_key(found)) == TRAIN_PROMPTS * (SAMPLES + 1)
+
+
+def assert_same_outputs(run: Path, reference: Path) -> None:
+    """Prompts and pairs byte for byte; completions and scores row for row, in the same order."""
+    for stage, table in SINGLE_FILE_TABLES:
+        assert (run / stage / table / "part-00000.parquet").read_bytes() == (
+            reference / stage / table / "part-00000.parquet"
+        ).read_bytes(), f"{stage}/{table} differs"
+    for stage, table in (("generate", "completions"), ("score", "scored")):
+        got, want = rows(run, stage, table), rows(reference, stage, table)
+        assert len(got) == len(want)
+        assert by_key(got) == by_key(want), f"{stage}/{table}: some row differs from the reference"
+        assert got == want, f"{stage}/{table}: same rows, other order"
+
+
+# -- determinism --------------------------------------------------------------------------------
+
+
+def test_reference_run_has_every_row_once(reference):
+    assert_exact_completions(reference)
+    scored = rows(reference, "score", "scored")
+    assert by_key(scored).keys() == by_key(rows(reference, "generate", "completions")).keys()
+    assert {r[S.REWARD_SOURCE] for r in scored} == {"builtin:tiny-reward"}
+    assert len(rows(reference, "pairs", "pairs")) == TRAIN_PROMPTS
+
+
+def test_same_spec_and_seed_give_identical_outputs(reference, second):
+    assert_same_outputs(second, reference)
+
+
+def test_manifests_record_the_versions_that_made_each_output(second):
+    for stage in UPSTREAM:
+        versions = json.loads((second / stage / "manifest.json").read_text())["versions"]
+        assert {"python", "ray", "torch", "transformers", "pyarrow", "alignlib"} <= versions.keys(), stage
+
+
+# -- tampered outputs ---------------------------------------------------------------------------
+
+
+def test_a_tampered_stage_is_redone_not_trusted(second, spec_file, tmp_path, capsys):
+    run = tmp_path / "tampered"
+    shutil.copytree(second, run)
+    (run / "prompts" / "eval" / "part-00000.parquet").unlink()  # a table lost a file
+    manifest = run / "pairs" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])  # a manifest cut short
+
+    run_in_process(spec_file, run)
+
+    log = capsys.readouterr().out
+    assert "prompts: running" in log and "pairs: running" in log
+    assert "generate: complete, skipped" in log and "score: complete, skipped" in log
+    assert_same_outputs(run, second)
+
+
+# -- killed actors and killed jobs --------------------------------------------------------------
+
+
+class ActorWatcher(threading.Thread):
+    """Watches the Ray actor running `udf`; once it has started `after` batches, SIGKILLs it (if `kill`).
+
+    `hit` is the pid the actor had then. `replaced` turns true when another process runs a batch of `udf`
+    after the kill: Ray restarted the actor and there was work left for it, so the kill landed mid-stage.
+    Processes that existed before the watcher started (actors of an earlier run) are ignored.
+    """
+
+    def __init__(self, udf: str, after: int = 3, kill: bool = True):
+        super().__init__(daemon=True)
+        self.title, self.after, self.kill = f"MapBatches({udf})", after, kill
+        self.hit: int | None = None
+        self.replaced = False
+        self.done = threading.Event()
+        self.me = psutil.Process()
+        self.earlier = {p.pid for p in self.me.children(recursive=True)}
+
+    def run(self) -> None:
+        busy, started = {}, {}
+        while not self.done.is_set():
+            for proc in self.me.children(recursive=True):
+                try:
+                    title = " ".join(proc.cmdline())
+                except psutil.Error:
+                    continue
+                if self.title not in title or proc.pid in self.earlier:
+                    continue
+                running = title.rstrip().endswith(".submit")
+                if running and not busy.get(proc.pid):
+                    started[proc.pid] = started.get(proc.pid, 0) + 1
+                busy[proc.pid] = running
+                if self.hit is None and started.get(proc.pid, 0) >= self.after:
+                    if self.kill:
+                        os.kill(proc.pid, signal.SIGKILL)
+                    self.hit = proc.pid
+                elif self.hit is not None and proc.pid != self.hit and running:
+                    self.replaced = True
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+
+def start_job(spec_file: Path, run: Path) -> subprocess.Popen:
+    """`alignlib run JOB.yaml --until pairs` in its own process group, as a driver of the session's Ray."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return subprocess.Popen(
+        [sys.executable, "-m", "alignlib", "run", str(spec_file), f"output_dir={run}", "--until", "pairs"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def kill_job_when(proc: subprocess.Popen, ready, what: str, timeout: float = 400) -> str:
+    """SIGKILL the job's whole process group as soon as `ready()`; its output so far."""
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended before {what}:\n{proc.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no sign of {what} within {timeout}s")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    out, _ = proc.communicate()
+    return out
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed_runs(reference, spec_file, tmp_path_factory):
+    """The three runs of one output directory described at the top; what each one left and printed."""
+    run, seen = tmp_path_factory.mktemp("killed") / "run", {}
+
+    # 1. Killed while generate is mid-way: the policy completions are written, the gold answers not yet.
+    proc = start_job(spec_file, run)
+    kill_job_when(proc, lambda: any(run.glob(".generate.tmp-*/completions/policy/*.parquet")), "generate output")
+    seen["after_kill_1"] = sorted(p.name for p in run.iterdir())
+
+    # 2. Rerun; the engine actor killed mid-stage; then the whole job killed while the reward actor works.
+    engine, scorer = ActorWatcher("HFGenerator"), ActorWatcher("ModelScorer", kill=False)
+    engine.start()
+    scorer.start()
+    proc = start_job(spec_file, run)
+    seen["log_2"] = kill_job_when(proc, lambda: scorer.hit is not None, "the reward actor at work")
+    engine.stop()
+    scorer.stop()
+    seen["engine"], seen["after_kill_2"] = engine, sorted(p.name for p in run.iterdir())
+
+    # 3. Rerun; the reward actor killed mid-stage; the job finishes.
+    scorer = ActorWatcher("ModelScorer")
+    scorer.start()
+    seen["log_3"] = finish(start_job(spec_file, run))
+    scorer.stop()
+    seen["scorer"] = scorer
+    return run, seen
+
+
+def test_killed_engine_actor_is_restarted_and_no_completion_is_lost_or_repeated(killed_runs, reference):
+    run, seen = killed_runs
+    assert seen["engine"].hit is not None and seen["engine"].replaced, "the engine actor was not killed mid-stage"
+    assert "generate: done" in seen["log_2"]
+    assert_exact_completions(run)
+    assert by_key(rows(run, "generate", "completions")) == by_key(rows(reference, "generate", "completions"))
+
+
+def test_killed_reward_actor_is_restarted_and_no_score_is_lost_or_repeated(killed_runs, reference):
+    run, seen = killed_runs
+    assert seen["scorer"].hit is not None and seen["scorer"].replaced, "the reward actor was not killed mid-stage"
+    scored = rows(run, "score", "scored")
+    assert len(scored) == TRAIN_PROMPTS * (SAMPLES + 1)
+    assert by_key(scored) == by_key(rows(reference, "score", "scored"))
+
+
+def test_killed_job_reruns_only_what_was_not_finished(killed_runs, reference):
+    run, seen = killed_runs
+    # Killed in generate: prompts committed, generate only in its temporary directory.
+    assert "prompts" in seen["after_kill_1"] and "generate" not in seen["after_kill_1"]
+    assert any(name.startswith(".generate.tmp-") for name in seen["after_kill_1"])
+    # Killed in score: the rerun skipped prompts and redid generate, which is now committed.
+    assert "prompts: complete, skipped" in seen["log_2"] and "generate: running" in seen["log_2"]
+    assert "generate" in seen["after_kill_2"] and "score" not in seen["after_kill_2"]
+    # The last run redid only score and pairs, and left no temporary directory behind.
+    for stage in ("prompts", "generate"):
+        assert f"{stage}: complete, skipped" in seen["log_3"]
+    assert "score: running" in seen["log_3"] and "pairs: running" in seen["log_3"]
+    assert not list(run.glob(".*")), sorted(p.name for p in run.glob(".*"))
+    assert_same_outputs(run, reference)
