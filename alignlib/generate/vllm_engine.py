@@ -111,10 +111,20 @@ def finish_reason(tokens, max_tokens: int, stop_ids: set[int]) -> str:
     return "length" if len(tokens) >= max_tokens else "stop"
 
 
-def vllm_generate(requests, model, sampling, settings):
-    _require_vllm("generate.engine")
+def _process(config, dataset, preprocess, postprocess):
+    """Run `dataset` through one ray.data.llm processor; its row-reshaping steps are light on CPU."""
     from ray.data.llm import build_processor
 
+    light = {"num_cpus": LIGHT_CPUS}
+    processor = build_processor(
+        config, preprocess=preprocess, postprocess=postprocess,
+        preprocess_map_kwargs=light, postprocess_map_kwargs=light,
+    )  # fmt: skip
+    return processor(dataset)
+
+
+def vllm_generate(requests, model, sampling, settings):
+    _require_vllm("generate.engine")
     from alignlib.models import load_tokenizer
 
     config = generate_config(model, settings)
@@ -134,12 +144,7 @@ def vllm_generate(requests, model, sampling, settings):
         out[S.NUM_TOKENS] = int(row["num_generated_tokens"])
         return out
 
-    light = {"num_cpus": LIGHT_CPUS}
-    processor = build_processor(
-        config, preprocess=preprocess, postprocess=postprocess,
-        preprocess_map_kwargs=light, postprocess_map_kwargs=light,
-    )  # fmt: skip
-    return processor(requests)
+    return _process(config, requests, preprocess, postprocess)
 
 
 def vllm_score(completions, reward, column: str):
@@ -149,8 +154,6 @@ def vllm_score(completions, reward, column: str):
     the classifier's sigmoid is switched off so both engines return the raw logit.
     """
     _require_vllm("score.reward.engine")
-    from ray.data.llm import build_processor
-
     from alignlib.models import check_reward_config
     from alignlib.score import REWARD_TOKENS, RewardEncoder
 
@@ -171,9 +174,4 @@ def vllm_score(completions, reward, column: str):
         out[column] = float(row["embeddings"][0])
         return out
 
-    light = {"num_cpus": LIGHT_CPUS}
-    processor = build_processor(
-        config, preprocess=preprocess, postprocess=postprocess,
-        preprocess_map_kwargs=light, postprocess_map_kwargs=light,
-    )  # fmt: skip
-    return processor(tokenized)
+    return _process(config, tokenized, preprocess, postprocess)
