@@ -43,8 +43,8 @@ def test_every_generate_setting_lands_in_the_processor_config():
     assert config.max_pending_requests == 96
     assert config.task_type == "generate"
     assert config.engine_kwargs == {
-        "dtype": "bfloat16", "tensor_parallel_size": 2, "max_model_len": 4096, "task_type": "generate",
-        "trust_remote_code": False,
+        "dtype": "bfloat16", "disable_log_stats": True, "tensor_parallel_size": 2, "max_model_len": 4096,
+        "task_type": "generate", "trust_remote_code": False,
     }  # fmt: skip
     # One bundle per tensor-parallel worker: ray.data.llm replicates it tensor_parallel_size times.
     assert config.placement_group_config["bundle_per_worker"] == {"GPU": 1.0, "CPU": 2.0}
