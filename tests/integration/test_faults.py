@@ -98,8 +98,13 @@ def assert_exact_completions(run: Path, stage: str = "generate", table: str = "c
     assert len(by_key(found)) == TRAIN_PROMPTS * (SAMPLES + 1)
 
 
-def assert_same_outputs(run: Path, reference: Path) -> None:
-    """Prompts and pairs byte for byte; completions and scores row for row, in the same order."""
+def assert_same_outputs(run: Path, reference: Path, same_order: bool = True) -> None:
+    """Prompts and pairs byte for byte; completions and scores row for row, in the same order if `same_order`.
+
+    After a killed actor, Ray Data retries its batch, whose rows can then land later in the stage's file
+    (seen in CI: the same rows, in another order). Pairs are built in key order, so the pairs file is
+    still the same bytes.
+    """
     for stage, table in SINGLE_FILE_TABLES:
         assert (run / stage / table / "part-00000.parquet").read_bytes() == (
             reference / stage / table / "part-00000.parquet"
@@ -108,7 +113,8 @@ def assert_same_outputs(run: Path, reference: Path) -> None:
         got, want = rows(run, stage, table), rows(reference, stage, table)
         assert len(got) == len(want)
         assert by_key(got) == by_key(want), f"{stage}/{table}: some row differs from the reference"
-        assert got == want, f"{stage}/{table}: same rows, other order"
+        if same_order:
+            assert got == want, f"{stage}/{table}: same rows, other order"
 
 
 # -- determinism --------------------------------------------------------------------------------
@@ -287,4 +293,4 @@ def test_killed_job_reruns_only_what_was_not_finished(killed_runs, reference):
         assert f"{stage}: complete, skipped" in seen["log_3"]
     assert "score: running" in seen["log_3"] and "pairs: running" in seen["log_3"]
     assert not list(run.glob(".*")), sorted(p.name for p in run.glob(".*"))
-    assert_same_outputs(run, reference)
+    assert_same_outputs(run, reference, same_order=False)
