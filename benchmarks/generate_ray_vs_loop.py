@@ -10,7 +10,12 @@ Parquet table, the expand and tokenize tasks, the ray.data.llm processor on one 
 actor process imports vLLM and starts the engine, results materialized). Ray itself is started once,
 before timing. The loop's own generate-only time is printed as well.
 
-    .venv/bin/python benchmarks/generate_ray_vs_loop.py              # 3 repeats, prints ranges
+    .venv/bin/python benchmarks/generate_ray_vs_loop.py                          # 1024 prompts, 3 repeats
+    .venv/bin/python benchmarks/generate_ray_vs_loop.py --prompts 1024,8192 --repeats 2
+
+With two sizes it also prints each side's marginal rate, the extra tokens over the extra seconds from the
+smaller run to the larger: fixed costs (process start, imports, engine start) cancel, and what is left is
+the rate a long generation job runs at.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def prompt_file(n: int, directory: str) -> str:
     from alignlib import schema as S
     from alignlib.prompts import to_table
 
+    os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "prompts.parquet")
     pq.write_table(to_table(prompt_rows(n), S.PROMPT_COLUMNS), path)
     return path
@@ -95,51 +101,81 @@ def loop(n: int, max_new: int) -> None:
     print("LOOP", sum(len(o.outputs[0].token_ids) for o in outputs), ready - started, done - ready, flush=True)
 
 
+def span(values, fmt="{:.0f}") -> str:
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=1024)
+    parser.add_argument("--prompts", default="1024", help="one size, or sizes like 1024,8192 (marginal rate too)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sizes = sorted(int(n) for n in args.prompts.split(","))
 
     from alignlib.generate.vllm_engine import CPU_ENGINE_ENV
 
     for key, value in CPU_ENGINE_ENV.items():  # the same engine settings the Ray path's actor gets
         os.environ.setdefault(key, value)
     if args.loop_only:
-        return loop(args.prompts, args.max_new_tokens)
+        return loop(sizes[0], args.max_new_tokens)
     import ray
 
     from alignlib.pipeline import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    prompts = prompt_file(args.prompts, tempfile.mkdtemp(prefix="alignlib-bench-"))
+    directory = tempfile.mkdtemp(prefix="alignlib-bench-")
+    files = {n: prompt_file(n, os.path.join(directory, str(n))) for n in sizes}
     ray.data.DataContext.get_current().enable_progress_bars = False
-    child = [sys.executable, __file__, "--loop-only", f"--prompts={args.prompts}",
-             f"--max-new-tokens={args.max_new_tokens}"]  # fmt: skip
-    loop_rates, ray_rates, engine_rates = [], [], []
+    # (side, size) -> [(tokens, seconds) per repeat]; side "loop" end to end, "engine" its generate call only
+    runs: dict[tuple[str, int], list[tuple[int, float]]] = {}
     for run in range(args.repeats):
-        started = time.perf_counter()
-        out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
-        loop_s = time.perf_counter() - started
-        tokens, start_s, generate_s = next(line.split()[1:] for line in out.splitlines() if line.startswith("LOOP"))
-        loop_tokens, start_s, generate_s = int(tokens), float(start_s), float(generate_s)
-        ray_s, ray_tokens = ray_path(ray, prompts, args.max_new_tokens)
-        loop_rates.append(loop_tokens / loop_s)
-        engine_rates.append(loop_tokens / generate_s)
-        ray_rates.append(ray_tokens / ray_s)
-        print(f"run {run + 1}: loop {loop_tokens} tokens in {loop_s:.1f}s (engine start {start_s:.1f}s, generate "
-              f"{generate_s:.1f}s) = {loop_rates[-1]:.0f} tok/s ({engine_rates[-1]:.0f} generate only) | Ray path "
-              f"{ray_tokens} tokens in {ray_s:.1f}s = {ray_rates[-1]:.0f} tok/s", flush=True)  # fmt: skip
-    ratios = [r / lp for r, lp in zip(ray_rates, loop_rates, strict=True)]
+        for n in sizes:
+            child = [
+                sys.executable,
+                __file__,
+                "--loop-only",
+                f"--prompts={n}",
+                f"--max-new-tokens={args.max_new_tokens}",
+            ]
+            started = time.perf_counter()
+            out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
+            loop_s = time.perf_counter() - started
+            tokens, start_s, generate_s = next(line.split()[1:] for line in out.splitlines() if line.startswith("LOOP"))
+            runs.setdefault(("loop", n), []).append((int(tokens), loop_s))
+            runs.setdefault(("engine", n), []).append((int(tokens), float(generate_s)))
+            ray_s, ray_tokens = ray_path(ray, files[n], args.max_new_tokens)
+            runs.setdefault(("ray", n), []).append((ray_tokens, ray_s))
+            print(f"run {run + 1}, {n} prompts: loop {tokens} tokens in {loop_s:.1f}s (engine start {float(start_s):.1f}s,"
+                  f" generate {float(generate_s):.1f}s) = {int(tokens) / loop_s:.0f} tok/s | Ray path {ray_tokens} tokens"
+                  f" in {ray_s:.1f}s = {ray_tokens / ray_s:.0f} tok/s", flush=True)  # fmt: skip
 
-    def span(values, fmt="{:.0f}"):
-        return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+    def rates(side: str, n: int) -> list[float]:
+        return [t / s for t, s in runs[side, n]]
 
-    print(f"end to end: loop {span(loop_rates)} tok/s | Ray path {span(ray_rates)} tok/s | Ray/loop "
-          f"{span(ratios, '{:.2f}')}; loop generate only {span(engine_rates)} tok/s; over {args.repeats} runs, "
-          "median (range)")  # fmt: skip
+    for n in sizes:
+        ratios = [r / lp for r, lp in zip(rates("ray", n), rates("loop", n), strict=True)]
+        print(f"{n} prompts, end to end: loop {span(rates('loop', n))} tok/s | Ray path {span(rates('ray', n))} tok/s"
+              f" | Ray/loop {span(ratios, '{:.2f}')}; loop generate only {span(rates('engine', n))} tok/s;"
+              f" over {args.repeats} runs, median (range)")  # fmt: skip
+    if len(sizes) > 1:
+        # The extra tokens over the extra seconds between the smallest and largest run: each side's fixed
+        # cost (process start, imports, engine start, Ray scheduling) cancels, what is left is its rate at scale.
+        small, large = sizes[0], sizes[-1]
+
+        def marginal(side: str) -> list[float]:
+            return [
+                (tl - ts) / (sl - ss) for (ts, ss), (tl, sl) in zip(runs[side, small], runs[side, large], strict=True)
+            ]
+
+        def fixed(side: str) -> list[float]:
+            return [s - t / m for (t, s), m in zip(runs[side, small], marginal(side), strict=True)]
+
+        ratios = [r / lp for r, lp in zip(marginal("ray"), marginal("loop"), strict=True)]
+        print(f"marginal rate ({small} -> {large} prompts, fixed costs cancel): loop {span(marginal('loop'))} tok/s |"
+              f" Ray path {span(marginal('ray'))} tok/s | Ray/loop {span(ratios, '{:.2f}')}; fixed cost: loop"
+              f" {span(fixed('loop'), '{:.1f}')}s, Ray path {span(fixed('ray'), '{:.1f}')}s")  # fmt: skip
 
 
 if __name__ == "__main__":
