@@ -266,8 +266,14 @@ def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
 
     ensure_ray()
     with ordered_data():
-        completions = ray.data.read_parquet(str(p.table_path("generate", "completions")))
-        score(completions, p.spec.score).write_parquet(str(out.table("scored")), min_rows_per_file=ROWS_PER_FILE)
+        # Sorted by key and cut into batches by position, so each reward batch holds the same rows
+        # whatever order generate wrote them in: Ray Data can put a batch it retried, or held back, later
+        # in the file, and a row's reward moves in the last bits with its batch neighbours.
+        source = p.table_path("generate", "completions")
+        completions = ray.data.read_parquet(str(source)).sort(list(KEY))
+        score(completions, p.spec.score, num_rows=count_rows(source)).write_parquet(
+            str(out.table("scored")), min_rows_per_file=ROWS_PER_FILE
+        )
     check_scored(out.table("scored"), p.table_path("generate", "completions"))
     table = read_table(out.table("scored"))
     columns = [S.REWARD] + [c for c, _, _ in p.spec.score.components() if c != S.REWARD]

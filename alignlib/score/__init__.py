@@ -175,21 +175,35 @@ def combine(batch: pa.Table, components: list[tuple[str, str, float | None]]) ->
     return S.conform(batch, S.SCORED_COLUMNS, extra=columns)
 
 
-def score(completions, score_spec):
+def score(completions, score_spec, num_rows: int | None = None):
     """A Ray Dataset of completions -> a Ray Dataset of SCORED_COLUMNS rows (+ `reward_<name>` columns).
 
-    `score_spec` is the ScoreSpec; each reward is one map_batches step adding its column.
+    `score_spec` is the ScoreSpec; each reward is one map_batches step adding its column. With
+    `num_rows` (the dataset's row count), a reward model's batches are cut by row position
+    (`fixed_batches`), so an input in a fixed order always gives the same batches.
     """
     from alignlib.generate import LIGHT_CPUS
 
     components = score_spec.components()
     for column, reward, _ in components:
-        completions = _scored_by(completions, reward, column)
+        completions = _scored_by(completions, reward, column, num_rows)
     plan = [(column, source_of(reward), weight) for column, reward, weight in components]
     return completions.map_batches(combine, fn_args=(plan,), batch_format="pyarrow", num_cpus=LIGHT_CPUS)
 
 
-def _scored_by(completions, reward, column: str):
+def fixed_batches(dataset, batch_size: int, num_rows: int):
+    """Blocks of at most `batch_size` rows cut by row position alone (rows i*n/k ... (i+1)*n/k).
+
+    A row's reward moves in the last bits with the rows batched beside it, so a rerun must batch the
+    same rows together. Ray Data's streaming cut (`one_batch_per_block`) follows the block boundaries
+    of the tasks before it, which vary from run to run after a sort; a repartition into a fixed
+    number of blocks does not. Measured: the same 129 sorted rows gave 3 different batchings in 3
+    runs with the streaming cut, the same one with this.
+    """
+    return dataset.repartition(max(1, -(-num_rows // batch_size)))
+
+
+def _scored_by(completions, reward, column: str, num_rows: int | None = None):
     from alignlib.generate import one_batch_per_block
 
     if reward.type == "function":
@@ -203,7 +217,12 @@ def _scored_by(completions, reward, column: str):
         return vllm_score(completions, reward, column)
     from alignlib.generate.hf_engine import actor_resources
 
-    return one_batch_per_block(completions, reward.batch_size).map_batches(
+    batched = (
+        one_batch_per_block(completions, reward.batch_size)
+        if num_rows is None
+        else fixed_batches(completions, reward.batch_size, num_rows)
+    )
+    return batched.map_batches(
         ModelScorer,
         fn_constructor_kwargs=dict(
             model=reward.model,
