@@ -107,6 +107,9 @@ def _refuse_remote_code_kwarg(kwargs: dict[str, Any], field: str) -> dict[str, A
     return kwargs
 
 
+PARALLEL_KWARGS = ("tensor_parallel_size", "pipeline_parallel_size")
+
+
 class GenerateSpec(_Spec):
     engine: Literal["vllm", "transformers"] = Field(
         "vllm", description="`vllm` (Ray Data LLM processor) or `transformers` (HF generate in an actor pool)."
@@ -136,6 +139,12 @@ class GenerateSpec(_Spec):
         description="vllm: requests one replica keeps queued in its engine at most; null: vLLM's max_num_seqs "
         "plus 10%.",
     )
+    vllm_runner: Literal["processor", "llm"] = Field(
+        "processor",
+        description="vllm: `processor` runs ray.data.llm's processor (vLLM's async engine; tensor/pipeline-"
+        "parallel placement, max_pending_requests). `llm` runs `vllm.LLM.generate` on each batch in a Ray Data "
+        "actor pool: one engine per actor on its own resources, no second engine process, final outputs only.",
+    )
     weak_model: WeakModelSpec | None = Field(
         None, description="A weaker model whose answers serve as `rejected` in `gold_vs_weak` pairs."
     )
@@ -144,6 +153,17 @@ class GenerateSpec(_Spec):
     @classmethod
     def _no_remote_code(cls, value: dict[str, Any]) -> dict[str, Any]:
         return _refuse_remote_code_kwarg(value, "policy.trust_remote_code (or generate.weak_model.trust_remote_code)")
+
+    @model_validator(mode="after")
+    def _llm_runner_is_one_engine_per_actor(self) -> GenerateSpec:
+        if self.vllm_runner == "llm":
+            parallel = {k: self.engine_kwargs[k] for k in PARALLEL_KWARGS if self.engine_kwargs.get(k, 1) != 1}
+            if parallel:
+                raise ValueError(
+                    f"vllm_runner llm runs one engine per actor; {parallel} needs vllm_runner: processor, which "
+                    "places each tensor/pipeline-parallel worker"
+                )
+        return self
 
     @field_validator("concurrency")
     @classmethod

@@ -6,9 +6,10 @@ arguments, and generate the same tokens. Each side is timed end to end from prom
 paying its process start, `import vllm` and one engine start: the loop runs in a fresh Python process
 (`vllm.LLM(...)` + `.generate(prompts, params)`, timed from spawn to exit); the Ray path is
 `alignlib.generate.generate(..., engine=vllm)` as the generate stage runs it (the prompts read from a
-Parquet table, the expand and tokenize tasks, the ray.data.llm processor on one {CPU: 1} replica whose
-actor process imports vLLM and starts the engine, results materialized). Ray itself is started once,
-before timing. The loop's own generate-only time is printed as well.
+Parquet table, the expand and tokenize tasks, one {CPU: 1} engine replica whose actor process imports
+vLLM and starts the engine, results materialized), once per `generate.vllm_runner`: `processor`
+(ray.data.llm's processor) and `llm` (`vllm.LLM.generate` per batch in a Ray Data actor). Ray itself
+is started once, before timing. The loop's own generate-only time is printed as well.
 
     .venv/bin/python benchmarks/generate_ray_vs_loop.py                          # 1024 prompts, 3 repeats
     .venv/bin/python benchmarks/generate_ray_vs_loop.py --prompts 1024,8192 --repeats 2
@@ -54,13 +55,14 @@ def prompt_file(n: int, directory: str) -> str:
     return path
 
 
-def ray_path(ray, prompts: str, max_new: int) -> tuple[float, int]:
+def ray_path(ray, prompts: str, max_new: int, runner: str, batch_size: int) -> tuple[float, int]:
     """Seconds and generated tokens for the prompts through the Ray Data + vLLM engine path."""
     from alignlib import schema as S
     from alignlib.generate import Sampling, generate
     from alignlib.spec import GenerateSpec, ModelSpec
 
-    settings = GenerateSpec(engine="vllm", resources={"CPU": 1}, batch_size=64, engine_kwargs=ENGINE_KWARGS)
+    settings = GenerateSpec(engine="vllm", resources={"CPU": 1}, batch_size=batch_size, engine_kwargs=ENGINE_KWARGS,
+                            vllm_runner=runner)  # fmt: skip
     started = time.perf_counter()
     ds = generate(ray.data.read_parquet(prompts), ModelSpec(model="builtin:tiny-policy"),
                   Sampling(max_new, 1.0, 1.0), settings, "policy", 1, 0).materialize()  # fmt: skip
@@ -110,9 +112,12 @@ def main() -> None:
     parser.add_argument("--prompts", default="1024", help="one size, or sizes like 1024,8192 (marginal rate too)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64, help="generate.batch_size of the Ray path")
+    parser.add_argument("--runners", default="processor,llm", help="generate.vllm_runner values to time")
     parser.add_argument("--loop-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = sorted(int(n) for n in args.prompts.split(","))
+    runners = args.runners.split(",")
 
     from alignlib.generate.vllm_engine import CPU_ENGINE_ENV
 
@@ -145,37 +150,43 @@ def main() -> None:
             tokens, start_s, generate_s = next(line.split()[1:] for line in out.splitlines() if line.startswith("LOOP"))
             runs.setdefault(("loop", n), []).append((int(tokens), loop_s))
             runs.setdefault(("engine", n), []).append((int(tokens), float(generate_s)))
-            ray_s, ray_tokens = ray_path(ray, files[n], args.max_new_tokens)
-            runs.setdefault(("ray", n), []).append((ray_tokens, ray_s))
-            print(f"run {run + 1}, {n} prompts: loop {tokens} tokens in {loop_s:.1f}s (engine start {float(start_s):.1f}s,"
-                  f" generate {float(generate_s):.1f}s) = {int(tokens) / loop_s:.0f} tok/s | Ray path {ray_tokens} tokens"
-                  f" in {ray_s:.1f}s = {ray_tokens / ray_s:.0f} tok/s", flush=True)  # fmt: skip
+            line = (
+                f"run {run + 1}, {n} prompts: loop {tokens} tokens in {loop_s:.1f}s (engine start"
+                f" {float(start_s):.1f}s, generate {float(generate_s):.1f}s) = {int(tokens) / loop_s:.0f} tok/s"
+            )
+            for runner in runners:
+                ray_s, ray_tokens = ray_path(ray, files[n], args.max_new_tokens, runner, args.batch_size)
+                runs.setdefault((runner, n), []).append((ray_tokens, ray_s))
+                line += f" | Ray path, {runner} runner: {ray_tokens} tokens in {ray_s:.1f}s = {ray_tokens / ray_s:.0f} tok/s"
+            print(line, flush=True)
 
     def rates(side: str, n: int) -> list[float]:
         return [t / s for t, s in runs[side, n]]
 
     for n in sizes:
-        ratios = [r / lp for r, lp in zip(rates("ray", n), rates("loop", n), strict=True)]
-        print(f"{n} prompts, end to end: loop {span(rates('loop', n))} tok/s | Ray path {span(rates('ray', n))} tok/s"
-              f" | Ray/loop {span(ratios, '{:.2f}')}; loop generate only {span(rates('engine', n))} tok/s;"
-              f" over {args.repeats} runs, median (range)")  # fmt: skip
+        print(f"{n} prompts, end to end: loop {span(rates('loop', n))} tok/s (generate call only"
+              f" {span(rates('engine', n))})", flush=True)  # fmt: skip
+        for runner in runners:
+            ratios = [r / lp for r, lp in zip(rates(runner, n), rates("loop", n), strict=True)]
+            print(f"  Ray path, {runner} runner: {span(rates(runner, n))} tok/s | Ray/loop {span(ratios, '{:.2f}')}")
     if len(sizes) > 1:
         # The extra tokens over the extra seconds between the smallest and largest run: each side's fixed
         # cost (process start, imports, engine start, Ray scheduling) cancels, what is left is its rate at scale.
         small, large = sizes[0], sizes[-1]
 
         def marginal(side: str) -> list[float]:
-            return [
-                (tl - ts) / (sl - ss) for (ts, ss), (tl, sl) in zip(runs[side, small], runs[side, large], strict=True)
-            ]
+            pairs = zip(runs[side, small], runs[side, large], strict=True)
+            return [(tl - ts) / (sl - ss) for (ts, ss), (tl, sl) in pairs]
 
         def fixed(side: str) -> list[float]:
             return [s - t / m for (t, s), m in zip(runs[side, small], marginal(side), strict=True)]
 
-        ratios = [r / lp for r, lp in zip(marginal("ray"), marginal("loop"), strict=True)]
-        print(f"marginal rate ({small} -> {large} prompts, fixed costs cancel): loop {span(marginal('loop'))} tok/s |"
-              f" Ray path {span(marginal('ray'))} tok/s | Ray/loop {span(ratios, '{:.2f}')}; fixed cost: loop"
-              f" {span(fixed('loop'), '{:.1f}')}s, Ray path {span(fixed('ray'), '{:.1f}')}s")  # fmt: skip
+        print(f"marginal rate ({small} -> {large} prompts, fixed costs cancel): loop {span(marginal('loop'))} tok/s,"
+              f" fixed cost {span(fixed('loop'), '{:.1f}')}s")  # fmt: skip
+        for runner in runners:
+            ratios = [r / lp for r, lp in zip(marginal(runner), marginal("loop"), strict=True)]
+            print(f"  Ray path, {runner} runner: {span(marginal(runner))} tok/s | Ray/loop {span(ratios, '{:.2f}')};"
+                  f" fixed cost {span(fixed(runner), '{:.1f}')}s")  # fmt: skip
 
 
 if __name__ == "__main__":

