@@ -38,6 +38,23 @@ def pool_size(concurrency: int | tuple[int, int]) -> tuple[int, int]:
     return (concurrency, concurrency) if isinstance(concurrency, int) else tuple(concurrency)
 
 
+def engine_arguments(dtype: str, on_gpu: bool, engine_kwargs: dict[str, Any], trust_remote_code: bool) -> dict:
+    """vLLM engine arguments for either runner: alignlib's defaults, the spec's engine_kwargs over them.
+
+    vllm.LLM turns per-step stats off by default; the async engine ray.data.llm runs does not, and on
+    2 CPU cores counting them took ~13% of the engine front-end process (py-spy). A spec may turn them on.
+    `trust_remote_code` is the model spec's field, never taken from `engine_kwargs`.
+    """
+    from alignlib.models import dtype_name
+
+    return {
+        "dtype": dtype_name(dtype, on_gpu=on_gpu),
+        "disable_log_stats": True,
+        **engine_kwargs,
+        "trust_remote_code": trust_remote_code,
+    }
+
+
 def processor_config(model_source: str, *, dtype: str, batch_size: int, concurrency: int | tuple[int, int],
                      resources: dict[str, float], engine_kwargs: dict[str, Any], task_type: str = "generate",
                      accelerator_type: str | None = None, max_pending_requests: int | None = None,
@@ -49,20 +66,13 @@ def processor_config(model_source: str, *, dtype: str, batch_size: int, concurre
     """
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    from alignlib.models import dtype_name, resolve_model
+    from alignlib.models import resolve_model
 
     on_gpu = resources.get("GPU", 0) > 0
     return vLLMEngineProcessorConfig(
         model_source=resolve_model(model_source),
         task_type=task_type,
-        # vllm.LLM turns per-step stats off by default; the async engine ray.data.llm runs does not, and on
-        # 2 CPU cores counting them took ~13% of the engine front-end process (py-spy). A spec may turn them on.
-        engine_kwargs={
-            "dtype": dtype_name(dtype, on_gpu=on_gpu),
-            "disable_log_stats": True,
-            **engine_kwargs,
-            "trust_remote_code": trust_remote_code,
-        },
+        engine_kwargs=engine_arguments(dtype, on_gpu, engine_kwargs, trust_remote_code),
         batch_size=batch_size,
         concurrency=pool_size(concurrency),
         # One bundle per tensor/pipeline-parallel worker: tensor_parallel_size 2 with {GPU: 1} reserves 2 GPUs
@@ -138,11 +148,10 @@ class LLMGenerator:
                  max_tokens: int, temperature: float, top_p: float):  # fmt: skip
         import vllm
 
-        from alignlib.models import dtype_name, load_tokenizer, resolve_model
+        from alignlib.models import load_tokenizer, resolve_model
 
-        # The same engine arguments as the processor runner's: the spec's engine_kwargs over the defaults.
-        kwargs = {"dtype": dtype_name(dtype, on_gpu=on_gpu), "disable_log_stats": True, **engine_kwargs}
-        self.llm = vllm.LLM(model=resolve_model(model), **kwargs, trust_remote_code=trust_remote_code)
+        self.llm = vllm.LLM(model=resolve_model(model), **engine_arguments(dtype, on_gpu, engine_kwargs,
+                                                                            trust_remote_code))  # fmt: skip
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.stop_ids = {load_tokenizer(model, trust_remote_code=trust_remote_code).eos_token_id}
 
