@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from alignlib.store import STAGES
+from alignlib.stages import NAMES, STAGES
 
 DEMO_SPEC = "jobs/demo.yaml"
 
@@ -33,9 +33,9 @@ def _parser() -> argparse.ArgumentParser:
 
     for cmd in (job_command("run", "run every stage (complete ones are skipped)"),):
         cmd.add_argument("--force", action="store_true", help="rerun stages even if their outputs are complete")
-        cmd.add_argument("--until", choices=STAGES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
+        cmd.add_argument("--until", choices=NAMES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
     for stage in STAGES:
-        job_command(stage, f"run only the {stage} stage").add_argument("--force", action="store_true")
+        job_command(stage.name, f"run only this stage: {stage.help}").add_argument("--force", action="store_true")
     job_command("validate", "check a job spec without running it")
     demo = commands.add_parser("demo", help=f"run the CPU demo job ({DEMO_SPEC})")
     demo.add_argument("overrides", nargs="*", metavar="key=value")

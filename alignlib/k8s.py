@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from alignlib.spec import JobSpec, SpecError, apply_overrides, parse_spec
+from alignlib.stages import demands
 
 RAY_VERSION = "2.60.0"  # the ray in cluster/Dockerfile's base image
 IMAGE = "alignlib:latest"
@@ -62,15 +63,6 @@ CPU = PodShape("cpu", cpu=8, memory_gi=32, gpu=0, shm_gi=8, idle_timeout_s=300)
 SHAPES = (CPU, GPU_1, GPU_8)
 
 
-@dataclass(frozen=True)
-class Demand:
-    """What one stage asks Ray for: `count` actors (or Train workers), each needing `per_actor`."""
-
-    stage: str
-    count: int
-    per_actor: dict[str, float]
-
-
 @dataclass
 class WorkerGroup:
     shape: PodShape
@@ -78,45 +70,16 @@ class WorkerGroup:
     reasons: list[str] = field(default_factory=list)
 
 
-def _most(concurrency: int | tuple[int, int]) -> int:
-    return concurrency if isinstance(concurrency, int) else concurrency[1]
-
-
-def demands(spec: JobSpec) -> list[Demand]:
-    """Each stage's peak request, read from the same spec fields the stages pass to Ray."""
-    g = spec.generate
-    engine = dict(g.resources)
-    if g.engine == "vllm":
-        # one placement-group bundle per tensor/pipeline-parallel worker (generate/vllm_engine.py)
-        parallel = int(g.engine_kwargs.get("tensor_parallel_size", 1)) * int(
-            g.engine_kwargs.get("pipeline_parallel_size", 1)
-        )
-        engine = {k: v * parallel for k, v in engine.items()}
-    else:
-        engine.setdefault("CPU", 1.0)  # Ray Data's default for an actor without num_cpus
-    out = [Demand("generate", _most(g.concurrency), engine)]
-    reward = spec.score.reward
-    if reward.type == "model":
-        out.append(Demand("score", _most(reward.concurrency), {"CPU": 1.0, **reward.resources}))
-    else:
-        out.append(Demand("score", 1, {"CPU": 0.5}))
-    backend = spec.train.backend
-    worker = {"CPU": 1.0, "GPU": 1.0} if backend.use_gpu else {"CPU": 1.0}
-    out.append(Demand("train", backend.num_workers, worker))
-    out.append(Demand("export", 1, {"CPU": 1.0}))
-    return out
-
-
 def plan_groups(spec: JobSpec, source: str = "<spec>") -> list[WorkerGroup]:
     """Worker groups and their maxReplicas; raises SpecError when an actor fits no pod shape."""
     groups = {s.group: WorkerGroup(s) for s in SHAPES}
-    problems = []
-    for d in demands(spec):
+    problems: dict[str, str] = {}  # field -> problem: eval's engines repeat generate's and score's settings
+    for d in demands(spec):  # every enabled stage's peak request, as declared in alignlib.stages
         gpus, cpus = d.per_actor.get("GPU", 0.0), d.per_actor.get("CPU", 0.0)
         custom = sorted(set(d.per_actor) - {"CPU", "GPU", "memory"})
         if custom:
-            problems.append(f"{_field(d.stage)}: no worker group offers the custom resource(s) {custom}; "
-                            "on Kubernetes ask for CPU/GPU only")  # fmt: skip
+            problems.setdefault(d.field, f"{d.field}: no worker group offers the custom resource(s) {custom}; "
+                                         "on Kubernetes ask for CPU/GPU only")  # fmt: skip
             continue
         # ZeRO-3 (or any training) on 8+ GPUs goes to 8-GPU pods: NVLink inside a node, not the network.
         if gpus > 1 or (d.stage == "train" and gpus and d.count * gpus >= GPU_8.gpu):
@@ -125,9 +88,10 @@ def plan_groups(spec: JobSpec, source: str = "<spec>") -> list[WorkerGroup]:
             shape = GPU_1 if gpus else CPU
         if gpus > shape.gpu or cpus > shape.cpu:
             hint = "lower it or split the model (tensor_parallel_size <= 8)" if gpus > shape.gpu else "lower it"
-            problems.append(
-                f"{_field(d.stage)}: one {d.stage} actor asks for {_fmt(d.per_actor)}, more than the largest "
-                f"pod ({shape.gpu} GPU, {shape.cpu} CPU); {hint}"
+            problems.setdefault(
+                d.field,
+                f"{d.field}: one {d.stage} actor asks for {_fmt(d.per_actor)}, more than the largest "
+                f"pod ({shape.gpu} GPU, {shape.cpu} CPU); {hint}",
             )
             continue
         per_pod = min(shape.gpu // gpus if gpus else math.inf, shape.cpu // cpus if cpus else math.inf)
@@ -136,17 +100,11 @@ def plan_groups(spec: JobSpec, source: str = "<spec>") -> list[WorkerGroup]:
         group.max_replicas = max(group.max_replicas, pods)
         group.reasons.append(f"{d.stage}: {d.count} x {_fmt(d.per_actor)}")
     if problems:
-        raise SpecError(source, problems)
+        raise SpecError(source, list(problems.values()))
     # CPU-only steps (prompt encoding, function rewards, export) of a GPU job get a CPU pod rather
     # than waking a GPU pod: the head runs no tasks (num-cpus 0).
     groups[CPU.group].max_replicas = max(groups[CPU.group].max_replicas, 1)
     return [g for g in groups.values() if g.max_replicas > 0]
-
-
-def _field(stage: str) -> str:
-    return {"generate": "generate.resources", "score": "score.reward.resources", "train": "train.backend"}.get(
-        stage, stage
-    )
 
 
 def _fmt(resources: dict[str, float]) -> str:

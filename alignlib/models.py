@@ -304,3 +304,10 @@ def context_length(source: str, trust_remote_code: bool = False) -> int | None:
 def encode_completion(tokenizer, text: str) -> list[int]:
     """Completion token ids followed by EOS, so training teaches the model where to stop."""
     return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def reward_sequence(tokenizer, messages: list[dict[str, str]], completion: str, max_length: int) -> list[int]:
+    """Prompt + completion (+ EOS) tokens a reward model reads, at most `max_length`, the prompt cut on the left."""
+    prompt = encode_prompt(tokenizer, messages)
+    answer = encode_completion(tokenizer, completion)[-max_length:]
+    return prompt[max(0, len(prompt) + len(answer) - max_length) :] + answer

@@ -34,7 +34,6 @@ MANIFEST = "manifest.json"
 # Rows per Parquet file Ray Data writes at least (the last file may hold fewer). Engines work in
 # batch-sized blocks; a file per block would leave thousands of small files.
 ROWS_PER_FILE = 10_000
-STAGES = ["prompts", "generate", "score", "pairs", "ref_logps", "train", "export", "eval"]
 
 
 def fingerprint(stage: str, sections: dict[str, Any], inputs: dict[str, str]) -> str:

@@ -119,7 +119,7 @@ def main() -> None:
     sizes = sorted(int(n) for n in args.prompts.split(","))
     runners = args.runners.split(",")
 
-    from alignlib.generate.vllm_engine import CPU_ENGINE_ENV
+    from alignlib.vllm_processor import CPU_ENGINE_ENV
 
     for key, value in CPU_ENGINE_ENV.items():  # the same engine settings the Ray path's actor gets
         os.environ.setdefault(key, value)
@@ -127,7 +127,7 @@ def main() -> None:
         return loop(sizes[0], args.max_new_tokens)
     import ray
 
-    from alignlib.pipeline import init_ray
+    from alignlib.raydata import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
     directory = tempfile.mkdtemp(prefix="alignlib-bench-")

@@ -43,7 +43,8 @@ def main() -> None:
     import torch
 
     from alignlib import schema as S
-    from alignlib.score import ModelScorer, reward_sequence
+    from alignlib.models import reward_sequence
+    from alignlib.score import ModelScorer
 
     torch.set_num_threads(args.threads)
     table = heavy_tailed_batch(args.rows, seed=0)

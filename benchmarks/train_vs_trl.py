@@ -379,7 +379,7 @@ def start_ray(workdir: Path) -> Path:
                 "ALIGNLIB_BENCH_PROBE_DIR": str(probe_dir), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     if os.environ.get("PYTHONPATH"):  # a worktree's alignlib in the workers too
         env_vars["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    from alignlib.pipeline import init_ray
+    from alignlib.raydata import init_ray
 
     init_ray(
         address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,

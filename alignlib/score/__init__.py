@@ -17,9 +17,7 @@ import math
 import pyarrow as pa
 
 from alignlib import schema as S
-
-# The tokens a reward model reads, added before vLLM's classify step (not a `reward_<name>` column).
-REWARD_TOKENS = "scored_token_ids"
+from alignlib.raydata import LIGHT_CPUS, actor_pool, actor_resources, fixed_batches, one_batch_per_block
 
 
 class RewardError(ValueError):
@@ -47,15 +45,6 @@ class FunctionScorer:
         return batch.append_column(self.column, pa.array(rewards, pa.float64()))
 
 
-def reward_sequence(tokenizer, messages: list[dict[str, str]], completion: str, max_length: int) -> list[int]:
-    """Prompt + completion (+ EOS) tokens a reward model reads, at most `max_length`, the prompt cut on the left."""
-    from alignlib.models import encode_completion, encode_prompt
-
-    prompt = encode_prompt(tokenizer, messages)
-    answer = encode_completion(tokenizer, completion)[-max_length:]
-    return prompt[max(0, len(prompt) + len(answer) - max_length) :] + answer
-
-
 # A micro-batch grows while its padded tokens stay within this factor of its real tokens.
 PAD_SLACK = 1.25
 
@@ -77,23 +66,6 @@ def length_groups(lengths: list[int], slack: float = PAD_SLACK) -> list[list[int
             groups.append([i])
             real = lengths[i]
     return groups
-
-
-class RewardEncoder:
-    """Ray Data callable: adds `scored_token_ids`, the tokens the reward model reads (for the vllm engine)."""
-
-    def __init__(self, model: str, max_length: int, trust_remote_code: bool = False):
-        from alignlib.models import load_tokenizer
-
-        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        self.max_length = max_length
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = [
-            reward_sequence(self.tokenizer, m, c, self.max_length)
-            for m, c in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True)
-        ]
-        return batch.append_column(REWARD_TOKENS, pa.array(ids, pa.list_(pa.int32())))
 
 
 class ModelScorer:
@@ -121,6 +93,8 @@ class ModelScorer:
         self.group_by_length = group_by_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from alignlib.models import reward_sequence
+
         sequences = [
             reward_sequence(self.tokenizer, m, c, self.max_length)
             for m, c in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True)
@@ -182,8 +156,6 @@ def score(completions, score_spec, num_rows: int | None = None):
     `num_rows` (the dataset's row count), a reward model's batches are cut by row position
     (`fixed_batches`), so an input in a fixed order always gives the same batches.
     """
-    from alignlib.generate import LIGHT_CPUS
-
     components = score_spec.components()
     for column, reward, _ in components:
         completions = _scored_by(completions, reward, column, num_rows)
@@ -191,32 +163,16 @@ def score(completions, score_spec, num_rows: int | None = None):
     return completions.map_batches(combine, fn_args=(plan,), batch_format="pyarrow", num_cpus=LIGHT_CPUS)
 
 
-def fixed_batches(dataset, batch_size: int, num_rows: int):
-    """Blocks of at most `batch_size` rows cut by row position alone (rows i*n/k ... (i+1)*n/k).
-
-    A row's reward moves in the last bits with the rows batched beside it, so a rerun must batch the
-    same rows together. Ray Data's streaming cut (`one_batch_per_block`) follows the block boundaries
-    of the tasks before it, which vary from run to run after a sort; a repartition into a fixed
-    number of blocks does not. Measured: the same 129 sorted rows gave 3 different batchings in 3
-    runs with the streaming cut, the same one with this.
-    """
-    return dataset.repartition(max(1, -(-num_rows // batch_size)))
-
-
 def _scored_by(completions, reward, column: str, num_rows: int | None = None):
-    from alignlib.generate import one_batch_per_block
-
     if reward.type == "function":
         return completions.map_batches(
             FunctionScorer, fn_constructor_kwargs=dict(function=reward.function, column=column),
-            batch_format="pyarrow", concurrency=1, num_cpus=0.5,
+            batch_format="pyarrow", compute=actor_pool(1), num_cpus=0.5,
         )  # fmt: skip
     if reward.engine == "vllm":
-        from alignlib.generate.vllm_engine import vllm_score
+        from alignlib.score.vllm_scorer import vllm_score
 
         return vllm_score(completions, reward, column)
-    from alignlib.generate.hf_engine import actor_resources
-
     batched = (
         one_batch_per_block(completions, reward.batch_size)
         if num_rows is None
@@ -233,6 +189,6 @@ def _scored_by(completions, reward, column: str, num_rows: int | None = None):
         ),
         batch_size=reward.batch_size,
         batch_format="pyarrow",
-        concurrency=reward.concurrency,
+        compute=actor_pool(reward.concurrency),
         **actor_resources(reward.resources),
     )

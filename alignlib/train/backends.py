@@ -46,8 +46,9 @@ def _lora_config(lora):
 class Backend:
     """DDP (and the base of the others): plain PyTorch optimizer and gradient accumulation."""
 
-    def __init__(self, spec, total_steps: int, device: torch.device):
+    def __init__(self, spec, total_steps: int, device: torch.device, distributed: bool = True):
         self.spec, self.train, self.device = spec, spec.train, device
+        self.distributed = distributed  # inside a Ray Train worker group (else: one process, no wrapper)
         self.total_steps = total_steps
         self.micro = 0
         self.step_count = 0
@@ -75,6 +76,8 @@ class Backend:
         return self.model
 
     def wrap(self, model):
+        if not self.distributed:
+            return model.to(self.device)
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model, move_to_device=self.device)
@@ -283,5 +286,5 @@ class DeepSpeedBackend(Backend):
 BACKENDS = {"ddp": Backend, "deepspeed": DeepSpeedBackend, "qlora": QLoRABackend}
 
 
-def make_backend(spec, total_steps: int, device: torch.device) -> Backend:
-    return BACKENDS[spec.train.backend.name](spec, total_steps, device)
+def make_backend(spec, total_steps: int, device: torch.device, distributed: bool = True) -> Backend:
+    return BACKENDS[spec.train.backend.name](spec, total_steps, device, distributed)

@@ -97,9 +97,12 @@ def tokenize_dataset(dataset, spec, paired: bool):
     Materialized before the trainer starts: once training workers hold their CPUs, a pending
     tokenize task could wait for ever on a small machine.
     """
-    from alignlib.generate import LIGHT_CPUS
+    from alignlib.raydata import LIGHT_CPUS, actor_pool
+    from alignlib.spec import reference_source
 
     needed = [S.PROMPT_ID, S.MESSAGES] + ([S.CHOSEN, S.REJECTED] if paired else [S.COMPLETION])
+    if reference_source(spec) == "precomputed":
+        needed += list(REF_COLUMNS)
     S.require_columns(dataset.schema().names, needed, f"train ({'pairs' if paired else 'sft'} for loss "
                       f"{spec.train.loss.name!r})")  # fmt: skip
     train = spec.train
@@ -107,8 +110,18 @@ def tokenize_dataset(dataset, spec, paired: bool):
         Tokenize,
         fn_constructor_args=(spec.policy.model, spec.policy.chat_template, paired, train.max_length,
                              train.max_prompt_length, spec.policy.trust_remote_code),
-        batch_format="pyarrow", batch_size=256, concurrency=1, num_cpus=LIGHT_CPUS,
+        batch_format="pyarrow", batch_size=256, compute=actor_pool(1), num_cpus=LIGHT_CPUS,
     ).materialize()  # fmt: skip
+
+
+def tokenize_rows(spec, rows: list[dict[str, Any]], paired: bool) -> list[dict[str, Any]]:
+    """The same as `tokenize_dataset`, in this process: rows in, tokenized examples out (tests, notebooks)."""
+    import pyarrow as pa
+
+    policy, train = spec.policy, spec.train
+    tokenize = Tokenize(policy.model, policy.chat_template, paired, train.max_length, train.max_prompt_length,
+                        policy.trust_remote_code)  # fmt: skip
+    return tokenize(pa.Table.from_pylist(rows)).to_pylist()
 
 
 def step_batches(
@@ -143,8 +156,11 @@ def step_batches(
         yield from flush(buffer)
 
 
-def collate(examples: list[dict[str, Any]], pad_id: int, paired: bool):
-    """-> input_ids, attention_mask, labels, each (B, T) or (2B, T) with chosen rows then rejected rows."""
+def collate(examples: list[dict[str, Any]], pad_id: int, paired: bool, with_reference: bool = False):
+    """-> input_ids, attention_mask, labels, each (B, T) or (2B, T) with chosen rows then rejected rows.
+
+    `with_reference` (train.precompute_reference): also `ref_logps`, the precomputed reference log-probs of
+    chosen then rejected rows, from the ref_logps stage's columns."""
     import numpy as np
     import torch
 
@@ -168,7 +184,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int, paired: bool):
         "attention_mask": torch.from_numpy(mask),
         "labels": torch.from_numpy(labels),
     }
-    if paired and all(name in examples[0] for name in REF_COLUMNS):
+    if with_reference:
         batch["ref_logps"] = torch.tensor(
             [e[S.REF_CHOSEN_LOGPS] for e in examples] + [e[S.REF_REJECTED_LOGPS] for e in examples],
             dtype=torch.float32,

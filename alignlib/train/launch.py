@@ -8,9 +8,20 @@ when the same job is run again after a crash.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
-from alignlib.spec import JobSpec, optimizer_steps
+from alignlib.spec import JobSpec
+
+
+def global_batch(spec: JobSpec) -> int:
+    """Examples per optimizer step, over all workers."""
+    return spec.train.batch_size * spec.train.backend.num_workers * spec.train.grad_accum
+
+
+def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
+    per_epoch = math.ceil(num_examples / global_batch(spec))
+    return max(1, per_epoch) * spec.train.epochs
 
 
 def storage_path(spec: JobSpec) -> Path:
@@ -34,14 +45,12 @@ def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from alignlib import schema as S
     from alignlib.losses import get_loss
     from alignlib.train.data import tokenize_dataset
     from alignlib.train.loop import train_loop
 
     backend = spec.train.backend
     total_steps = optimizer_steps(spec, num_examples)
-    precomputed = {S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS} <= set(dataset.schema().names)
     dataset = tokenize_dataset(dataset, spec, get_loss(spec.train.loss.name).paired)
     trainer = TorchTrainer(
         train_loop,
@@ -49,7 +58,6 @@ def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str):
             "spec": spec.model_dump(mode="json"),
             "total_steps": total_steps,
             "metrics_path": str(metrics_path(spec, run_name)),
-            "precomputed_reference": precomputed,
         },
         scaling_config=ScalingConfig(
             num_workers=backend.num_workers,

@@ -35,7 +35,7 @@ def model_logps(model, batch, average: bool):
 
 
 def _reference_logps(backend, reference, batch, average: bool):
-    if "ref_logps" in batch:  # precomputed sums, from the ref_logps stage or imported pairs
+    if "ref_logps" in batch:  # precomputed sums, from the ref_logps stage
         ref = batch["ref_logps"]
         return ref / label_counts(batch["labels"]).clamp(min=1) if average else ref
     with torch.no_grad():
@@ -55,15 +55,6 @@ def _forward_loss(loss, knobs: dict, backend, reference, batch, n: int):
         ref = _reference_logps(backend, reference, batch, loss.average_logps)
         args.update(ref_chosen_logps=ref[:n], ref_rejected_logps=ref[n:])
     return loss.fn(**args, **knobs)
-
-
-def reference_source(loss, lora: bool, precomputed: bool) -> str:
-    """Where reference log-probs come from: precomputed columns, else the adapter-disabled policy, else a copy."""
-    if not loss.needs_reference:
-        return "none"
-    if precomputed:
-        return "precomputed"
-    return "adapter-disabled" if lora else "frozen-copy"
 
 
 def _say(message: str) -> None:
@@ -90,86 +81,126 @@ def _record(path: str, entry: dict) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
+class Trainer:
+    """One worker's training state and its epoch body, usable with or without Ray Train.
+
+    `train_loop` (inside Ray Train) builds one per worker, resumes it from a checkpoint and calls
+    `train_epoch` on the worker's shard; tests and notebooks call `train_epoch` on rows in this process
+    (`distributed=False`: no process group, no DDP wrapper), which is the same arithmetic to the bit.
+    Rows are tokenized examples (`train.data.Tokenize`).
+    """
+
+    def __init__(self, spec, total_steps: int, device: torch.device | None = None, rank: int = 0, world: int = 1,
+                 distributed: bool = False, metrics_path: str | None = None):  # fmt: skip
+        from alignlib.models import load_tokenizer
+        from alignlib.spec import reference_source
+        from alignlib.train.backends import make_backend
+
+        self.spec, self.train = spec, spec.train
+        self.rank, self.world = rank, world
+        self.device = device or torch.device("cpu")
+        self.metrics_path = metrics_path
+        self.total_steps = total_steps
+        torch.manual_seed(spec.seed + rank)
+        self.loss = get_loss(self.train.loss.name)
+        self.knobs = _loss_kwargs(self.loss, self.train.loss.model_dump(exclude={"name"}))
+        policy = spec.policy
+        self.tokenizer = load_tokenizer(policy.model, policy.chat_template, policy.trust_remote_code)
+        self.backend = make_backend(spec, total_steps, self.device, distributed=distributed)
+        self.model = self.backend.build()
+        self.reference_source = reference_source(spec)
+        self.reference = self.backend.reference_model() if self.reference_source == "frozen-copy" else None
+        self.started = time.time()
+
+    def train_epoch(self, rows, epoch: int) -> dict[str, float]:
+        """One pass over `rows` (epoch counts from 0); returns the epoch's metrics (means over its examples)."""
+        from alignlib.train.data import collate, step_batches
+
+        train, backend, loss = self.train, self.backend, self.loss
+        self.model.train()
+        epoch_started = time.time()
+        totals: dict[str, float] = {}  # sums over the epoch
+        since_log: dict[str, float] = {}  # sums since the last step line
+        count = logged = tokens = padded = 0
+        steps = step_batches(rows, train.batch_size * train.grad_accum, train.batch_size, train.group_by_length,
+                             seed=(self.spec.seed * 1_000_003 + epoch) * 1009 + self.rank)  # fmt: skip
+        for micro_batches in steps:
+            stepped = False
+            for examples in micro_batches:
+                batch = collate(examples, self.tokenizer.pad_token_id, loss.paired,
+                                with_reference=self.reference_source == "precomputed")  # fmt: skip
+                tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
+                padded += batch["attention_mask"].numel()
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                out = _forward_loss(loss, self.knobs, backend, self.reference, batch, len(examples))
+                backend.backward(out.losses.mean())
+                count += len(examples)
+                for name, value in {"loss": out.losses.detach(), **out.metrics}.items():
+                    value = float(value.float().sum())
+                    totals[name] = totals.get(name, 0.0) + value
+                    since_log[name] = since_log.get(name, 0.0) + value
+                stepped = backend.step()
+            if stepped and backend.step_count % train.log_every == 0:
+                # The mean over the examples of the steps since the previous line (one step with log_every 1).
+                means = {k: v / (count - logged) for k, v in since_log.items()}
+                since_log, logged = {}, count
+                if self.rank == 0:
+                    self._step_line(epoch, tokens, means)
+        if epoch == train.epochs - 1:
+            backend.finish()
+        metrics = {f"train/{k}": v / max(1, count) for k, v in totals.items()}
+        seconds = time.time() - epoch_started
+        metrics.update(epoch=epoch + 1, step=backend.step_count, examples=count * self.world,
+                       tokens=tokens * self.world, tokens_per_s=tokens * self.world / max(seconds, 1e-9),
+                       padding=1.0 - tokens / max(1, padded), peak_memory_mb=_peak_memory_mb(self.device))  # fmt: skip
+        if self.rank == 0 and self.metrics_path:
+            _record(self.metrics_path, {"kind": "epoch", **metrics})
+        return metrics
+
+    def _step_line(self, epoch: int, tokens: int, means: dict[str, float]) -> None:
+        backend = self.backend
+        if self.metrics_path:
+            _record(self.metrics_path, {"kind": "step", "epoch": epoch + 1, "step": backend.step_count,
+                                        "lr": backend.lr, "tokens": tokens, **means})  # fmt: skip
+        text = "  ".join(f"{k}={v:.4f}" for k, v in means.items())
+        _say(f"epoch {epoch + 1}/{self.train.epochs}  step {backend.step_count}/{self.total_steps}  {text}"
+             f"  lr={backend.lr:.2e}  {time.time() - self.started:.0f}s")  # fmt: skip
+
+
 def train_loop(config: dict) -> None:
+    """Ray Train's per-worker function: build a `Trainer`, resume from the last checkpoint, train, report."""
     import ray.train
     import ray.train.torch
 
-    from alignlib.models import load_tokenizer
     from alignlib.spec import JobSpec
-    from alignlib.train.backends import make_backend
-    from alignlib.train.data import collate, step_batches
 
     spec = JobSpec.model_validate(config["spec"])
     train = spec.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(spec.seed + rank)
     device = ray.train.torch.get_device() if train.backend.use_gpu else torch.device("cpu")
-
-    loss = get_loss(train.loss.name)
-    knobs = _loss_kwargs(loss, train.loss.model_dump(exclude={"name"}))
-    tokenizer = load_tokenizer(spec.policy.model, spec.policy.chat_template, spec.policy.trust_remote_code)
-    backend = make_backend(spec, config["total_steps"], device)
-    model = backend.build()
-    source = reference_source(loss, train.lora is not None, config.get("precomputed_reference", False))
-    reference = backend.reference_model() if source == "frozen-copy" else None
-    if rank == 0 and source != "none":
-        _say(f"reference log-probs: {source}")
+    trainer = Trainer(spec, config["total_steps"], device, rank, world, distributed=True,
+                      metrics_path=config["metrics_path"])  # fmt: skip
+    if rank == 0 and trainer.reference_source != "none":
+        _say(f"reference log-probs: {trainer.reference_source}")
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            backend.load(Path(directory))
+            trainer.backend.load(Path(directory))
             start_epoch = int((Path(directory) / "epoch").read_text()) + 1
         if rank == 0:
-            _say(f"resuming after epoch {start_epoch} of {train.epochs} (optimizer step {backend.step_count})")
+            _say(f"resuming after epoch {start_epoch} of {train.epochs} (optimizer step {trainer.backend.step_count})")
 
     shard = ray.train.get_dataset_shard("train")
-    step_size = train.batch_size * train.grad_accum
-    started = time.time()
     for epoch in range(start_epoch, train.epochs):
-        model.train()
-        epoch_started = time.time()
-        totals: dict[str, float] = {}
-        count = tokens = padded = 0
-        steps = step_batches(shard.iter_rows(), step_size, train.batch_size, train.group_by_length,
-                             seed=(spec.seed * 1_000_003 + epoch) * 1009 + rank)  # fmt: skip
-        for micro_batches in steps:
-            for examples in micro_batches:
-                batch = collate(examples, tokenizer.pad_token_id, loss.paired)
-                tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
-                padded += batch["attention_mask"].numel()
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = _forward_loss(loss, knobs, backend, reference, batch, len(examples))
-                backend.backward(out.losses.mean())
-                count += len(examples)
-                for name, value in {"loss": out.losses.detach(), **out.metrics}.items():
-                    totals[name] = totals.get(name, 0.0) + float(value.float().sum())
-                stepped = backend.step()
-            if stepped and rank == 0 and backend.step_count % train.log_every == 0:
-                _record(config["metrics_path"], {"kind": "step", "epoch": epoch + 1, "step": backend.step_count,
-                                                 "lr": backend.lr, "tokens": tokens,
-                                                 **{k: v / count for k, v in totals.items()}})  # fmt: skip
-                means = "  ".join(f"{k}={v / count:.4f}" for k, v in totals.items())
-                _say(
-                    f"epoch {epoch + 1}/{train.epochs}  step {backend.step_count}/{config['total_steps']}"
-                    f"  {means}  lr={backend.lr:.2e}  {time.time() - started:.0f}s"
-                )
-        if epoch == train.epochs - 1:
-            backend.finish()
-        metrics = {f"train/{k}": v / max(1, count) for k, v in totals.items()}
-        seconds = time.time() - epoch_started
-        metrics.update(epoch=epoch + 1, step=backend.step_count, examples=count * world, tokens=tokens * world,
-                       tokens_per_s=tokens * world / max(seconds, 1e-9), padding=1.0 - tokens / max(1, padded),
-                       peak_memory_mb=_peak_memory_mb(device))  # fmt: skip
-        if rank == 0:
-            _record(config["metrics_path"], {"kind": "epoch", **metrics})
+        metrics = trainer.train_epoch(shard.iter_rows(), epoch)
         with tempfile.TemporaryDirectory() as directory:
-            backend.save(Path(directory), rank)
+            trainer.backend.save(Path(directory), rank)
             if rank == 0:
                 (Path(directory) / "epoch").write_text(str(epoch))
-                tokenizer.save_pretrained(Path(directory) / "model")
+                trainer.tokenizer.save_pretrained(Path(directory) / "model")
             # Rank 0 holds the whole model (ZeRO-3 gathers it in save); under DeepSpeed every rank also has its
             # optimizer shard, and Ray Train merges the ranks' directories into one checkpoint.
             has_files = any(Path(directory).iterdir())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from alignlib import schema as S
+from alignlib.raydata import LIGHT_CPUS, actor_pool, actor_resources
 
 MICRO_BATCH = 16
 
@@ -60,11 +61,20 @@ class ReferenceLogps:
         return batch.append_column(S.REF_REJECTED_LOGPS, pa.array(rejected, pa.float64()))
 
 
+def reference_pool(spec) -> tuple[int, int]:
+    """Actors of the ref_logps stage: up to one per training worker (the GPUs training will use next)."""
+    return (1, max(1, spec.train.backend.num_workers))
+
+
+def reference_resources(spec) -> dict[str, float]:
+    """What one ref_logps actor asks Ray for: a GPU when training runs on GPUs, else a CPU."""
+    return {"GPU": 1.0} if spec.train.backend.use_gpu else {"CPU": 1.0}
+
+
 def reference_logps(pairs, spec):
     """A Ray Dataset of pairs -> the same pairs with reference log-prob columns (lazy)."""
-    backend = spec.train.backend
-    resources = {"num_gpus": 1} if backend.use_gpu else {"num_cpus": 1}
+    resources = actor_resources(reference_resources(spec))
     return pairs.map_batches(
         ReferenceLogps, fn_constructor_args=(spec.model_dump(mode="json"),), batch_format="pyarrow",
-        batch_size=256, concurrency=(1, max(1, getattr(backend, "num_workers", 1))), **resources,
-    ).map_batches(S.conform, fn_args=(S.REF_PAIR_COLUMNS,), batch_format="pyarrow", num_cpus=0.25)  # fmt: skip
+        batch_size=256, compute=actor_pool(reference_pool(spec)), **resources,
+    ).map_batches(S.conform, fn_args=(S.REF_PAIR_COLUMNS,), batch_format="pyarrow", num_cpus=LIGHT_CPUS)  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignlib.store import STAGES
+from alignlib.stages import NAMES as STAGES
 
 # What a stage directory may hold: tables, manifests and reports, safetensors weights, and the
 # tokenizer/config text files a Hugging Face model directory carries. Never a pickle (.bin, .pt, .pkl).

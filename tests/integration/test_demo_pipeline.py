@@ -13,7 +13,7 @@ import pytest
 from alignlib import schema as S
 from alignlib.pipeline import Pipeline
 from alignlib.spec import load_spec
-from alignlib.store import STAGES
+from alignlib.stages import NAMES as STAGES
 
 sys.path.insert(0, str(Path(__file__).parent))
 from output_checks import unsafe_stage_files  # noqa: E402

@@ -5,9 +5,11 @@ The configs are built for real (`vLLMEngineProcessorConfig` validates them); no 
 
 import pytest
 
-from alignlib.generate.vllm_engine import finish_reason, generate_config, pool_size, reward_config
+from alignlib.generate.vllm_engine import finish_reason, generate_config
 from alignlib.score import PAD_SLACK, length_groups
+from alignlib.score.vllm_scorer import reward_config
 from alignlib.spec import ModelRewardSpec, SpecError, parse_spec
+from alignlib.vllm_processor import pool_size
 
 MINIMAL = {"name": "t", "output_dir": "out", "data": {"path": "p.jsonl"}, "policy": {"model": "builtin:tiny-policy"}}
 

@@ -383,9 +383,10 @@ def test_batch_mean_equals_mean_of_single_calls(name):
     assert_close(batched, singles)
 
 
-def test_spec_knows_which_losses_need_a_reference():
-    """The spec refuses `precompute_reference` for reference-free losses without importing torch; its table
-    must say the same as the registry."""
-    from alignlib.spec import LOSSES_NEEDING_REFERENCE
+def test_spec_knows_which_losses_need_a_reference_and_pairs():
+    """The spec refuses `precompute_reference` for reference-free losses and the stages pick the pairs or the
+    SFT table without importing torch; its tables must say the same as the registry."""
+    from alignlib.spec import LOSSES_NEEDING_PAIRS, LOSSES_NEEDING_REFERENCE
 
     assert LOSSES_NEEDING_REFERENCE == {name: loss.needs_reference for name, loss in LOSSES.items()}
+    assert LOSSES_NEEDING_PAIRS == {name: loss.paired for name, loss in LOSSES.items()}

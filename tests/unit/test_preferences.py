@@ -155,7 +155,7 @@ def test_imported_preferences_go_from_prompts_straight_to_pairs(tmp_path):
     report = (pipeline.store.path("pairs") / "report.html").read_text()
     assert "reward of chosen" in report and "<svg" in report
     assert stats["quality"]["reward_by_generator"]["rejected"]["mean"] == 0.5
-    with pytest.raises(StageInputError, match="data.kind is preferences, which has no score stage"):
+    with pytest.raises(StageInputError, match="stage 'score' is not part of this job: it runs only when data.kind is prompts"):
         pipeline.run(["score"])
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from alignlib import spec as S
+from alignlib.spec import job as S
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 

@@ -18,7 +18,8 @@ import pytest
 
 from alignlib.export import export_model, require_safetensors
 from alignlib.models import RemoteCodeError, load_causal_lm, load_config, resolve_model
-from alignlib.pipeline import Pipeline, log
+from alignlib.pipeline import Pipeline
+from alignlib.raydata import log
 from alignlib.redaction import MASK, redact, secret_values
 from alignlib.spec import SpecError, load_spec, parse_spec
 from alignlib.store import StageStore
@@ -128,7 +129,8 @@ print("loaded", type(load_causal_lm(spec.policy.model, trust_remote_code=True)).
 
 
 def test_remote_code_reaches_vllm_only_through_the_model_field():
-    from alignlib.generate.vllm_engine import generate_config, reward_config
+    from alignlib.generate.vllm_engine import generate_config
+    from alignlib.score.vllm_scorer import reward_config
 
     spec = parse_spec({**MINIMAL, "policy": {"model": "org/model", "trust_remote_code": True}})
     assert generate_config(spec.policy, spec.generate).engine_kwargs["trust_remote_code"] is True

@@ -1,33 +1,19 @@
-"""The job spec: one typed, validated YAML document drives every stage.
+"""The job spec's schema: one typed, validated YAML document drives every stage.
 
 This module is the only home of defaults and field descriptions. Unknown keys are errors
 (`extra="forbid"`); loss and backend are discriminated unions so each variant carries only its
 own knobs; cross-field problems are collected and reported together with their field paths.
-
-    spec = load_spec("jobs/demo.yaml", overrides=["train.epochs=2"])
+Loading a file (YAML safety, overrides, every problem at once) is `alignlib.spec.loading`.
 """
 
 from __future__ import annotations
 
-import copy
-import importlib
-import math
 import re
-from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-class SpecError(ValueError):
-    """A job spec failed to load or validate; `problems` holds one "path: message" per problem."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source}: {len(problems)} problem(s) in the job spec:\n{lines}")
+from alignlib.spec.functions import resolve_function
 
 
 class _Spec(BaseModel):
@@ -505,8 +491,10 @@ class JobSpec(_Spec):
         return self
 
 
-# Mirrors `losses.LOSSES[name].needs_reference` without importing torch at spec time (a unit test checks they agree).
+# Mirror `losses.LOSSES[name].needs_reference` and `.paired` without importing torch at spec time (a unit
+# test checks they agree).
 LOSSES_NEEDING_REFERENCE = {"sft": False, "orpo": False, "dpo": True, "ipo": True, "simpo": False}
+LOSSES_NEEDING_PAIRS = {"sft": False, "orpo": True, "dpo": True, "ipo": True, "simpo": True}
 
 
 def cross_check(spec: JobSpec) -> list[str]:
@@ -553,158 +541,6 @@ def cross_check(spec: JobSpec) -> list[str]:
     return problems
 
 
-_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_PUBLIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-
-
-def resolve_function(ref: str):
-    """`module:function` -> the callable; ValueError with the reason if it cannot be had.
-
-    Only a public function of a module importable by its dotted name is accepted: never a file path
-    (which would run whatever file a spec points at), a private name, a class or another non-function.
-    Nothing here evaluates the string; it is split, checked and looked up with getattr.
-    """
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"expected `module:function` (e.g. alignlib.rewards:exact_match), got {ref!r}")
-    if "/" in module_name or "\\" in module_name or module_name.endswith(".py"):
-        raise ValueError(f"{module_name!r} is a file path; name an importable module (dotted, on the Python path)")
-    if not _MODULE.fullmatch(module_name):
-        raise ValueError(f"{module_name!r} is not a module name (dotted Python identifiers)")
-    if not _PUBLIC_NAME.fullmatch(attr):
-        raise ValueError(f"{attr!r} is not a public function name (private `_` names and attribute paths are refused)")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import module {module_name!r}: {err}") from err
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise ValueError(f"module {module_name!r} has no callable {attr!r}")
-    if isinstance(fn, type) or not callable(fn):
-        raise ValueError(f"{module_name}:{attr} is a {type(fn).__name__}, not a function")
-    return fn
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides; values are parsed as YAML (so `x=[1, 4]` is a list)."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise SpecError("command line", [f"{item!r}: overrides are key=value, e.g. train.epochs=2"])
-        node = raw
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                where = ".".join(parts[: i + 1])
-                raise SpecError("command line", [f"{key}: {where} is not a mapping, cannot set a key inside it"])
-            node = child
-        node[parts[-1]] = yaml.safe_load(text) if text else ""
-    return raw
-
-
-def _format_error(err: dict[str, Any]) -> list[str]:
-    path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
-    message = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        message = "unknown key"
-    if not path:  # cross-field problems from the model validator carry their own paths
-        return message.splitlines()
-    return [f"{path}: {message}"]
-
-
-def _without(raw: dict[str, Any], locations: list[tuple]) -> dict[str, Any]:
-    """A copy of `raw` without the keys at `locations` (union tags in a location are skipped)."""
-    out = copy.deepcopy(raw)
-    for loc in locations:
-        node, parts = out, [p for p in loc if isinstance(p, str)]
-        for i, part in enumerate(parts):
-            if not isinstance(node, dict) or part not in node:
-                continue
-            if i == len(parts) - 1 or not isinstance(node[part], dict):
-                del node[part]
-                break
-            node = node[part]
-    return out
-
-
-def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
-    if not isinstance(raw, dict):
-        raise SpecError(source, ["the job spec must be a YAML mapping"])
-    try:
-        return JobSpec.model_validate(raw)
-    except ValidationError as err:
-        errors = err.errors(include_url=False)
-    problems = [line for e in errors for line in _format_error(e)]
-    # pydantic runs cross-field checks only once every field is valid; validate again without
-    # the bad keys so those problems are reported in the same run.
-    try:
-        JobSpec.model_validate(_without(raw, [e["loc"] for e in errors]))
-    except ValidationError as again:
-        problems += [line for e in again.errors(include_url=False) if not e["loc"] for line in _format_error(e)]
-    raise SpecError(source, list(dict.fromkeys(problems)))
-
-
-# A spec is a few hundred values; aliases may repeat parts of it, but not blow it up (a "billion laughs"
-# document is a few lines whose aliases expand to billions of values once dumped or hashed).
-MAX_SPEC_VALUES = 100_000
-
-
-def expanded_size(raw: Any, limit: int = MAX_SPEC_VALUES) -> int:
-    """The number of values in `raw` with every alias expanded; ValueError past `limit` or on a cycle.
-
-    YAML aliases load as shared Python objects, so the document itself is small; the cost comes later
-    when it is validated, dumped and hashed as a tree. Sizes are memoised per object: linear time.
-    """
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(node: Any) -> int:
-        if not isinstance(node, (dict, list)):
-            return 1
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in active:
-            raise ValueError("a YAML alias refers to a value that contains it (a recursive document)")
-        active.add(key)
-        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
-        total = 1 + sum(size(child) for child in children)
-        active.discard(key)
-        if total > limit:
-            raise ValueError(f"the document expands to more than {limit} values through its aliases")
-        sizes[key] = total
-        return total
-
-    return size(raw)
-
-
-def load_raw(path: str | Path) -> Any:
-    """The YAML document of a spec file, unvalidated (SpecError if unreadable).
-
-    `yaml.safe_load` builds only plain data: python/* tags (which would import or call) are refused.
-    """
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(str(path), ["file not found"]) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise SpecError(str(path), [f"{where}invalid YAML: {getattr(err, 'problem', err)}"]) from None
-    try:
-        expanded_size(raw)
-    except ValueError as err:
-        raise SpecError(str(path), [f"refused: {err}"]) from None
-    return raw if raw is not None else {}
-
-
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
-    raw = apply_overrides(load_raw(path), overrides or [])
-    return parse_spec(raw, str(path))
-
-
 def remote_code_models(spec: JobSpec) -> list[tuple[str, str, bool]]:
     """(field, model, trust_remote_code) of every model the job loads, `field` naming where to switch it on."""
     out = [("policy.trust_remote_code", spec.policy.model, spec.policy.trust_remote_code)]
@@ -719,51 +555,19 @@ def remote_code_models(spec: JobSpec) -> list[tuple[str, str, bool]]:
     return out
 
 
-def stage_sections(spec: JobSpec) -> dict[str, dict[str, Any]]:
-    """The parts of the spec each stage depends on; a change there invalidates the stage's output."""
-    dump = spec.model_dump(mode="json")
-    return {
-        "prompts": {"data": dump["data"], "seed": spec.seed, "context": _context_settings(spec)},
-        "generate": {"policy": dump["policy"], "generate": dump["generate"], "seed": spec.seed},
-        "score": {"score": dump["score"]},
-        "pairs": {"pairs": dump["pairs"], "seed": spec.seed},
-        "train": {"policy": dump["policy"], "train": dump["train"], "seed": spec.seed},
-        "export": {"export": dump["export"]},
-        "eval": {
-            "policy": dump["policy"],
-            "eval": dump["eval"],
-            "sampling": {k: dump["generate"][k] for k in ("engine", "max_new_tokens", "temperature", "top_p")},
-            "score": dump["score"],
-            "seed": spec.seed,
-        },
-    }
+def reference_source(spec: JobSpec) -> str:
+    """Where training gets the reference policy's log-probs; decided here, once, from the spec.
 
-
-def _context_settings(spec: JobSpec) -> dict[str, Any] | None:
-    """What the prompts stage's context-length check reads (see `alignlib.context`): changing it reruns the stage."""
-    if spec.data.kind != "prompts":
-        return None
-    g = spec.generate
-    models = [spec.policy] + ([g.weak_model] if g.weak_model is not None else [])
-    return {
-        "models": [[m.model, m.chat_template] for m in models],
-        "max_new_tokens": g.max_new_tokens,
-        "max_model_len": g.engine_kwargs.get("max_model_len") if g.engine == "vllm" else None,
-    }
+    `none`: the loss uses no reference (SFT, ORPO, SimPO). `precomputed`: the `ref_logps` stage's columns
+    (train.precompute_reference). `adapter-disabled`: under LoRA, the policy itself with its adapter off.
+    `frozen-copy`: a frozen copy of the starting policy in every training worker.
+    """
+    if not LOSSES_NEEDING_REFERENCE.get(spec.train.loss.name, False):
+        return "none"
+    if spec.train.precompute_reference:
+        return "precomputed"
+    return "adapter-disabled" if spec.train.lora is not None else "frozen-copy"
 
 
 def eval_temperature(spec: JobSpec) -> float:
     return spec.generate.temperature if spec.eval.temperature is None else spec.eval.temperature
-
-
-def json_schema() -> dict[str, Any]:
-    return JobSpec.model_json_schema()
-
-
-def global_batch(spec: JobSpec) -> int:
-    return spec.train.batch_size * spec.train.backend.num_workers * spec.train.grad_accum
-
-
-def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
-    per_epoch = math.ceil(num_examples / global_batch(spec))
-    return max(1, per_epoch) * spec.train.epochs

@@ -1,0 +1,115 @@
+"""Ray and Ray Data helpers every stage shares: starting Ray, actor pools, batching, ordered execution.
+
+Kept apart from the stages so that generate, score, training and eval depend on this module and not on
+each other. Ray itself is imported inside the functions: importing alignlib never starts or loads Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from alignlib.redaction import redact
+
+# CPU share of the row-reshaping steps around an engine. They are cheap, and asking for a whole
+# core each can leave an engine actor's pipeline unschedulable on a small machine.
+LIGHT_CPUS = 0.25
+
+# A killed engine or reward actor (OOM kill, lost node, preemption): Ray Data's actor pools restart it
+# and retry the batches that were in flight on it (their defaults, max_restarts and max_task_retries
+# -1; Ray 2.60 deprecates setting them through map_batches). Whatever the retries did, a stage then
+# checks that no row was lost or written twice before it commits (`alignlib.verify`), and
+# tests/integration/test_faults.py kills those actors for real.
+
+
+def log(message: str) -> None:
+    """One progress line on stdout; values of secret-looking environment variables are masked."""
+    print(redact(f"[alignlib] {message}"), flush=True)
+
+
+def init_ray(**kwargs) -> None:
+    """`ray.init(**kwargs)`, tried up to three times: a local start on a busy machine can miss Ray's fixed
+    30 s window for the raylet to register, with nothing else wrong."""
+    import ray
+
+    for attempt in range(1, 4):
+        try:
+            ray.init(**kwargs)
+            return
+        except Exception as err:
+            if "timed out during startup" not in str(err) or attempt == 3:
+                raise
+            log(f"Ray's local start timed out (busy machine?); trying again ({attempt + 1}/3)")
+            ray.shutdown()
+
+
+def ensure_ray() -> None:
+    """Attach to the cluster named by RAY_ADDRESS (`ray job submit` sets it) or start a local one."""
+    import ray
+
+    if not ray.is_initialized():
+        init_ray(log_to_driver=True)
+    # Let a stage's own error (a reward that failed on file:line) reach the user, not Ray Data's
+    # generic "UDF failed to process a data block" wrapper.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+
+
+@contextmanager
+def ordered_data(enabled: bool = True) -> Iterator[None]:
+    """Ray Data datasets made and run inside keep every step's output in input order (if `enabled`).
+
+    A model's output for a row differs in the last bits with the rows batched beside it (padding,
+    matrix shapes), and a sampled token or a reward can follow. Unordered, blocks reach an actor in
+    the order tasks happen to finish, so batches differ between runs; ordered, a rerun (or a retry
+    after a killed actor) batches the same rows together and gives the same bytes.
+    """
+    import ray
+
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, enabled or options.preserve_order
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
+def actor_pool(concurrency: int | tuple[int, int]):
+    """The spec's concurrency (a fixed count, or [min, max]) as Ray Data's actor pool strategy."""
+    from ray.data import ActorPoolStrategy
+
+    if isinstance(concurrency, int):
+        return ActorPoolStrategy(size=concurrency)
+    low, high = concurrency
+    return ActorPoolStrategy(min_size=low, max_size=high)
+
+
+def actor_resources(resources: dict[str, float]) -> dict:
+    """A spec's `resources` mapping -> Ray Data `map_batches` resource arguments."""
+    rest = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
+    out = {"num_cpus": resources.get("CPU", 1), "num_gpus": resources.get("GPU", 0)}
+    if rest:
+        out["resources"] = rest
+    return out
+
+
+def one_batch_per_block(dataset, batch_size: int):
+    """Cut a dataset into blocks of `batch_size` rows, so an actor pool gets one batch per task.
+
+    Ray Data gives one task a whole block however big; a small input (one Parquet row group) would
+    then be one task: one busy actor whatever the pool size, no output until it ends, and all of it
+    redone if its actor dies. Cut per batch, work spreads over the pool, results stream out, and a
+    killed actor costs only the batches it had in flight.
+    """
+    return dataset.repartition(target_num_rows_per_block=batch_size)
+
+
+def fixed_batches(dataset, batch_size: int, num_rows: int):
+    """Blocks of at most `batch_size` rows cut by row position alone (rows i*n/k ... (i+1)*n/k).
+
+    A row's reward moves in the last bits with the rows batched beside it, so a rerun must batch the
+    same rows together. Ray Data's streaming cut (`one_batch_per_block`) follows the block boundaries
+    of the tasks before it, which vary from run to run after a sort; a repartition into a fixed
+    number of blocks does not. Measured: the same 129 sorted rows gave 3 different batchings in 3
+    runs with the streaming cut, the same one with this.
+    """
+    return dataset.repartition(max(1, -(-num_rows // batch_size)))

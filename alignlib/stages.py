@@ -1,0 +1,555 @@
+"""Every stage of a job, declared once, as data; the pipeline, fingerprints, CLI and Kubernetes sizing read `STAGES`.
+
+A `Stage` says what it is called, what it does (`run`), which stages it reads and which of their
+columns (`inputs`, `reads`), which spec sections its output depends on (`sections`, hashed into its
+fingerprint), when a job has it (`enabled`), the tables it writes, and what it asks Ray for
+(`demands`, which sizes the Kubernetes worker groups). Adding a stage or a flow is one more entry.
+
+    prompts -> generate -> score -> pairs -> [ref_logps] -> train -> export -> eval
+
+Each `run` function reads its inputs from the stage store and writes its tables into a `StageWriter`;
+heavy imports (Ray, torch, vLLM) happen inside them, so reading this list (the CLI, `alignlib k8s`)
+stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from alignlib import schema as S
+from alignlib.raydata import ensure_ray, log, ordered_data
+from alignlib.spec import LOSSES_NEEDING_PAIRS, JobSpec, eval_temperature, reference_source
+from alignlib.store import ROWS_PER_FILE, StageStore, StageWriter, count_rows, read_table, write_table
+from alignlib.verify import KEY, check_completions, check_scored
+
+
+class Pipeline(Protocol):
+    """What a stage's `run` gets from the pipeline running it (`alignlib.pipeline.Pipeline`)."""
+
+    spec: JobSpec
+    store: StageStore
+
+    def fingerprint(self, name: str) -> str: ...
+
+    def table_path(self, name: str, table: str) -> Path: ...
+
+
+class StageInputError(RuntimeError):
+    """A stage cannot run on what it was given (missing or mismatched inputs, nothing left to train on)."""
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What one stage asks Ray for at its peak: `count` actors (or Train workers), each needing `per_actor`.
+
+    `field` is the spec field that sets it, for error messages (`alignlib k8s` refusing an actor no pod fits).
+    """
+
+    stage: str
+    field: str
+    count: int
+    per_actor: dict[str, float]
+
+
+def _nothing(spec: JobSpec) -> Any:
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    run: Callable[[Pipeline, StageWriter], dict[str, Any]]
+    sections: Callable[[JobSpec], dict[str, Any]]
+    inputs: Callable[[JobSpec], list[str]] = lambda spec: []
+    reads: Callable[[JobSpec], dict[str, list[str]]] = _nothing  # "stage/table" -> columns this stage reads
+    tables: tuple[str, ...] = ()
+    enabled: Callable[[JobSpec], bool] = lambda spec: True
+    enabled_when: str = ""  # the condition `enabled` checks, in words, for error messages
+    demands: Callable[[JobSpec], list[Demand]] = lambda spec: []
+
+
+def _most(concurrency: int | tuple[int, int]) -> int:
+    return concurrency if isinstance(concurrency, int) else concurrency[1]
+
+
+def _parallel(engine_kwargs: dict[str, Any]) -> int:
+    """vLLM replicas reserve one placement-group bundle per tensor/pipeline-parallel worker."""
+    return int(engine_kwargs.get("tensor_parallel_size", 1)) * int(engine_kwargs.get("pipeline_parallel_size", 1))
+
+
+def _generate_demands(spec: JobSpec, stage: str = "generate") -> list[Demand]:
+    g = spec.generate
+    if g.engine == "vllm":
+        engine = {k: v * _parallel(g.engine_kwargs) for k, v in g.resources.items()}
+    else:
+        engine = {"CPU": 1.0, **g.resources}  # Ray Data's default for an actor without num_cpus
+    return [Demand(stage, "generate.resources", _most(g.concurrency), engine)]
+
+
+def _score_demands(spec: JobSpec, stage: str = "score") -> list[Demand]:
+    out = []
+    components = spec.score.components()
+    for i, (_, reward, _) in enumerate(components):
+        where = f"score.rewards[{i}]" if spec.score.rewards else "score.reward"
+        if reward.type == "model":
+            if reward.engine == "vllm":
+                per_actor = {k: v * _parallel(reward.engine_kwargs) for k, v in reward.resources.items()}
+            else:
+                per_actor = {"CPU": 1.0, **reward.resources}
+            out.append(Demand(stage, f"{where}.resources", _most(reward.concurrency), per_actor))
+        else:
+            out.append(Demand(stage, where, 1, {"CPU": 0.5}))
+    return out
+
+
+def _train_worker(spec: JobSpec) -> dict[str, float]:
+    return {"CPU": 1.0, "GPU": 1.0} if spec.train.backend.use_gpu else {"CPU": 1.0}
+
+
+def _generated(spec: JobSpec) -> bool:
+    return spec.data.kind == "prompts"
+
+
+def _training_table(spec: JobSpec) -> str:
+    return "pairs" if LOSSES_NEEDING_PAIRS[spec.train.loss.name] else "sft"
+
+
+def _training_source(spec: JobSpec) -> str:
+    return "ref_logps" if reference_source(spec) == "precomputed" else "pairs"
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+def _context_settings(spec: JobSpec) -> dict[str, Any] | None:
+    """What the prompts stage's context-length check reads (see `alignlib.context`): changing it reruns the stage."""
+    if spec.data.kind != "prompts":
+        return None
+    g = spec.generate
+    models = [spec.policy] + ([g.weak_model] if g.weak_model is not None else [])
+    return {
+        "models": [[m.model, m.chat_template] for m in models],
+        "max_new_tokens": g.max_new_tokens,
+        "max_model_len": g.engine_kwargs.get("max_model_len") if g.engine == "vllm" else None,
+    }
+
+
+def run_prompts(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import shutil
+
+    from alignlib.prompts import all_rejected, load_data, split, to_table
+
+    data = p.spec.data
+    fits = None
+    if data.kind == "prompts":  # these prompts go to generation: each must fit the models' context
+        from alignlib.context import ContextCheck
+
+        fits = ContextCheck(p.spec)
+    # Where the rejected rows of a run that kept none go: the stage itself is not committed then.
+    failed = p.store.root / "prompts.failed"
+    shutil.rmtree(failed, ignore_errors=True)
+    loaded = load_data(data, fits)
+    rejected = to_table(loaded.rejected, S.REJECTED_ROW_COLUMNS)
+    if not loaded.prompts:
+        write_table(rejected, failed / "rejected_rows")
+        raise all_rejected(data, loaded, failed / "rejected_rows")
+    train, held_out = split(loaded.prompts, data.eval_fraction, p.spec.seed)
+    write_table(to_table(train), out.table("train"))
+    write_table(to_table(held_out), out.table("eval"))
+    if data.kind == "preferences":
+        write_table(to_table(loaded.preferences, S.PREFERENCE_COLUMNS), out.table("preferences"))
+    counts = loaded.counts(data)
+    if data.on_bad_rows == "reject":
+        write_table(rejected, out.table("rejected_rows"))
+        if loaded.rejected:
+            log(f"prompts: {len(loaded.rejected)} bad row(s) set aside {counts['rejected']} -> "
+                f"{p.store.path('prompts') / 'rejected_rows'}")  # fmt: skip
+    return {"prompts": len(loaded.prompts), **counts}
+
+
+PROMPTS = Stage(
+    name="prompts",
+    help="read the data file, check every row, split train and held-out prompts",
+    run=run_prompts,
+    sections=lambda spec: {
+        "data": spec.data.model_dump(mode="json"), "seed": spec.seed, "context": _context_settings(spec),
+    },  # fmt: skip
+    tables=("train", "eval", "preferences", "rejected_rows"),
+)
+
+
+# -- generate ---------------------------------------------------------------------------------
+
+
+def _sampling(spec: JobSpec, temperature: float | None = None):
+    from alignlib.generate import Sampling
+
+    g = spec.generate
+    return Sampling(g.max_new_tokens, g.temperature if temperature is None else temperature, g.top_p)
+
+
+def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.generate import generate, reference_rows
+
+    ensure_ray()
+    spec, g = p.spec, p.spec.generate
+    jobs = [(S.GENERATOR_POLICY, spec.policy, g.num_samples)]
+    if g.weak_model is not None:
+        jobs.append((S.GENERATOR_WEAK, g.weak_model, g.weak_model.num_samples))
+    # vLLM schedules requests into its own batches as they come (continuous batching), so its numbers
+    # are not batch-reproducible anyway; ordering its output would only hold finished rows back behind a
+    # slow replica. The transformers engine is reproducible to the byte when its batches are.
+    with ordered_data(enabled=g.engine == "transformers"):
+        prompts = ray.data.read_parquet(str(p.table_path("prompts", "train")))
+        # One model at a time: each engine gets the whole cluster instead of competing for it.
+        for generator, model, n in jobs:
+            log(f"generate: {n} sample(s) per prompt from {generator} model {model.model} ({g.engine})")
+            generate(prompts, model, _sampling(spec), g, generator, n, spec.seed).write_parquet(
+                str(out.table("completions") / generator), min_rows_per_file=ROWS_PER_FILE
+            )
+        if spec.data.reference_field is not None:
+            prompts.map_batches(reference_rows, batch_format="pyarrow").write_parquet(
+                str(out.table("completions") / S.GENERATOR_REFERENCE), min_rows_per_file=ROWS_PER_FILE
+            )
+    check_completions(out.table("completions"), _expected_completions(p, jobs))
+    return {"engine": g.engine}
+
+
+def _expected_completions(p: Pipeline, jobs: list[tuple[str, Any, int]]) -> dict[str, tuple[list[str], int]]:
+    """generator -> (prompt ids, samples per prompt) the generate stage must write, each row once."""
+    prompts = read_table(p.table_path("prompts", "train")).select([S.PROMPT_ID, S.REFERENCE]).to_pylist()
+    expected = {generator: ([r[S.PROMPT_ID] for r in prompts], n) for generator, _, n in jobs}
+    if p.spec.data.reference_field is not None:
+        expected[S.GENERATOR_REFERENCE] = ([r[S.PROMPT_ID] for r in prompts if r[S.REFERENCE] is not None], 1)
+    return expected
+
+
+GENERATE = Stage(
+    name="generate",
+    help="sample N answers per prompt from the policy (and the weak model), in Ray Data engine actors",
+    run=run_generate,
+    sections=lambda spec: {
+        "policy": spec.policy.model_dump(mode="json"), "generate": spec.generate.model_dump(mode="json"),
+        "seed": spec.seed,
+    },  # fmt: skip
+    inputs=lambda spec: ["prompts"],
+    reads=lambda spec: {"prompts/train": S.PROMPT_COLUMNS},
+    tables=("completions",),
+    enabled=_generated,
+    enabled_when="data.kind is prompts",
+    demands=_generate_demands,
+)
+
+
+# -- score ------------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.score import score
+
+    ensure_ray()
+    with ordered_data():
+        # Sorted by key and cut into batches by position, so each reward batch holds the same rows
+        # whatever order generate wrote them in: Ray Data can put a batch it retried, or held back, later
+        # in the file, and a row's reward moves in the last bits with its batch neighbours.
+        source = p.table_path("generate", "completions")
+        completions = ray.data.read_parquet(str(source)).sort(list(KEY))
+        score(completions, p.spec.score, num_rows=count_rows(source)).write_parquet(
+            str(out.table("scored")), min_rows_per_file=ROWS_PER_FILE
+        )
+    check_scored(out.table("scored"), p.table_path("generate", "completions"))
+    table = read_table(out.table("scored"))
+    columns = [S.REWARD] + [c for c, _, _ in p.spec.score.components() if c != S.REWARD]
+    return {f"{c}_mean": _mean(table[c].to_pylist()) for c in columns}
+
+
+SCORE = Stage(
+    name="score",
+    help="score every completion with the reward model(s) or function(s)",
+    run=run_score,
+    sections=lambda spec: {"score": spec.score.model_dump(mode="json")},
+    inputs=lambda spec: ["generate"],
+    reads=lambda spec: {"generate/completions": S.COMPLETION_COLUMNS},
+    tables=("scored",),
+    enabled=_generated,
+    enabled_when="data.kind is prompts",
+    demands=_score_demands,
+)
+
+
+# -- pairs ------------------------------------------------------------------------------------
+
+
+def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import pyarrow as pa
+
+    from alignlib.pairs import build, import_pairs
+    from alignlib.quality import data_quality, imported_completions, render_html
+
+    spec = p.spec.pairs
+    if p.spec.data.kind == "preferences":
+        preferences = read_table(p.table_path("prompts", "preferences")).to_pylist()
+        train_ids = set(read_table(p.table_path("prompts", "train"))[S.PROMPT_ID].to_pylist())
+        pairs, sft, counts = import_pairs(preferences, train_ids, spec)
+        completions = imported_completions(pairs)
+    else:
+        # In key order: the pairs file is then the same bytes whatever order Ray Data wrote the rows in.
+        scored = read_table(p.table_path("score", "scored")).sort_by([(c, "ascending") for c in KEY]).to_pylist()
+        pairs, sft, counts = build(scored, spec, p.spec.seed)
+        completions = scored
+    quality = data_quality(completions, pairs, counts)
+    (out.path / "report.html").write_text(render_html(quality, f"alignlib {p.spec.name}: preference data"))
+    needed = pairs if _training_table(p.spec) == "pairs" else sft
+    if not needed:
+        hint = (
+            "check the preference file (every pair identical, repeated or held out?)"
+            if p.spec.data.kind == "preferences"
+            else "lower pairs.min_margin, raise generate.num_samples, or add a weak model and gold_vs_weak"
+        )
+        raise StageInputError(
+            f"pairs: no training examples survived for loss {p.spec.train.loss.name!r} (counts: {counts}); {hint}"
+        )
+    write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
+    write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.table("sft"))
+    return {**counts, "quality": quality}
+
+
+PAIRS = Stage(
+    name="pairs",
+    help="turn scores into preference pairs and a best-of-N set (or import a preference file's pairs)",
+    run=run_pairs,
+    # The loss is in too: it decides which of the two sets must not come out empty.
+    sections=lambda spec: {"pairs": spec.pairs.model_dump(mode="json"), "seed": spec.seed,
+                           "training_table": _training_table(spec)},  # fmt: skip
+    # An imported preference set skips generate and score.
+    inputs=lambda spec: ["score"] if _generated(spec) else ["prompts"],
+    reads=lambda spec: (
+        {"score/scored": S.SCORED_COLUMNS}
+        if _generated(spec)
+        else {"prompts/preferences": S.PREFERENCE_COLUMNS, "prompts/train": [S.PROMPT_ID]}
+    ),
+    tables=("pairs", "sft"),
+)
+
+
+# -- ref_logps --------------------------------------------------------------------------------
+
+
+def run_ref_logps(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.train.reference import reference_logps
+
+    ensure_ray()
+    with ordered_data():
+        pairs = ray.data.read_parquet(str(p.table_path("pairs", "pairs"))).materialize()
+        rows = pairs.count()
+        log(f"ref_logps: reference log-probs of {rows} pairs under {p.spec.policy.model}")
+        reference_logps(pairs, p.spec).write_parquet(str(out.table("pairs")))
+    written = count_rows(out.table("pairs"))
+    if written != rows:
+        raise RuntimeError(f"ref_logps: {rows} pairs in, {written} rows out; refusing to trust the output")
+    return {"pairs": rows}
+
+
+def _ref_logps_demands(spec: JobSpec) -> list[Demand]:
+    from alignlib.train.reference import reference_pool, reference_resources
+
+    return [Demand("ref_logps", "train.backend", reference_pool(spec)[1], reference_resources(spec))]
+
+
+REF_LOGPS = Stage(
+    name="ref_logps",
+    help="DPO/IPO: the starting policy's log-probs of every pair, computed once (train.precompute_reference)",
+    run=run_ref_logps,
+    sections=lambda spec: {"policy": spec.policy.model_dump(mode="json"), "train": spec.train.model_dump(mode="json")},
+    inputs=lambda spec: ["pairs"],
+    reads=lambda spec: {"pairs/pairs": S.PAIR_COLUMNS},
+    tables=("pairs",),
+    enabled=lambda spec: reference_source(spec) == "precomputed",
+    enabled_when="train.precompute_reference is true",
+    demands=_ref_logps_demands,
+)
+
+
+# -- train ------------------------------------------------------------------------------------
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, bool))}
+
+
+def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import pyarrow as pa
+    import ray
+
+    from alignlib.train.launch import metrics_path, read_metrics, run_training
+
+    ensure_ray()
+    table, source = _training_table(p.spec), _training_source(p.spec)
+    # Read before the workers start: once they hold their CPUs, a read task could wait forever.
+    dataset = ray.data.read_parquet(str(p.table_path(source, table))).materialize()
+    n = dataset.count()
+    backend = p.spec.train.backend
+    log(f"train: {p.spec.train.loss.name} on {n} {table} rows, backend {backend.name} x{backend.num_workers}")
+    run_name = f"{p.spec.name}-{p.fingerprint('train')}"
+    result = run_training(p.spec, dataset, n, run_name=run_name)
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    epochs, steps = read_metrics(metrics_path(p.spec, run_name))
+    write_table(pa.Table.from_pylist(epochs), out.table("metrics"))
+    if steps:
+        write_table(pa.Table.from_pylist(steps), out.table("steps"))
+    return {"checkpoint": result.checkpoint.path, "examples": n, "final_metrics": _jsonable(result.metrics)}
+
+
+def _train_reads(spec: JobSpec) -> dict[str, list[str]]:
+    table = _training_table(spec)
+    needed = [S.PROMPT_ID, S.MESSAGES] + ([S.CHOSEN, S.REJECTED] if table == "pairs" else [S.COMPLETION])
+    if reference_source(spec) == "precomputed":
+        needed += [S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS]
+    return {f"{_training_source(spec)}/{table}": needed}
+
+
+TRAIN = Stage(
+    name="train",
+    help="train the policy on the pairs (ORPO, DPO, IPO, SimPO) or the best-of-N set (SFT) with Ray Train",
+    run=run_train,
+    sections=lambda spec: {
+        "policy": spec.policy.model_dump(mode="json"), "train": spec.train.model_dump(mode="json"), "seed": spec.seed,
+    },  # fmt: skip
+    inputs=lambda spec: [_training_source(spec)],
+    reads=_train_reads,
+    tables=("metrics", "steps"),
+    demands=lambda spec: [Demand("train", "train.backend", spec.train.backend.num_workers, _train_worker(spec))],
+)
+
+
+# -- export -----------------------------------------------------------------------------------
+
+
+def run_export(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.export import export_model
+
+    ensure_ray()
+    checkpoint = Path(p.store.manifest("train")["stats"]["checkpoint"])
+    if not (checkpoint / "model").exists():
+        raise StageInputError(f"export: the training checkpoint {checkpoint} is gone; rerun `alignlib train`")
+    target = out.path / "model"
+    task = ray.remote(num_cpus=1)(export_model)
+    policy = p.spec.policy
+    kind = ray.get(task.remote(str(checkpoint / "model"), str(target), policy.model, p.spec.export.merge_lora,
+                               policy.trust_remote_code))  # fmt: skip
+    return {"kind": kind, "source": str(checkpoint / "model"), "model": str(p.store.path("export") / "model")}
+
+
+EXPORT = Stage(
+    name="export",
+    help="write the trained model as a Hugging Face directory (LoRA merged, or kept as an adapter)",
+    run=run_export,
+    sections=lambda spec: {"export": spec.export.model_dump(mode="json")},
+    inputs=lambda spec: ["train"],
+    demands=lambda spec: [Demand("export", "export", 1, {"CPU": 1.0})],
+)
+
+
+# -- eval -------------------------------------------------------------------------------------
+
+
+def run_eval(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import ray
+
+    from alignlib.generate import generate
+    from alignlib.score import score
+    from alignlib.spec import ModelSpec
+
+    ensure_ray()
+    spec = p.spec
+    # The export keeps the policy's own code (if any), so it is trusted exactly as far as the policy is.
+    trained = ModelSpec(model=str(p.store.path("export") / "model"), chat_template=spec.policy.chat_template,
+                        dtype=spec.policy.dtype, trust_remote_code=spec.policy.trust_remote_code)  # fmt: skip
+    sampling = _sampling(spec, eval_temperature(spec))
+    with ordered_data():
+        prompts = ray.data.read_parquet(str(p.table_path("prompts", "eval")))
+        for generator, model in ((S.GENERATOR_BASE, spec.policy), (S.GENERATOR_TRAINED, trained)):
+            log(f"eval: sampling the {generator} policy on held-out prompts")
+            completions = generate(prompts, model, sampling, spec.generate, generator, spec.eval.num_samples,
+                                   spec.seed, seed_key="eval").materialize()  # fmt: skip
+            score(completions, spec.score).write_parquet(str(out.table("completions") / generator))
+    rows = read_table(out.table("completions")).to_pylist()
+    summary = summarize(rows)
+    (out.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean reward of base and trained policy, and the trained policy's win rate over prompts.
+
+    Per prompt, each policy's reward is its mean over samples; a win counts 1, a tie 0.5.
+    """
+    per_prompt: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        per_prompt.setdefault(r[S.PROMPT_ID], {}).setdefault(r[S.GENERATOR], []).append(r[S.REWARD])
+    base = [_mean(v[S.GENERATOR_BASE]) for v in per_prompt.values()]
+    trained = [_mean(v[S.GENERATOR_TRAINED]) for v in per_prompt.values()]
+    wins = [1.0 if t > b else 0.5 if t == b else 0.0 for b, t in zip(base, trained, strict=True)]
+    return {
+        "prompts": len(per_prompt),
+        "base_mean_reward": _mean(base),
+        "trained_mean_reward": _mean(trained),
+        "win_rate": _mean(wins),
+    }
+
+
+EVAL = Stage(
+    name="eval",
+    help="sample the starting and the trained policy on the held-out prompts and score both",
+    run=run_eval,
+    sections=lambda spec: {
+        "policy": spec.policy.model_dump(mode="json"),
+        "eval": spec.eval.model_dump(mode="json"),
+        "sampling": spec.generate.model_dump(mode="json", include={"engine", "max_new_tokens", "temperature", "top_p"}),
+        "score": spec.score.model_dump(mode="json"),
+        "seed": spec.seed,
+    },
+    inputs=lambda spec: ["prompts", "export"],
+    reads=lambda spec: {"prompts/eval": S.PROMPT_COLUMNS},
+    tables=("completions",),
+    enabled=lambda spec: spec.eval.enabled,
+    enabled_when="eval.enabled is true",
+    demands=lambda spec: _generate_demands(spec, "eval") + _score_demands(spec, "eval"),
+)
+
+
+STAGES: list[Stage] = [PROMPTS, GENERATE, SCORE, PAIRS, REF_LOGPS, TRAIN, EXPORT, EVAL]
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+NAMES: list[str] = [s.name for s in STAGES]
+
+
+def stage(name: str) -> Stage:
+    return BY_NAME[name]
+
+
+def enabled_stages(spec: JobSpec) -> list[str]:
+    """This job's stages, in the order they run."""
+    return [s.name for s in STAGES if s.enabled(spec)]
+
+
+def demands(spec: JobSpec) -> list[Demand]:
+    """Every enabled stage's peak request to Ray, read from the same spec fields the stages pass to Ray."""
+    return [d for s in STAGES if s.enabled(spec) for d in s.demands(spec)]
