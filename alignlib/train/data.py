@@ -91,6 +91,16 @@ def example_length(example: dict) -> int:
     return len(example[PROMPT_IDS]) + max(completions)
 
 
+def require_training_columns(spec, present, paired: bool) -> None:
+    """The columns training reads: the pairs (or SFT rows), and the reference log-probs when precomputed."""
+    from alignlib.spec import reference_source
+
+    needed = [S.PROMPT_ID, S.MESSAGES] + ([S.CHOSEN, S.REJECTED] if paired else [S.COMPLETION])
+    if reference_source(spec) == "precomputed":
+        needed += list(REF_COLUMNS)
+    S.require_columns(present, needed, f"train ({'pairs' if paired else 'sft'} for loss {spec.train.loss.name!r})")
+
+
 def tokenize_dataset(dataset, spec, paired: bool):
     """A Ray Dataset of pairs (or SFT rows) -> token-id columns, materialized.
 
@@ -98,13 +108,8 @@ def tokenize_dataset(dataset, spec, paired: bool):
     tokenize task could wait for ever on a small machine.
     """
     from alignlib.raydata import LIGHT_CPUS, actor_pool
-    from alignlib.spec import reference_source
 
-    needed = [S.PROMPT_ID, S.MESSAGES] + ([S.CHOSEN, S.REJECTED] if paired else [S.COMPLETION])
-    if reference_source(spec) == "precomputed":
-        needed += list(REF_COLUMNS)
-    S.require_columns(dataset.schema().names, needed, f"train ({'pairs' if paired else 'sft'} for loss "
-                      f"{spec.train.loss.name!r})")  # fmt: skip
+    require_training_columns(spec, dataset.schema().names, paired)
     train = spec.train
     return dataset.map_batches(
         Tokenize,
@@ -119,6 +124,7 @@ def tokenize_rows(spec, rows: list[dict[str, Any]], paired: bool) -> list[dict[s
     import pyarrow as pa
 
     policy, train = spec.policy, spec.train
+    require_training_columns(spec, rows[0].keys() if rows else [], paired)
     tokenize = Tokenize(policy.model, policy.chat_template, paired, train.max_length, train.max_prompt_length,
                         policy.trust_remote_code)  # fmt: skip
     return tokenize(pa.Table.from_pylist(rows)).to_pylist()

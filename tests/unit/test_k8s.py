@@ -108,6 +108,45 @@ def test_every_group_starts_at_zero_and_the_head_runs_no_tasks():
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
 
 
+def reasons(rendered) -> list[str]:
+    return [r for g in rendered.groups for r in g.reasons]
+
+
+def test_the_default_reward_renders_with_a_cpu_step():
+    # No score.reward at all: the default function reward (exact_match), a light CPU step, no GPU pod.
+    raw = apply_overrides(load_raw(JOBS / "demo.yaml"), [])
+    del raw["score"]
+    r = render(raw, "jobs/demo.yaml")
+    assert {g.shape.group: g.max_replicas for g in r.groups} == {"cpu": 1}
+    assert "score: 1 x {CPU: 0.5}" in reasons(r)
+
+
+def test_every_model_reward_in_a_weighted_sum_sizes_the_gpu_group():
+    rewards = ("score.rewards=[{type: model, model: a/rm, resources: {GPU: 1}, concurrency: [1, 3]}, "
+               "{type: model, model: b/rm, resources: {GPU: 2}, concurrency: 4, name: big}, "
+               "{type: function, function: 'alignlib.rewards:length_penalty', weight: 0.1}]")  # fmt: skip
+    r = job("orpo-qlora-7b.yaml", "score.reward=null", rewards)
+    assert "score: 3 x {CPU: 1, GPU: 1}" in reasons(r) and "score: 1 x {CPU: 0.5}" in reasons(r)
+    # the second reward model needs 2 GPUs per actor: 4 of them go to one 8-GPU pod
+    assert "score: 4 x {CPU: 1, GPU: 2}" in reasons(r)
+    assert {g.shape.group: g.max_replicas for g in r.groups}["gpu-8"] == 1
+    with pytest.raises(SpecError) as err:
+        job("orpo-qlora-7b.yaml", "score.reward=null", "score.rewards=[{type: model, model: a/rm, resources: {GPU: 9}}]")
+    assert err.value.problems[0].startswith("score.rewards[0].resources: one score actor asks for {CPU: 1, GPU: 9}")
+
+
+def test_reference_logps_actors_are_sized_like_the_training_workers():
+    r = job("dpo-zero3-8b.yaml")
+    assert "ref_logps: 8 x {GPU: 1}" in reasons(r) and "train: 8 x {CPU: 1, GPU: 1}" in reasons(r)
+    assert not any(x.startswith("ref_logps") for x in reasons(job("dpo-zero3-8b.yaml", "train.precompute_reference=false")))
+
+
+def test_a_preference_file_job_sizes_eval_engines_but_no_generate_stage():
+    r = job("orpo-qlora-7b.yaml", "data.kind=preferences", "generate.weak_model=null", "pairs={}")
+    assert not any(x.startswith(("generate", "score:")) for x in reasons(r))
+    assert any(x.startswith("eval:") for x in reasons(r)), "eval samples the base and trained policy on GPUs"
+
+
 # ------------------------------------------------------- the job it runs
 
 

@@ -1,0 +1,144 @@
+"""Training arithmetic, measured on the weights it produces, in this process (the Trainer without Ray Train).
+
+The epoch body that Ray Train's workers run (`train.loop.Trainer.train_epoch`) is called here directly on
+tokenized rows of the tiny policy, so these exactness checks take seconds; tests/integration keeps one real
+Ray Train run per backend.
+
+- the micro-batch split is invisible: batch 4 x accumulation 1 and batch 1 x accumulation 4 end on the
+  same weights;
+- an epoch's metrics: one line per optimizer step with that step's own means, and epoch means;
+- precomputed reference log-probs (the ref_logps stage's actor, run here on a table) are the starting
+  policy's, train exactly like a frozen reference copy, and are really what the loss reads.
+"""
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from alignlib import schema as S
+from alignlib.spec import parse_spec
+from alignlib.train.data import tokenize_rows
+from alignlib.train.launch import optimizer_steps
+from alignlib.train.loop import Trainer
+
+
+def pairs_rows(n: int) -> list[dict]:
+    """Arithmetic pairs whose answers differ in length, so batches need padding."""
+    rows = []
+    for i in range(n):
+        a, b = 3 * i % 11, 5 * i % 7
+        prompt = f"What is {a} + {b}?"
+        chosen = f"{a + b}" + " because" * (i % 4)
+        rows.append({
+            S.PROMPT_ID: f"p{i}", S.PROMPT: prompt, S.MESSAGES: [{"role": "user", "content": prompt}],
+            S.CHOSEN: chosen, S.REJECTED: "no idea " * (1 + i % 3), S.CHOSEN_REWARD: 1.0, S.REJECTED_REWARD: 0.0,
+            S.MARGIN: 1.0, S.STRATEGY: "gold_vs_weak", S.CHOSEN_GENERATOR: "reference", S.REJECTED_GENERATOR: "weak",
+        })  # fmt: skip
+    return rows
+
+
+def make_spec(tmp_path: Path, name: str, **train):
+    train = {"epochs": 1, "lr": 1e-3, "schedule": "constant", "max_length": 48, "log_every": 1,
+             "backend": {"name": "ddp", "num_workers": 1, "use_gpu": False}, **train}  # fmt: skip
+    return parse_spec({
+        "name": name, "output_dir": str(tmp_path / name), "data": {"path": "unused.jsonl"},
+        "policy": {"model": "builtin:tiny-policy"}, "train": train, "eval": {"enabled": False},
+    })  # fmt: skip
+
+
+def train(spec, rows: list[dict]) -> Trainer:
+    """Every epoch of `spec` on `rows`, in this process; the trainer after its last epoch."""
+    examples = tokenize_rows(spec, rows, paired=spec.train.loss.name != "sft")
+    trainer = Trainer(spec, optimizer_steps(spec, len(examples)))
+    for epoch in range(spec.train.epochs):
+        trainer.train_epoch(iter(examples), epoch)
+    return trainer
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.backend.unwrapped.state_dict().items()}
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def initial_weights() -> dict[str, torch.Tensor]:
+    from alignlib.models import load_causal_lm
+
+    return {k: v.detach().clone() for k, v in load_causal_lm("builtin:tiny-policy", "float32").state_dict().items()}
+
+
+def test_micro_batch_split_does_not_change_the_update(model_cache, tmp_path):
+    rows = pairs_rows(16)
+    whole = weights(train(make_spec(tmp_path, "b4xa1", batch_size=4, grad_accum=1), rows))
+    split = weights(train(make_spec(tmp_path, "b1xa4", batch_size=1, grad_accum=4), rows))
+    moved = max_difference(whole, {k: v for k, v in initial_weights().items() if k in whole})
+    assert moved > 1e-3, "four optimizer steps at lr 1e-3 moved the weights"
+    assert max_difference(whole, split) < 1e-5, "same examples per step, same update"
+
+
+def test_an_epoch_reports_per_step_means_and_epoch_means(model_cache, tmp_path):
+    import json
+
+    spec = make_spec(tmp_path, "metrics", batch_size=4, epochs=2, loss={"name": "sft"})
+    rows = [{**r, S.COMPLETION: r[S.CHOSEN], S.REWARD: 1.0} for r in pairs_rows(16)]
+    examples = tokenize_rows(spec, rows, paired=False)
+    log = tmp_path / "metrics.jsonl"
+    trainer = Trainer(spec, optimizer_steps(spec, 16), metrics_path=str(log))
+    epochs = [trainer.train_epoch(iter(examples), e) for e in range(2)]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    steps = [x for x in lines if x["kind"] == "step"]
+    assert [x["step"] for x in steps] == list(range(1, 9)), "4 steps of 4 examples per epoch, one line each"
+    # Each step line holds its own step's mean loss; the epoch's mean loss is the mean of its steps'.
+    for epoch, metrics in zip((1, 2), epochs, strict=True):
+        own = [x["sft_loss"] for x in steps if x["epoch"] == epoch]
+        assert metrics["train/sft_loss"] == pytest.approx(sum(own) / len(own))
+    assert epochs[1]["train/loss"] < epochs[0]["train/loss"]
+    assert len({round(x["sft_loss"], 6) for x in steps}) == len(steps), "per-step values, not a running mean"
+
+
+def test_precomputed_reference_trains_like_a_frozen_copy(model_cache, tmp_path):
+    from alignlib.losses import sequence_logps
+    from alignlib.models import load_causal_lm, load_tokenizer
+    from alignlib.train.data import collate, encode_rows
+    from alignlib.train.reference import ReferenceLogps
+
+    rows = pairs_rows(12)
+    dpo = {"loss": {"name": "dpo", "beta": 0.5}, "batch_size": 4}
+    copy_spec = make_spec(tmp_path, "dpo-copy", **dpo)
+    precomputed_spec = make_spec(tmp_path, "dpo-precomputed", precompute_reference=True, **dpo)
+    # The ref_logps stage's actor, applied to the pairs as one table.
+    table = pa.Table.from_pylist(rows)
+    with_ref = ReferenceLogps(precomputed_spec.model_dump(mode="json"))(table).to_pylist()
+    assert [r[S.PROMPT_ID] for r in with_ref] == [r[S.PROMPT_ID] for r in rows]
+
+    # Its numbers are the starting policy's summed log-probs, computed here one pair at a time.
+    tokenizer = load_tokenizer("builtin:tiny-policy")
+    model = load_causal_lm("builtin:tiny-policy", "float32").eval()
+    for row, got in zip(rows[:3], with_ref[:3], strict=True):
+        batch = collate(encode_rows(tokenizer, [row], True, 48), tokenizer.pad_token_id, paired=True)
+        with torch.no_grad():
+            expected = sequence_logps(model(input_ids=batch["input_ids"]).logits, batch["labels"]).tolist()
+        values = [got[S.REF_CHOSEN_LOGPS], got[S.REF_REJECTED_LOGPS]]
+        assert values == pytest.approx(expected, abs=1e-4) and max(values) < 0
+
+    copy = train(copy_spec, rows)
+    assert copy.reference_source == "frozen-copy"
+    precomputed = train(precomputed_spec, with_ref)
+    assert precomputed.reference_source == "precomputed" and precomputed.reference is None
+    assert max_difference(weights(copy), weights(precomputed)) < 1e-5, "same reference, same training"
+
+    # And the columns are what the loss reads: a shifted reference trains to different weights.
+    shifted = [{**r, S.REF_CHOSEN_LOGPS: r[S.REF_CHOSEN_LOGPS] + 5.0} for r in with_ref]
+    moved = train(make_spec(tmp_path, "dpo-shifted", precompute_reference=True, **dpo), shifted)
+    assert max_difference(weights(copy), weights(moved)) > 1e-4
+
+
+def test_precomputed_reference_without_its_columns_is_refused(model_cache, tmp_path):
+    spec = make_spec(tmp_path, "dpo-missing", precompute_reference=True, loss={"name": "dpo"})
+    with pytest.raises(Exception, match=r"missing column\(s\) \['ref_chosen_logps', 'ref_rejected_logps'\]"):
+        train(spec, pairs_rows(4))
