@@ -1,9 +1,21 @@
-"""The demo job end to end, through both generation engines, with real Ray, vLLM and training.
+"""The demo job end to end, through both generation engines, with real Ray, vLLM and training; two ways.
 
-Asserts what a user of `alignlib demo` would look at: the stage directories and manifests, the
-tables' columns and row counts, the pairs, the exported model, and the before/after eval numbers.
+- `vllm`: `Pipeline(spec).run()` in this process, on the session's Ray (the vLLM engine);
+- `transformers`: `ray job submit --working-dir <repo> -- python -m alignlib run jobs/demo.yaml ...` to a Ray
+  head of its own on 127.0.0.1 (token auth, dashboard, free ports, its own temp dir), the way a cluster user
+  runs alignlib, with HF_TOKEN, AWS_SECRET_ACCESS_KEY, WANDB_API_KEY and a password in the cluster's
+  environment, as a cluster job would have them.
+
+Asserts what a user would look at: the stage directories and manifests, the tables' columns and row counts,
+the pairs, the exported model, the before/after eval numbers; for the submitted job, that Ray reports it
+succeeded and that none of the secret values appears in what it printed or in any file under its output.
+The head is always stopped, by pid, so other Ray instances on the machine are untouched.
 """
 
+import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +28,7 @@ from alignlib.spec import load_spec
 from alignlib.stages import NAMES as STAGES
 
 sys.path.insert(0, str(Path(__file__).parent))
+from local_ray import LocalHead, ray_executable  # noqa: E402
 from output_checks import unsafe_stage_files  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,16 +41,52 @@ def table(run: Path, stage: str, name: str):
     return pads.dataset(str(run / stage / name), format="parquet").to_table()
 
 
+SECRETS = {
+    "HF_TOKEN": "hf_integrationFAKEtoken0042",
+    "AWS_SECRET_ACCESS_KEY": "aws-integration-FAKE-secret-0042",
+    "WANDB_API_KEY": "wandb-integration-FAKE-key-0042",
+    "ALIGNLIB_DB_PASSWORD": "integration-FAKE-password-0042",
+}
+
+
+def submit_demo(run: Path, overrides: list[str], cache: Path) -> str:
+    """`ray job submit` of the demo to a Ray head of its own with secrets in its environment; the job's log."""
+    env = {"ALIGNLIB_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **SECRETS,
+           # the job's `python` is the one that runs these tests
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    head = LocalHead(num_cpus=2, dashboard=True, env=env)
+    try:
+        head.start()
+        head.wait_for_dashboard()
+        submit = [
+            ray_executable(), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(ROOT),
+            "--runtime-env-json", json.dumps({"excludes": [".venv/", "runs/", ".git/", "**/__pycache__/"]}),
+            "--", "python", "-m", "alignlib", "run", "jobs/demo.yaml", *overrides,
+        ]  # fmt: skip
+        res = subprocess.run(submit, env=head.env, capture_output=True, text=True, timeout=1500)
+    finally:
+        head.stop()
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-5000:]
+    assert re.search(r"Job 'raysubmit_\w+' succeeded", log), log[-3000:]
+    return log
+
+
 @pytest.fixture(scope="module", params=["vllm", "transformers"])
-def demo_run(request, ray_session, tmp_path_factory):
+def demo_run(request, ray_session, model_cache, tmp_path_factory):
     run = tmp_path_factory.mktemp(f"demo-{request.param}")
-    spec = load_spec(ROOT / "jobs" / "demo.yaml", [f"output_dir={run}", f"generate.engine={request.param}"])
-    manifests = Pipeline(spec).run()
-    return spec, run, manifests
+    overrides = [f"output_dir={run}", f"generate.engine={request.param}"]
+    spec = load_spec(ROOT / "jobs" / "demo.yaml", overrides)
+    if request.param == "vllm":
+        return spec, run, Pipeline(spec).run(), None
+    log = submit_demo(run, overrides, model_cache)
+    manifests = {s: json.loads((run / s / "manifest.json").read_text()) for s in Pipeline(spec).stages()}
+    return spec, run, manifests, log
 
 
 def test_every_stage_wrote_a_manifest(demo_run):
-    _, run, manifests = demo_run
+    _, run, manifests, _ = demo_run
     assert list(manifests) == [s for s in STAGES if s != "ref_logps"], "ORPO needs no reference stage"
     for stage in manifests:
         assert (run / stage / "manifest.json").exists()
@@ -46,7 +95,7 @@ def test_every_stage_wrote_a_manifest(demo_run):
 
 
 def test_prompts_are_split(demo_run):
-    _, run, manifests = demo_run
+    _, run, manifests, _ = demo_run
     assert manifests["prompts"]["tables"] == {"train": TRAIN_PROMPTS, "eval": EVAL_PROMPTS}
     train, held = table(run, "prompts", "train"), table(run, "prompts", "eval")
     assert train.column_names == S.PROMPT_COLUMNS
@@ -54,7 +103,7 @@ def test_prompts_are_split(demo_run):
 
 
 def test_completions_have_every_sample_with_its_own_seed(demo_run):
-    spec, run, _ = demo_run
+    spec, run, _, _ = demo_run
     done = table(run, "generate", "completions")
     assert done.column_names == S.COMPLETION_COLUMNS
     assert done.num_rows == TRAIN_PROMPTS * (SAMPLES + WEAK_SAMPLES + 1)
@@ -77,7 +126,7 @@ def test_completions_have_every_sample_with_its_own_seed(demo_run):
 
 
 def test_scores_come_from_the_function_reward(demo_run):
-    _, run, _ = demo_run
+    _, run, _, _ = demo_run
     scored = table(run, "score", "scored")
     assert scored.column_names == S.SCORED_COLUMNS and scored.num_rows == TRAIN_PROMPTS * (SAMPLES + WEAK_SAMPLES + 1)
     rows = scored.to_pylist()
@@ -87,7 +136,7 @@ def test_scores_come_from_the_function_reward(demo_run):
 
 
 def test_pairs_are_valid_and_counted(demo_run):
-    _, run, manifests = demo_run
+    _, run, manifests, _ = demo_run
     pairs = table(run, "pairs", "pairs")
     assert pairs.column_names == S.PAIR_COLUMNS
     rows = pairs.to_pylist()
@@ -101,7 +150,7 @@ def test_pairs_are_valid_and_counted(demo_run):
 
 
 def test_training_reported_checkpoints_and_metrics(demo_run):
-    spec, run, manifests = demo_run
+    spec, run, manifests, _ = demo_run
     stats = manifests["train"]["stats"]
     assert Path(stats["checkpoint"], "model", "config.json").exists()
     assert stats["final_metrics"]["epoch"] == spec.train.epochs
@@ -111,7 +160,7 @@ def test_training_reported_checkpoints_and_metrics(demo_run):
 
 
 def test_export_loads_with_from_pretrained(demo_run):
-    _, run, manifests = demo_run
+    _, run, manifests, _ = demo_run
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = run / "export" / "model"
@@ -122,12 +171,12 @@ def test_export_loads_with_from_pretrained(demo_run):
 
 
 def test_stage_outputs_hold_no_pickle(demo_run):
-    _, run, _ = demo_run
+    _, run, _, _ = demo_run
     assert unsafe_stage_files(run) == [], "stage outputs are Parquet, JSON, HTML, safetensors and tokenizer text"
 
 
 def test_trained_policy_beats_the_starting_policy(demo_run):
-    _, run, manifests = demo_run
+    _, run, manifests, _ = demo_run
     s = manifests["eval"]["stats"]
     assert s["prompts"] == EVAL_PROMPTS
     assert s["trained_mean_reward"] > s["base_mean_reward"] + 0.3, s
@@ -138,26 +187,43 @@ def test_trained_policy_beats_the_starting_policy(demo_run):
 
 
 def test_rerun_skips_complete_stages(demo_run, capsys):
-    spec, run, manifests = demo_run
+    spec, run, manifests, _ = demo_run
     again = Pipeline(spec).run()
     assert {s: m["fingerprint"] for s, m in again.items()} == {s: m["fingerprint"] for s, m in manifests.items()}
     assert capsys.readouterr().out.count("complete, skipped") == len(STAGES) - 1
 
 
-def test_a_failing_reward_names_the_prompt_it_failed_on(demo_run):
-    # Through the CLI in its own process, as a user runs it: a failed Ray Data run can leave its
-    # actors holding CPUs until the driver exits, which would starve later tests in this session.
-    import subprocess
-    import sys
-
-    spec, run, _ = demo_run
+@pytest.mark.parametrize("demo_run", ["vllm"], indirect=True)  # engine-independent: checked once
+def test_a_failing_reward_names_the_prompt_it_failed_on(demo_run, ray_session):
+    # Through the CLI in its own process, as a user runs it (attached to the session's Ray: a failed Ray Data
+    # run's actors then go with that driver instead of holding CPUs for the rest of this session).
+    spec, run, _, _ = demo_run
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     done = subprocess.run(
         [sys.executable, "-m", "alignlib", "score", "jobs/demo.yaml", f"output_dir={run}",
          f"generate.engine={spec.generate.engine}", "score.reward.function=math:log"],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True, text=True, cwd=ROOT, env=env,
     )  # fmt: skip
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("alignlib: error:")]
     assert len(errors) == 1, done.stderr[-2000:]
     assert errors[0].startswith("alignlib: error: reward math:log failed on prompt ") and "addition.jsonl:" in errors[0]
     assert (run / "score" / "manifest.json").exists(), "the complete score output of the working spec is kept"
+
+
+@pytest.mark.parametrize("demo_run", ["transformers"], indirect=True)  # the run made by `ray job submit`
+def test_the_submitted_job_streams_its_summary(demo_run):
+    _, run, _, log = demo_run
+    assert f"== alignlib job 'demo': outputs under {run}" in log
+    assert "trained model (full)" in log and "eval on 40 held-out prompts" in log
+
+
+@pytest.mark.parametrize("demo_run", ["transformers"], indirect=True)  # secrets are in that job's environment
+def test_a_run_writes_no_secret(demo_run):
+    _, run, _, log = demo_run
+    leaks = [name for name, value in SECRETS.items() if value in log]
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert len(files) > 20, "the scan covers the stage outputs and Ray Train's checkpoints"
+    leaks += [(name, str(p.relative_to(run))) for p in files for name, v in SECRETS.items()
+              if v.encode() in p.read_bytes()]  # fmt: skip
+    assert not leaks, f"secret values found: {leaks}"

@@ -1,9 +1,10 @@
 """Faults injected for real into the generate and score stages, and reruns that must give the same bytes.
 
-One job (43 training prompts, 2 policy samples each plus the gold answer, the transformers engine, the
-builtin:tiny-reward model) runs up to `pairs` in these ways, all on the session's local Ray:
+One job (conftest's small job: 43 training prompts, 2 policy samples each plus the gold answer, the
+transformers engine, the builtin:tiny-reward model) runs up to `pairs` in these ways, all on the session's
+local Ray:
 
-- reference: uninterrupted, in this process;
+- reference: uninterrupted, in this process (the session's `small_job` run);
 - again, uninterrupted, into another directory: every table equal, the single-file ones byte for byte;
 - `alignlib run JOB.yaml --until pairs` in its own process group, three times:
   1. the whole job SIGKILLed while generate is mid-way (its temporary directory already holds Parquet);
@@ -30,50 +31,28 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from alignlib import schema as S
-from alignlib.pipeline import Pipeline
-from alignlib.spec import load_spec
 from alignlib.store import read_table
 from alignlib.verify import KEY
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import SAMPLES, TRAIN_PROMPTS, UPSTREAM, run_in_process  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-UPSTREAM = ["prompts", "generate", "score", "pairs"]
-TRAIN_PROMPTS, SAMPLES = 43, 2  # data.limit 48, 10% held out
-SPEC = {
-    "name": "faults",
-    "seed": 0,
-    "data": {"path": str(ROOT / "jobs/data/addition.jsonl"), "prompt_field": "question", "reference_field": "answer",
-             "eval_fraction": 0.1, "limit": 48},
-    "policy": {"model": "builtin:tiny-policy"},
-    "generate": {"engine": "transformers", "num_samples": SAMPLES, "max_new_tokens": 16, "batch_size": 4,
-                 "resources": {"CPU": 1}},
-    "score": {"reward": {"type": "model", "model": "builtin:tiny-reward", "batch_size": 4, "resources": {"CPU": 1}}},
-    "pairs": {"strategy": ["best_vs_worst"], "min_margin": 0.0, "include_truncated": True},
-    "train": {"backend": {"name": "ddp", "num_workers": 1, "use_gpu": False}},
-    "eval": {"enabled": False},
-}  # fmt: skip
 SINGLE_FILE_TABLES = [("prompts", "train"), ("prompts", "eval"), ("pairs", "pairs"), ("pairs", "sft")]
 
 
 @pytest.fixture(scope="module")
-def spec_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults") / "job.yaml"
-    path.write_text(yaml.safe_dump(SPEC))
-    return path
-
-
-def run_in_process(spec_file: Path, run: Path) -> Path:
-    Pipeline(load_spec(spec_file, [f"output_dir={run}"])).run(UPSTREAM)
-    return run
+def spec_file(small_job_file):
+    return small_job_file
 
 
 @pytest.fixture(scope="module")
-def reference(ray_session, spec_file, tmp_path_factory):
-    return run_in_process(spec_file, tmp_path_factory.mktemp("reference"))
+def reference(small_job):
+    return small_job
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Kill training for real and run it again: the result equals an uninterrupted run.
 
-The pairs come from the real pipeline (transformers engine, function reward). Training then runs as
-`alignlib train JOB.yaml` in its own process group, three ways on the same pairs:
+The pairs are the session's small job (conftest: the real pipeline, transformers engine, tiny reward model).
+Training then runs as `alignlib train JOB.yaml` in its own process group, three ways on the same pairs:
 
 - uninterrupted;
 - the whole job killed (SIGKILL to its process group, as when a pod is evicted) after its first
@@ -25,42 +25,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignlib.pipeline import Pipeline
-from alignlib.spec import load_spec
 from alignlib.train.backends import _read_weights
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-OVERRIDES = [
-    "generate.engine=transformers", "data.limit=100", "eval.enabled=false", "train.epochs=6",
-    "train.batch_size=2", "train.log_every=5", "train.backend.num_workers=1", "train.max_failures=1",
-]  # fmt: skip
-UPSTREAM = ["prompts", "generate", "score", "pairs"]
-
-
-def overrides(run: Path) -> list[str]:
-    return [f"output_dir={run}", *OVERRIDES]
+TRAIN = ["train.epochs=8", "train.batch_size=2", "train.log_every=5", "train.max_failures=1"]
 
 
 @pytest.fixture(scope="module")
-def pairs_run(ray_session, tmp_path_factory):
-    run = tmp_path_factory.mktemp("resume") / "base"
-    Pipeline(load_spec(ROOT / "jobs" / "demo.yaml", overrides(run))).run(UPSTREAM)
-    return run
+def pairs_run(small_job):
+    return small_job
+
+
+@pytest.fixture(scope="module")
+def job_file(small_job_file):
+    return small_job_file
 
 
 def copy_pairs(source: Path, target: Path) -> Path:
-    for stage in UPSTREAM:
+    for stage in ("prompts", "generate", "score", "pairs"):
         shutil.copytree(source / stage, target / stage)
     return target
 
 
-def start_training(run: Path, marker: str) -> subprocess.Popen:
+def start_training(job_file: Path, run: Path, marker: str) -> subprocess.Popen:
     env = {**os.environ, "ALIGNLIB_TEST_MARK": marker}
     env.pop("RAY_ADDRESS", None)  # a local Ray of its own, as `alignlib train` on a laptop
     return subprocess.Popen(
-        [sys.executable, "-m", "alignlib", "train", "jobs/demo.yaml", *overrides(run)],
+        [sys.executable, "-m", "alignlib", "train", str(job_file), f"output_dir={run}", *TRAIN],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
 
@@ -115,15 +108,15 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(pairs_run):
-    run = pairs_run
-    finish(start_training(run, uuid.uuid4().hex))
+def uninterrupted(pairs_run, job_file, tmp_path_factory):
+    run = copy_pairs(pairs_run, tmp_path_factory.mktemp("uninterrupted") / "run")
+    finish(start_training(job_file, run, uuid.uuid4().hex))
     return final_weights(run)
 
 
-def test_killed_job_resumes_and_ends_like_an_uninterrupted_run(pairs_run, uninterrupted, tmp_path):
+def test_killed_job_resumes_and_ends_like_an_uninterrupted_run(pairs_run, job_file, uninterrupted, tmp_path):
     run, marker = copy_pairs(pairs_run, tmp_path / "killed"), uuid.uuid4().hex
-    proc = start_training(run, marker)
+    proc = start_training(job_file, run, marker)
     wait_for_checkpoint(run, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -131,14 +124,14 @@ def test_killed_job_resumes_and_ends_like_an_uninterrupted_run(pairs_run, uninte
         os.kill(pid, signal.SIGKILL)
     assert not (run / "train" / "manifest.json").exists(), "the kill landed before training finished"
 
-    out = finish(start_training(run, uuid.uuid4().hex))
+    out = finish(start_training(job_file, run, uuid.uuid4().hex))
     assert "resuming after epoch" in out, out[-3000:]
     assert_same_weights(final_weights(run), uninterrupted)
 
 
-def test_killed_worker_is_restarted_from_the_last_checkpoint(pairs_run, uninterrupted, tmp_path):
+def test_killed_worker_is_restarted_from_the_last_checkpoint(pairs_run, job_file, uninterrupted, tmp_path):
     run, marker = copy_pairs(pairs_run, tmp_path / "worker"), uuid.uuid4().hex
-    proc = start_training(run, marker)
+    proc = start_training(job_file, run, marker)
     wait_for_checkpoint(run, proc)
     workers = marked_processes(marker, "RayTrainWorker")
     assert len(workers) == 1, workers
