@@ -37,12 +37,17 @@ def _parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         job_command(stage.name, f"run only this stage: {stage.help}").add_argument("--force", action="store_true")
     job_command("validate", "check a job spec without running it")
-    demo = commands.add_parser("demo", help=f"run the CPU demo job ({DEMO_SPEC})")
+    demo = commands.add_parser("demo", help=f"run the CPU demo job ({DEMO_SPEC}) from any directory, into ./runs/demo")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.add_argument("--force", action="store_true")
+    demo.add_argument("--until", choices=NAMES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
     commands.add_parser("schema", help="print the job spec's JSON schema")
-    export = job_command("export-pairs", "write the pairs as prompt/chosen/rejected chat JSONL (TRL, Axolotl)")
+    export = job_command("export-pairs", "write the pairs as prompt/chosen/rejected chat JSONL (TRL, Axolotl), "
+                         "or with --table sft the best-of-N set as prompt/completion chat JSONL")  # fmt: skip
     export.add_argument("--out", required=True, help="JSONL file to write")
+    export.add_argument("--table", choices=["pairs", "sft"], default="pairs",
+                        help="pairs (preference pairs, default) or sft (the best answer per prompt, for "
+                             "rejection-sampling fine-tuning)")  # fmt: skip
     from alignlib import k8s
 
     k8s.add_arguments(job_command("k8s", "print the KubeRay RayJob (+ ConfigMap, NetworkPolicy) that runs this job"))
@@ -50,14 +55,38 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo_spec() -> Path:
-    for candidate in (Path(DEMO_SPEC), Path(__file__).resolve().parent.parent / DEMO_SPEC):
-        if candidate.exists():
-            return candidate
-    raise SystemExit(f"alignlib demo: {DEMO_SPEC} not found; run it from the alignlib checkout")
+    candidate = Path(__file__).resolve().parent.parent / DEMO_SPEC
+    if not candidate.exists():
+        raise SystemExit(f"alignlib demo: {candidate} not found; the demo runs from an alignlib checkout")
+    return candidate
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Options and `key=value` overrides in any order (`run JOB.yaml --until pairs train.epochs=1`)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """The `alignlib` command; output cut short by a closed pipe (`alignlib schema | head`) ends it quietly."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        import os
+
+        # Python would complain again while flushing stdout at exit: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a command ended by SIGPIPE
+
+
+def _main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     from alignlib.redaction import redact
     from alignlib.spec import SpecError, json_schema, load_spec
 
@@ -69,12 +98,23 @@ def main(argv: list[str] | None = None) -> int:
 
         return command(args)
     spec_path = _demo_spec() if args.command == "demo" else Path(args.spec)
+    overrides = list(args.overrides)
+    if args.command == "demo":
+        # The demo's data ships with alignlib: found from any directory; its output goes to ./runs/demo.
+        overrides.insert(0, f"data.path={spec_path.parent / 'data' / 'addition.jsonl'}")
     try:
-        spec = load_spec(spec_path, args.overrides)
+        spec = load_spec(spec_path, overrides)
     except SpecError as err:
         print(redact(str(err)), file=sys.stderr)
         return 2
     if args.command == "validate":
+        from alignlib.sources import problems
+        from alignlib.stages import enabled_stages
+
+        found = problems(spec, enabled_stages(spec))
+        if found:
+            print(redact(str(SpecError(str(spec_path), found))), file=sys.stderr)
+            return 2
         print(f"{spec_path}: valid (job {spec.name!r}, output_dir {spec.output_dir})")
         return 0
 
@@ -82,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from alignlib.report import print_summary
 
     if args.command == "export-pairs":
-        return _export_pairs(Pipeline(spec), Path(args.out))
+        return _export_pairs(Pipeline(spec), Path(args.out), args.table)
 
     pipeline = Pipeline(spec, force=args.force)
     only = None if args.command in ("run", "demo") else [args.command]
@@ -95,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         only = stages[: stages.index(args.until) + 1]
     try:
         manifests = pipeline.run(only)
+    except SpecError as err:  # a source the stages read is missing or wrong: nothing ran
+        print(redact(str(err)), file=sys.stderr)
+        return 2
     except Exception as err:
         root = _root_cause(err)
         if not type(root).__module__.startswith("alignlib"):
@@ -117,17 +160,26 @@ def _root_cause(err: BaseException) -> BaseException:
         err = inner
 
 
-def _export_pairs(pipeline, out: Path) -> int:
-    from alignlib.schema import to_conversational
+def _export_pairs(pipeline, out: Path, table: str) -> int:
+    from alignlib.schema import to_conversational, to_sft_conversational
     from alignlib.store import read_table
 
+    if not out.parent.is_dir():
+        print(f"alignlib: error: --out {out}: directory {out.parent} does not exist", file=sys.stderr)
+        return 2
     if not pipeline.store.is_complete("pairs", pipeline.fingerprint("pairs")):
         print(f"alignlib: error: no complete pairs for this spec under {pipeline.store.path('pairs')}; "
-              "run `alignlib run JOB.yaml` first", file=sys.stderr)  # fmt: skip
+              "run `alignlib run JOB.yaml --until pairs` first", file=sys.stderr)  # fmt: skip
         return 1
-    rows = to_conversational(read_table(pipeline.store.path("pairs") / "pairs").to_pylist())
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    print(f"wrote {len(rows)} pairs to {out}")
+    rows = read_table(pipeline.store.path("pairs") / table).to_pylist()
+    records = to_conversational(rows) if table == "pairs" else to_sft_conversational(rows)
+    try:
+        out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    except OSError as err:
+        print(f"alignlib: error: --out {out}: {err.strerror}", file=sys.stderr)
+        return 2
+    what = "pairs" if table == "pairs" else "best-of-N rows (the SFT set)"
+    print(f"wrote {len(records)} {what} to {out}")
     return 0
 
 

@@ -75,10 +75,73 @@ class Pipeline:
                     f"rerun `alignlib {source} JOB.yaml --force`"
                 )
 
+    def check_sources(self, names: list[str]) -> None:
+        """The data file and models the stages about to run read exist and are what their fields say."""
+        from alignlib.sources import problems
+        from alignlib.spec import SpecError
+
+        todo = [n for n in names if self.force or not self.store.is_complete(n, self.fingerprint(n))]
+        found = problems(self.spec, todo)
+        if found:
+            raise SpecError("job spec", found)
+
+    def check_resources(self, names: list[str]) -> None:
+        """On a Ray that alignlib starts itself (no RAY_ADDRESS), refuse at once what that one node can never give.
+
+        A request no node can satisfy would otherwise wait forever (Ray Data's and Ray Train's schedulers
+        keep waiting for an autoscaler that is not there). On a cluster, nodes can still be added: no check.
+        """
+        import os
+
+        import ray
+
+        from alignlib.spec import SpecError
+        from alignlib.stages import Demand
+
+        if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+            return
+        todo = [n for n in names if self.force or not self.store.is_complete(n, self.fingerprint(n))]
+        wanted: list[Demand] = [d for n in todo for d in stage(n).demands(self.spec)]
+        cpus = os.cpu_count() or 1
+        if all(set(d.per_actor) <= {"CPU"} and d.per_actor.get("CPU", 0) * d.count <= cpus for d in wanted):
+            return  # fits this machine's CPUs: no need to start Ray just to ask it
+        ensure_ray()
+        have = ray.cluster_resources()
+        found = {}
+        for d in wanted:
+            # Train workers start together; an actor pool needs at least one actor.
+            need = {k: v * (d.count if d.stage == "train" else 1) for k, v in d.per_actor.items()}
+            short = {k: v for k, v in need.items() if v > have.get(k, 0)}
+            if short and d.field not in found:
+                hint = _RESOURCE_HINTS.get(d.field, f"lower {d.field}")
+                what = ", ".join(f"{v:g} {k}" for k, v in sorted(short.items()))
+                found[d.field] = (
+                    f"{d.field}: the {d.stage} stage asks for {what}; the local Ray alignlib started has "
+                    f"{', '.join(f'{have.get(k, 0):g} {k}' for k in sorted(short))} and would wait for ever; "
+                    f"{hint}, or run on a cluster (RAY_ADDRESS)"
+                )
+        if found:
+            raise SpecError("job spec", list(found.values()))
+
+    def check_given_inputs(self, names: list[str]) -> None:
+        """Inputs this run does not make itself must be there before anything starts."""
+        for name in names:
+            for upstream in self.upstream(name):
+                if upstream not in names and not self.store.is_complete(upstream, self.fingerprint(upstream)):
+                    raise StageInputError(
+                        f"stage {name!r} needs the output of {upstream!r} for this spec at "
+                        f"{self.store.path(upstream)}, which is missing or was made from a different spec; "
+                        f"run `alignlib {upstream} JOB.yaml` (or `alignlib run JOB.yaml`) first"
+                    )
+
     def run(self, only: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        names = only or self.stages()
         self.check_remote_code()
+        self.check_sources(names)
+        self.check_given_inputs([n for n in names if stage(n).enabled(self.spec)])
+        self.check_resources(names)
         manifests = {}
-        for name in only or self.stages():
+        for name in names:
             declared = stage(name)
             fp = self.fingerprint(name)
             if not self.force and self.store.is_complete(name, fp):
@@ -100,6 +163,13 @@ class Pipeline:
 
     def table_path(self, name: str, table: str) -> Path:
         return self.store.path(name) / table
+
+
+_RESOURCE_HINTS = {
+    "generate.resources": "set generate.resources={CPU: 1} for a machine without a GPU",
+    "score.reward.resources": "set score.reward.resources={CPU: 1} for a machine without a GPU",
+    "train.backend": "set train.backend.use_gpu=false (and train.backend.num_workers to at most the CPUs)",
+}
 
 
 def _brief(manifest: dict[str, Any]) -> str:

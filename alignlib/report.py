@@ -34,6 +34,8 @@ def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
         kept = {k: v for k, v in stats.items() if k.startswith("pairs_")}
         dropped = {k: v for k, v in stats.items() if k.startswith("dropped_") and v}
         _print(f"  pairs kept {kept}; dropped {dropped or 'none'}")
+        for line in stats.get("warnings", []):
+            _print(f"  warning: {line}")
         report = store.path("pairs") / "report.html"
         if report.exists():
             _print(f"  data-quality report (reward and margin distributions, reward-length correlation): {report}")

@@ -2,6 +2,8 @@
 
 A function reward is called once per completion as `fn(prompt=..., completion=..., reference=...)`
 and returns a float; any function of that shape in any importable module works the same way.
+A function that cannot score without the gold answer says so with `fn.needs_reference = True`; the spec
+then refuses jobs whose data has none where the reward runs (eval on an imported preference set).
 """
 
 from __future__ import annotations
@@ -36,3 +38,8 @@ def numeric_closeness(prompt: str, completion: str, reference: str | None) -> fl
 def length_penalty(prompt: str, completion: str, reference: str | None) -> float:
     """-(characters / 100): prefers short answers; a reference-free example reward."""
     return -len(completion) / 100.0
+
+
+exact_match.needs_reference = True
+numeric_closeness.needs_reference = True
+length_penalty.needs_reference = False

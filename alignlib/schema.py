@@ -126,3 +126,12 @@ def to_conversational(pairs_rows: list[dict]) -> list[dict]:
             record |= {TRL_SCORE_CHOSEN: row[CHOSEN_REWARD], TRL_SCORE_REJECTED: row[REJECTED_REWARD]}
         out.append(record)
     return out
+
+
+def to_sft_conversational(sft_rows: list[dict]) -> list[dict]:
+    """alignlib's best-of-N (SFT) rows -> the prompt/completion chat layout TRL's SFTTrainer reads, with the reward."""
+    return [
+        {TRL_PROMPT: messages_of(row), "completion": [{"role": "assistant", "content": row[COMPLETION]}],
+         REWARD: row[REWARD]}
+        for row in sft_rows
+    ]  # fmt: skip

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from alignlib import schema as S
 from alignlib.raydata import ensure_ray, log, ordered_data
+from alignlib.sources import data_digest, model_digest, reward_digests
 from alignlib.spec import LOSSES_NEEDING_PAIRS, JobSpec, eval_temperature, reference_source
 from alignlib.store import ROWS_PER_FILE, StageStore, StageWriter, count_rows, read_table, write_table
 from alignlib.verify import KEY, check_completions, check_scored
@@ -32,6 +33,7 @@ class Pipeline(Protocol):
 
     spec: JobSpec
     store: StageStore
+    force: bool  # redo the work even where a finished (or half-finished) result exists
 
     def fingerprint(self, name: str) -> str: ...
 
@@ -71,6 +73,16 @@ class Stage:
     enabled: Callable[[JobSpec], bool] = lambda spec: True
     enabled_when: str = ""  # the condition `enabled` checks, in words, for error messages
     demands: Callable[[JobSpec], list[Demand]] = lambda spec: []
+
+
+def _model(model) -> dict[str, Any]:
+    """A model spec in a fingerprint: its settings, and the model itself by content (`sources.model_digest`)."""
+    return {**model.model_dump(mode="json"), "model": model_digest(model.model)}
+
+
+def _score(spec: JobSpec) -> dict[str, Any]:
+    """The score section in a fingerprint: its settings, and each reward by content (model files, function source)."""
+    return {**spec.score.model_dump(mode="json"), "contents": reward_digests(spec)}
 
 
 def _most(concurrency: int | tuple[int, int]) -> int:
@@ -133,7 +145,7 @@ def _context_settings(spec: JobSpec) -> dict[str, Any] | None:
     g = spec.generate
     models = [spec.policy] + ([g.weak_model] if g.weak_model is not None else [])
     return {
-        "models": [[m.model, m.chat_template] for m in models],
+        "models": [[model_digest(m.model), m.chat_template] for m in models],
         "max_new_tokens": g.max_new_tokens,
         "max_model_len": g.engine_kwargs.get("max_model_len") if g.engine == "vllm" else None,
     }
@@ -176,8 +188,10 @@ PROMPTS = Stage(
     name="prompts",
     help="read the data file, check every row, split train and held-out prompts",
     run=run_prompts,
+    # The data file by content, not by path: an edited file reruns everything, a moved one nothing.
     sections=lambda spec: {
-        "data": spec.data.model_dump(mode="json"), "seed": spec.seed, "context": _context_settings(spec),
+        "data": spec.data.model_dump(mode="json", exclude={"path"}), "content": data_digest(spec.data.path),
+        "seed": spec.seed, "context": _context_settings(spec),
     },  # fmt: skip
     tables=("train", "eval", "preferences", "rejected_rows"),
 )
@@ -236,8 +250,9 @@ GENERATE = Stage(
     help="sample N answers per prompt from the policy (and the weak model), in Ray Data engine actors",
     run=run_generate,
     sections=lambda spec: {
-        "policy": spec.policy.model_dump(mode="json"), "generate": spec.generate.model_dump(mode="json"),
-        "seed": spec.seed,
+        "policy": _model(spec.policy), "seed": spec.seed,
+        "generate": {**spec.generate.model_dump(mode="json"),
+                     "weak_model": _model(spec.generate.weak_model) if spec.generate.weak_model else None},
     },  # fmt: skip
     inputs=lambda spec: ["prompts"],
     reads=lambda spec: {"prompts/train": S.PROMPT_COLUMNS},
@@ -280,7 +295,7 @@ SCORE = Stage(
     name="score",
     help="score every completion with the reward model(s) or function(s)",
     run=run_score,
-    sections=lambda spec: {"score": spec.score.model_dump(mode="json")},
+    sections=lambda spec: {"score": _score(spec)},
     inputs=lambda spec: ["generate"],
     reads=lambda spec: {"generate/completions": S.COMPLETION_COLUMNS},
     tables=("scored",),
@@ -324,7 +339,36 @@ def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         )
     write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
     write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.table("sft"))
-    return {**counts, "quality": quality}
+    floor = min((r[S.REWARD] for r in completions if r.get(S.REWARD) is not None), default=None)
+    warnings = degenerate(p.spec, pairs, sft, count_rows(p.table_path("prompts", "train")), floor)
+    for line in warnings:
+        log(f"pairs: warning: {line}")
+    return {**counts, "quality": quality, "warnings": warnings}
+
+
+def degenerate(spec: JobSpec, pairs: list[dict], sft: list[dict], prompts: int, floor: float | None) -> list[str]:
+    """What makes the training set the loss reads nearly useless, in words (empty when nothing does).
+
+    SFT: most best-of-N rows are no better than the worst reward any completion got (every sample of
+    the prompt failed alike; training on them teaches the failure). Pairs: fewer than one per 10 prompts.
+    """
+    out = []
+    if _training_table(spec) == "sft" and sft and floor is not None:
+        at_floor = sum(r[S.REWARD] <= floor for r in sft)
+        if at_floor >= 0.9 * len(sft):
+            mean = sum(r[S.REWARD] for r in sft) / len(sft)
+            out.append(
+                f"{at_floor} of {len(sft)} best-of-N rows (the SFT set, mean reward {mean:.3f}) have the lowest "
+                f"reward any completion got ({floor:g}): best-of-N found nothing better to learn from; raise "
+                "generate.num_samples or temperature, start from a stronger policy, or use gold_vs_weak pairs "
+                "with a paired loss"
+            )
+    if _training_table(spec) == "pairs" and len(pairs) < 0.1 * prompts:
+        out.append(
+            f"only {len(pairs)} pairs from {prompts} prompts: most prompts' samples tied or fell below "
+            "pairs.min_margin; lower pairs.min_margin, raise generate.num_samples, or add gold_vs_weak pairs"
+        )
+    return out
 
 
 PAIRS = Stage(
@@ -375,7 +419,7 @@ REF_LOGPS = Stage(
     name="ref_logps",
     help="DPO/IPO: the starting policy's log-probs of every pair, computed once (train.precompute_reference)",
     run=run_ref_logps,
-    sections=lambda spec: {"policy": spec.policy.model_dump(mode="json"), "train": spec.train.model_dump(mode="json")},
+    sections=lambda spec: {"policy": _model(spec.policy), "train": spec.train.model_dump(mode="json")},
     inputs=lambda spec: ["pairs"],
     reads=lambda spec: {"pairs/pairs": S.PAIR_COLUMNS},
     tables=("pairs",),
@@ -406,6 +450,12 @@ def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     backend = p.spec.train.backend
     log(f"train: {p.spec.train.loss.name} on {n} {table} rows, backend {backend.name} x{backend.num_workers}")
     run_name = f"{p.spec.name}-{p.fingerprint('train')}"
+    if p.force:  # resuming is for the same run after a crash; --force trains from the start
+        import shutil
+
+        from alignlib.train.launch import storage_path
+
+        shutil.rmtree(storage_path(p.spec) / run_name, ignore_errors=True)
     result = run_training(p.spec, dataset, n, run_name=run_name)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
@@ -429,7 +479,7 @@ TRAIN = Stage(
     help="train the policy on the pairs (ORPO, DPO, IPO, SimPO) or the best-of-N set (SFT) with Ray Train",
     run=run_train,
     sections=lambda spec: {
-        "policy": spec.policy.model_dump(mode="json"), "train": spec.train.model_dump(mode="json"), "seed": spec.seed,
+        "policy": _model(spec.policy), "train": spec.train.model_dump(mode="json"), "seed": spec.seed,
     },  # fmt: skip
     inputs=lambda spec: [_training_source(spec)],
     reads=_train_reads,
@@ -521,10 +571,10 @@ EVAL = Stage(
     help="sample the starting and the trained policy on the held-out prompts and score both",
     run=run_eval,
     sections=lambda spec: {
-        "policy": spec.policy.model_dump(mode="json"),
+        "policy": _model(spec.policy),
         "eval": spec.eval.model_dump(mode="json"),
         "sampling": spec.generate.model_dump(mode="json", include={"engine", "max_new_tokens", "temperature", "top_p"}),
-        "score": spec.score.model_dump(mode="json"),
+        "score": _score(spec),
         "seed": spec.seed,
     },
     inputs=lambda spec: ["prompts", "export"],

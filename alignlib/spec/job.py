@@ -534,6 +534,17 @@ def cross_check(spec: JobSpec) -> list[str]:
         )
     if spec.eval.enabled and spec.train.lora is not None and not spec.export.merge_lora:
         problems.append("export.merge_lora: eval generates with the exported model, which needs merged LoRA weights")
+    if spec.eval.enabled and not generated:
+        # Held-out prompts of an imported preference set have no gold answer for the eval's reward to use.
+        for column, reward, _ in spec.score.components():
+            if reward.type == "function" and getattr(resolve_function(reward.function), "needs_reference", False):
+                where = f"score.rewards ({column})" if spec.score.rewards else "score.reward"
+                problems.append(
+                    f"eval.enabled: data.kind preferences has no gold answers, and the eval's reward "
+                    f"{reward.function} ({where}; the default when none is set) needs one; set eval.enabled=false, "
+                    "or a reward that needs no reference (a reward model, or a function such as "
+                    "alignlib.rewards:length_penalty)"
+                )
     if spec.eval.enabled and spec.data.eval_fraction == 0:
         problems.append(
             "data.eval_fraction: eval is enabled but no prompts are held out (set > 0 or eval.enabled=false)"

@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from alignlib.spec.job import JobSpec
 
@@ -40,18 +41,89 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 where = ".".join(parts[: i + 1])
                 raise SpecError("command line", [f"{key}: {where} is not a mapping, cannot set a key inside it"])
             node = child
-        node[parts[-1]] = yaml.safe_load(text) if text else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise SpecError("command line", [f"{item!r}: the value is not valid YAML ({problem}); quote it, "
+                                             "e.g. 'train.loss={name: dpo, beta: 0.1}'"]) from None
     return raw
 
 
+def _variants(annotation: Any) -> list[type[BaseModel]]:
+    """The spec models an annotation can hold (unions, Optional, lists and Annotated unwrapped)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _variants(arg)]
+
+
+def _tag(model: type[BaseModel]) -> str | None:
+    """A union variant's discriminator value (`dpo` for DPOLossSpec), as pydantic puts it in error locations."""
+    for key in ("name", "type"):
+        field = model.model_fields.get(key)
+        if field is not None and get_origin(field.annotation) is Literal:
+            return get_args(field.annotation)[0]
+    return None
+
+
+def _walk(loc: tuple) -> tuple[list[str], list[type[BaseModel]]]:
+    """An error location -> (the spec path a user writes, the models at its parent level).
+
+    pydantic's locations also name union members (`train.loss.dpo.beta`, `pairs.strategy.literal[...]`);
+    those are dropped, so a message names the field as it appears in the YAML.
+    """
+    parts: list[str] = []
+    models: list[type[BaseModel]] = [JobSpec]
+    parents = models
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+            continue
+        tagged = [m for m in models if _tag(m) == part] if len(models) > 1 else []
+        if tagged:  # a discriminated union's member: not a key in the YAML
+            models = tagged
+            continue
+        owners = [m for m in models if part in m.model_fields]
+        if not owners:
+            if models:  # an unknown key (or a member label of a union of plain types)
+                parents = models
+                parts.append(part) if part.isidentifier() and part not in _TYPE_LABELS else None
+            models = []
+            continue
+        parents = models
+        parts.append(part)
+        models = [v for m in owners for v in _variants(m.model_fields[part].annotation)]
+    return parts, parents
+
+
+_TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none"}
+
+
 def _format_error(err: dict[str, Any]) -> list[str]:
-    path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+    parts, parents = _walk(tuple(err["loc"]))
+    path = ".".join(parts).replace(".[", "[")
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        message = "unknown key"
+        known = sorted({f for m in parents for f in m.model_fields})
+        close = difflib.get_close_matches(parts[-1], known, n=1) if parts else []
+        message = f"unknown key; did you mean {close[0]!r}?" if close else "unknown key"
+    elif err["type"] == "literal_error":
+        message = f"{err['input']!r} is not one of {err['ctx']['expected']}"
     if not path:  # cross-field problems from the model validator carry their own paths
         return message.splitlines()
     return [f"{path}: {message}"]
+
+
+def _one_per_field(problems: list[str]) -> list[str]:
+    """One message per field: a union field fails once per member; the member listing the valid values wins."""
+    by_field: dict[str, str] = {}
+    for line in problems:
+        field = line.split(": ", 1)[0]
+        if field not in by_field or ("is not one of" in line and "is not one of" not in by_field[field]):
+            by_field[field] = line
+    # A list given for a `value | list[value]` field: its items' messages say more than "not one of".
+    nested = {f for f in by_field for g in by_field if g.startswith(f + "[")}
+    return [line for field, line in by_field.items() if field not in nested]
 
 
 def _without(raw: dict[str, Any], locations: list[tuple]) -> dict[str, Any]:
@@ -76,7 +148,7 @@ def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
         return JobSpec.model_validate(raw)
     except ValidationError as err:
         errors = err.errors(include_url=False)
-    problems = [line for e in errors for line in _format_error(e)]
+    problems = _one_per_field([line for e in errors for line in _format_error(e)])
     # pydantic runs cross-field checks only once every field is valid; validate again without
     # the bad keys so those problems are reported in the same run.
     try:
@@ -141,9 +213,16 @@ def load_raw(path: str | Path) -> Any:
     return raw if raw is not None else {}
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+def load_spec(path: str | Path, overrides: list[str] | None = None, base: Path | None = None) -> JobSpec:
+    """The validated spec of a file, `key=value` overrides applied, its relative paths made absolute.
+
+    Relative paths (`data.path`, `output_dir`, local model directories) are relative to `base`, by
+    default the directory alignlib runs in; made absolute here, once, no worker ever sees a relative one.
+    """
+    from alignlib.sources import absolute_paths
+
     raw = apply_overrides(load_raw(path), overrides or [])
-    return parse_spec(raw, str(path))
+    return absolute_paths(parse_spec(raw, str(path)), base)
 
 
 def json_schema() -> dict[str, Any]:

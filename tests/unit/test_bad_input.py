@@ -242,6 +242,7 @@ def test_bad_preference_rows_are_set_aside_with_their_field(tmp_path):
     rows.insert(3, {"prompt": "q8", "chosen": "good", "rejected": "bad", "score_chosen": float("nan")})
     data = write_data(tmp_path / "p.jsonl", rows, "jsonl")
     job = write_job(tmp_path, data, "reject", kind="preferences", prompt_field="prompt", reference_field=None)
+    job.write_text(job.read_text().replace('"generate"', '"eval": {"enabled": false}, "generate"'))
     assert cli(["prompts", str(job)]) == 0
     stage = tmp_path / "run" / "prompts"
     rejected = read_table(stage / "rejected_rows").to_pylist()
@@ -346,7 +347,7 @@ def test_every_invalid_spec_value_is_reported_at_once_with_its_path(tmp_path, ca
     problems = [line.removeprefix("  - ") for line in err.splitlines() if line.startswith("  - ")]
     assert sorted(p.split(":")[0] for p in problems) == [
         "colour", "data.eval_fraction", "data.on_bad_rows", "data.reference_field", "generate.num_samples",
-        "generate.top_p", "generate.weak_model", "train.epochs", "train.loss.dpo.lambda_",
+        "generate.top_p", "generate.weak_model", "train.epochs", "train.loss.lambda_",
     ]  # fmt: skip
-    assert "data.on_bad_rows: Input should be 'error' or 'reject'" in problems
+    assert "data.on_bad_rows: 'skip' is not one of 'error' or 'reject'" in problems
     assert cli(["prompts", str(spec)]) == 2  # a stage command refuses it the same way

@@ -237,7 +237,7 @@ def test_cli_prints_to_stdout(capsys):
     [
         (["output_dir=/tmp/elsewhere"], "output_dir: /tmp/elsewhere is not on the shared volume every pod mounts"),
         (["data.path=/home/me/prompts.jsonl"], "data.path: /home/me/prompts.jsonl is not in the image (/app)"),
-        (["train.backend.num_workers=0"], "train.backend.ddp.num_workers: Input should be greater than or equal to 1"),
+        (["train.backend.num_workers=0"], "train.backend.num_workers: Input should be greater than or equal to 1"),
         (["name=" + "n" * 60], "longer than 47 characters; use a shorter job name"),
     ],
 )

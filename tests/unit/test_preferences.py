@@ -136,7 +136,8 @@ def test_imported_preferences_go_from_prompts_straight_to_pairs(tmp_path):
              "score_rejected": 0.5} for i in range(10)]  # fmt: skip
     rows += [rows[0], {"prompt": "q0", "chosen": "same", "rejected": "same"}]
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    spec = job(tmp_path, {"path": str(path), "eval_fraction": 0.2}, eval={"enabled": True})
+    spec = job(tmp_path, {"path": str(path), "eval_fraction": 0.2}, eval={"enabled": True},
+               score={"reward": {"type": "function", "function": "alignlib.rewards:length_penalty"}})  # fmt: skip
     pipeline = Pipeline(spec)
     assert pipeline.stages() == ["prompts", "pairs", "train", "export", "eval"]
     manifests = pipeline.run(["prompts", "pairs"])

@@ -278,10 +278,10 @@ def test_export_writes_safetensors_and_refuses_pickled_weights(model_cache, tmp_
 )
 def test_a_function_reward_must_be_an_importable_public_function(function, message):
     found = problems({**MINIMAL, "score": {"reward": {"type": "function", "function": function}}})
-    assert len(found) == 1 and found[0].startswith("score.reward.function.function: ") and message in found[0], found
+    assert len(found) == 1 and found[0].startswith("score.reward.function: ") and message in found[0], found
     listed = problems({**MINIMAL, "score": {"rewards": [
         {"type": "function", "function": "alignlib.rewards:exact_match"}, {"type": "function", "function": function}]}})  # fmt: skip
-    assert len(listed) == 1 and listed[0].startswith("score.rewards[1].function.function: "), listed
+    assert len(listed) == 1 and listed[0].startswith("score.rewards[1].function: "), listed
 
 
 def test_nothing_executes_a_string_as_code():

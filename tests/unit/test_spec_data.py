@@ -42,9 +42,9 @@ def test_weighted_rewards_get_columns_named_after_them():
     [
         ({"reward": CLOSENESS, "rewards": [CLOSENESS]}, "score: set `reward` (one reward) or `rewards`"),
         ({"rewards": [CLOSENESS, CLOSENESS | {"weight": 2}]}, "score: rewards named ['numeric_closeness'] more than"),
-        ({"rewards": [CLOSENESS | {"name": "a b"}]}, "score.rewards[0].function.name: String should match pattern"),
-        ({"rewards": [CLOSENESS | {"weight": "heavy"}]}, "score.rewards[0].function.weight: Input should be a valid"),
-        ({"reward": CLOSENESS | {"weight": 1.0}}, "score.reward.function.weight: unknown key"),
+        ({"rewards": [CLOSENESS | {"name": "a b"}]}, "score.rewards[0].name: String should match pattern"),
+        ({"rewards": [CLOSENESS | {"weight": "heavy"}]}, "score.rewards[0].weight: Input should be a valid"),
+        ({"reward": CLOSENESS | {"weight": 1.0}}, "score.reward.weight: unknown key"),
     ],
 )
 def test_bad_reward_combinations(score, expected):
@@ -71,10 +71,11 @@ def test_pair_settings():
 
 def test_preference_imports_refuse_settings_they_would_ignore():
     data = {"path": "p.jsonl", "kind": "preferences"}
-    spec = parse_spec(spec_with(data=data, generate={"num_samples": 1}))
+    no_eval = {"enabled": False}  # a preference file has no gold answers for the default reward
+    spec = parse_spec(spec_with(data=data, generate={"num_samples": 1}, eval=no_eval))
     assert spec.data.kind == "preferences"  # no policy samples, so no num_samples check
     found = problems(spec_with(data=data, pairs={"strategy": "gold_vs_weak", "min_margin": 0.5},
-                               generate={"weak_model": {"model": "builtin:tiny-weak"}}))  # fmt: skip
+                               generate={"weak_model": {"model": "builtin:tiny-weak"}}, eval=no_eval))  # fmt: skip
     assert sorted(found) == [
         "generate.weak_model: not used with data.kind preferences (nothing is generated)",
         "pairs.min_margin: not used with data.kind preferences (imported pairs are kept as given)",

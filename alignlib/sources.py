@@ -1,0 +1,181 @@
+"""What a job reads from outside its output directory: the data file, models, reward functions.
+
+Two jobs here:
+
+- Paths. A relative path in a spec (`data.path`, `output_dir`, a local model directory) is relative to the
+  directory alignlib runs in; `absolute_paths` makes each one absolute once, when the spec is loaded, so no
+  Ray worker or Train worker ever sees a relative path. `problems` checks, before any stage runs, that each
+  source a stage will read exists and is what the field says, and names the field.
+- Fingerprints. A stage's fingerprint holds `digest(...)` of what it reads, not only the spec's text: the
+  data file's content, a local model directory's files, a reward function's module source. Edit any of them
+  and the stages it feeds run again; nothing else does.
+
+    spec = absolute_paths(spec)                 # once, in load_spec
+    problems(spec, ["prompts", "generate"])      # ["policy.model: ...", ...] before those stages run
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+# Model files over this size are fingerprinted by size and modification time instead of content: hashing
+# a 16 GB checkpoint on every run costs more than it is worth (a rewritten file gets a new mtime).
+HASHED_FILE_BYTES = 64 * 2**20
+
+
+def looks_like_path(value: str) -> bool:
+    """A model field naming a local path rather than a hub id (`org/name`) or a builtin."""
+    if value.startswith("builtin:"):
+        return False
+    return value.startswith(("/", "./", "../", "~")) or value.count("/") >= 2 or Path(value).expanduser().exists()
+
+
+def _absolute(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def absolute_paths(spec, base: Path | None = None):
+    """The spec with `data.path`, `output_dir` and local model paths absolute (relative to `base`, default cwd)."""
+    base = base or Path.cwd()
+    update: dict[str, Any] = {"output_dir": _absolute(spec.output_dir, base)}
+    update["data"] = spec.data.model_copy(update={"path": _absolute(spec.data.path, base)})
+
+    def model(m):
+        return m.model_copy(update={"model": _absolute(m.model, base)}) if looks_like_path(m.model) else m
+
+    update["policy"] = model(spec.policy)
+    if spec.generate.weak_model is not None:
+        update["generate"] = spec.generate.model_copy(update={"weak_model": model(spec.generate.weak_model)})
+    score = spec.score
+    if score.reward is not None and score.reward.type == "model":
+        update["score"] = score.model_copy(update={"reward": model(score.reward)})
+    elif score.rewards:
+        update["score"] = score.model_copy(
+            update={"rewards": [model(r) if r.type == "model" else r for r in score.rewards]}
+        )
+    return spec.model_copy(update=update)
+
+
+# -- checks -------------------------------------------------------------------------------------
+
+
+def model_problem(field: str, value: str) -> str | None:
+    """Why `value` cannot be loaded as a model, naming `field`; None if it can (or is a hub id)."""
+    from alignlib.models import BUILTIN_PREFIX, BUILTINS
+
+    if value.startswith(BUILTIN_PREFIX):
+        name = value.removeprefix(BUILTIN_PREFIX)
+        if name in BUILTINS:
+            return None
+        close = difflib.get_close_matches(name, list(BUILTINS), n=1)
+        hint = f"did you mean {BUILTIN_PREFIX}{close[0]}? " if close else ""
+        return (f"{field}: unknown built-in model {value!r}; {hint}the built-ins are "
+                f"{', '.join(BUILTIN_PREFIX + n for n in BUILTINS)}")  # fmt: skip
+    if not looks_like_path(value):
+        return None  # a hub id: from_pretrained fetches (or finds in its cache) what exists
+    path = Path(value).expanduser()
+    if not path.exists():
+        return f"{field}: no such model directory {value} (relative paths are relative to the directory alignlib runs in)"
+    if not path.is_dir() or not (path / "config.json").exists():
+        return f"{field}: {value} is not a Hugging Face model directory (no config.json in it)"
+    return None
+
+
+def models_read(spec, stages: list[str]) -> list[tuple[str, str]]:
+    """(field, model) of every model the given stages load."""
+    out = []
+    if {"generate", "ref_logps", "train", "eval"} & set(stages):
+        out.append(("policy.model", spec.policy.model))
+    if "generate" in stages and spec.generate.weak_model is not None:
+        out.append(("generate.weak_model.model", spec.generate.weak_model.model))
+    if {"score", "eval"} & set(stages):
+        for i, (_, reward, _) in enumerate(spec.score.components()):
+            if reward.type == "model":
+                out.append((f"score.rewards[{i}].model" if spec.score.rewards else "score.reward.model", reward.model))
+    return out
+
+
+def problems(spec, stages: list[str]) -> list[str]:
+    """Every source the given stages read that is missing or not what its field says, as "field: message"."""
+    found = []
+    if "prompts" in stages:
+        path = Path(spec.data.path)
+        if not path.exists():
+            found.append(f"data.path: {spec.data.path} does not exist (relative paths are relative to the "
+                         "directory alignlib runs in)")  # fmt: skip
+    found += [p for field, model in dict.fromkeys(models_read(spec, stages)) for p in [model_problem(field, model)] if p]
+    output = Path(spec.output_dir)
+    existing = next((p for p in [output, *output.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        found.append(f"output_dir: {existing} is a file, not a directory")
+    elif existing is not None and not os.access(existing, os.W_OK):
+        found.append(f"output_dir: {existing} is not writable")
+    return found
+
+
+# -- fingerprints -------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_digest(path: str) -> str:
+    """The content of a data file, or of every file of a Parquet directory; `missing` if there is none."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root] if root.exists() else []
+    if not files:
+        return "missing"
+    h = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        h.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0".encode())
+        h.update(_file_digest(str(f), stat.st_size, stat.st_mtime_ns).encode())
+    return h.hexdigest()[:16]
+
+
+def model_digest(source: str) -> str:
+    """A model source as its fingerprint: builtins and hub ids by name, a local directory by its files."""
+    from alignlib.models import BUILTIN_VERSION
+
+    if source.startswith("builtin:"):
+        return f"{source}@v{BUILTIN_VERSION}"
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        return source
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = f.stat()
+        h.update(f"{f.relative_to(root)}\0{stat.st_size}\0".encode())
+        small = stat.st_size <= HASHED_FILE_BYTES
+        h.update((_file_digest(str(f), stat.st_size, stat.st_mtime_ns) if small else str(stat.st_mtime_ns)).encode())
+    return "dir:" + h.hexdigest()[:16]
+
+
+def function_digest(ref: str) -> str:
+    """A reward function `module:function` as the source of its module (edit it and scoring reruns)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(ref.partition(":")[0])
+    origin = getattr(spec, "origin", None) if spec else None
+    if not origin or not Path(origin).is_file():
+        return ref
+    stat = Path(origin).stat()
+    return f"{ref}@{_file_digest(origin, stat.st_size, stat.st_mtime_ns)[:16]}"
+
+
+def reward_digests(spec) -> list[str]:
+    """What each reward of the score section is, by content."""
+    return [function_digest(r.function) if r.type == "function" else model_digest(r.model)
+            for _, r, _ in spec.score.components()]  # fmt: skip
