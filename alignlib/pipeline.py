@@ -152,6 +152,13 @@ class Pipeline:
                 raise StageInputError(f"stage {name!r} is not part of this job: it runs only when "
                                       f"{declared.enabled_when}")  # fmt: skip
             self.check_inputs(name)
+            previous = self.store.manifest(name)
+            if previous is not None and previous.get("fingerprint") != fp:
+                # Never replaced in silence: a user comparing two variants (ORPO vs DPO) in one output_dir would
+                # otherwise lose the first one's model and eval without a word.
+                log(f"{name}: {self.store.path(name)} holds the output of a different spec or input "
+                    f"(fingerprint {previous.get('fingerprint')}, now {fp}); replacing it. To keep both, give each "
+                    "variant its own output_dir")  # fmt: skip
             log(f"{name}: running")
             started = time.time()
             with self.store.writer(name) as writer:

@@ -7,9 +7,10 @@ Training then runs as `alignlib train JOB.yaml` in its own process group, three 
 - the whole job killed (SIGKILL to its process group, as when a pod is evicted) after its first
   checkpoint, then the same command run again: it resumes after the last finished epoch;
 - one Ray Train worker killed after the first checkpoint: Ray Train restarts the worker group from
-  that checkpoint (`train.max_failures: 1`) and the same command finishes.
+  that checkpoint (`train.max_failures: 1`) and the same command finishes; then `alignlib train --force`
+  on that finished run trains again from the start instead of resuming.
 
-All three must end on the same weights.
+All of them must end on the same weights.
 """
 
 import json
@@ -49,11 +50,11 @@ def copy_pairs(source: Path, target: Path) -> Path:
     return target
 
 
-def start_training(job_file: Path, run: Path, marker: str) -> subprocess.Popen:
+def start_training(job_file: Path, run: Path, marker: str, *options: str) -> subprocess.Popen:
     env = {**os.environ, "ALIGNLIB_TEST_MARK": marker}
     env.pop("RAY_ADDRESS", None)  # a local Ray of its own, as `alignlib train` on a laptop
     return subprocess.Popen(
-        [sys.executable, "-m", "alignlib", "train", str(job_file), f"output_dir={run}", *TRAIN],
+        [sys.executable, "-m", "alignlib", "train", str(job_file), f"output_dir={run}", *TRAIN, *options],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
 
@@ -139,4 +140,9 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(pairs_run, job_file
 
     out = finish(proc)
     assert "resuming after epoch" in out, out[-3000:]
+    assert_same_weights(final_weights(run), uninterrupted)
+
+    # --force redoes the work: it trains from the start, not from the finished run's checkpoints.
+    out = finish(start_training(job_file, run, uuid.uuid4().hex, "--force"))
+    assert "resuming" not in out and "epoch 1/8" in out, out[-3000:]
     assert_same_weights(final_weights(run), uninterrupted)

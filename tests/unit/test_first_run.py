@@ -50,7 +50,9 @@ def test_an_edited_data_file_is_read_again(model_cache, tmp_path, capsys):
     assert sum(first["prompts"]["tables"][t] for t in ("train", "eval")) == 10
     write_questions(data, 100, 30)  # 30 other rows, same file name
     again = Pipeline(load_spec(DEMO, overrides)).run(["prompts"])
-    assert "prompts: complete, skipped" not in capsys.readouterr().out
+    log = capsys.readouterr().out
+    assert "prompts: complete, skipped" not in log
+    assert "holds the output of a different spec or input" in log and "replacing it" in log, "never replaced in silence"
     assert sum(again["prompts"]["tables"][t] for t in ("train", "eval")) == 30
     questions = read_table(tmp_path / "run" / "prompts" / "train")[S.PROMPT].to_pylist()
     assert all(int(q.split()[2]) >= 100 for q in questions), "no row of the old file is left"
