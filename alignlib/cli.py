@@ -29,10 +29,12 @@ def _parser() -> argparse.ArgumentParser:
         cmd = commands.add_parser(name, help=help_text)
         cmd.add_argument("spec", metavar="JOB.yaml")
         cmd.add_argument("overrides", nargs="*", metavar="key=value", help="override spec fields, e.g. train.epochs=2")
+        cmd.add_argument("--verbose", action="store_true",
+                         help="also show Ray's and vLLM's own logs and progress bars (quiet by default)")  # fmt: skip
         return cmd
 
     for cmd in (job_command("run", "run every stage (complete ones are skipped)"),):
-        cmd.add_argument("--force", action="store_true", help="rerun stages even if their outputs are complete")
+        cmd.add_argument("--force", action="store_true", help="redo every stage, even complete ones")
         cmd.add_argument("--until", choices=NAMES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
     for stage in STAGES:
         job_command(stage.name, f"run only this stage: {stage.help}").add_argument("--force", action="store_true")
@@ -40,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help=f"run the CPU demo job ({DEMO_SPEC}) from any directory, into ./runs/demo")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.add_argument("--force", action="store_true")
+    demo.add_argument("--verbose", action="store_true", help="also show Ray's and vLLM's own logs")
     demo.add_argument("--until", choices=NAMES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
     commands.add_parser("schema", help="print the job spec's JSON schema")
     export = job_command("export-pairs", "write the pairs as prompt/chosen/rejected chat JSONL (TRL, Axolotl), "
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if getattr(args, "verbose", False):
+        import os
+
+        os.environ["ALIGNLIB_VERBOSE"] = "1"  # read by alignlib.raydata.verbose, here and in engine actors
     from alignlib.redaction import redact
     from alignlib.spec import SpecError, json_schema, load_spec
 

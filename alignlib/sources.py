@@ -17,11 +17,12 @@ Two jobs here:
 from __future__ import annotations
 
 import difflib
-import functools
 import hashlib
 import os
 from pathlib import Path
 from typing import Any
+
+from alignlib.hashing import file_digest
 
 # Model files over this size are fingerprinted by size and modification time instead of content: hashing
 # a 16 GB checkpoint on every run costs more than it is worth (a rewritten file gets a new mtime).
@@ -32,7 +33,8 @@ def looks_like_path(value: str) -> bool:
     """A model field naming a local path rather than a hub id (`org/name`) or a builtin."""
     if value.startswith("builtin:"):
         return False
-    return value.startswith(("/", "./", "../", "~")) or value.count("/") >= 2 or Path(value).expanduser().exists()
+    return (value.startswith(("/", "./", "../", "~")) or value.count("/") >= 2 or value.endswith(".gguf")
+            or Path(value).expanduser().exists())  # fmt: skip
 
 
 def _absolute(value: str, base: Path) -> str:
@@ -67,19 +69,27 @@ def absolute_paths(spec, base: Path | None = None):
 
 def model_problem(field: str, value: str) -> str | None:
     """Why `value` cannot be loaded as a model, naming `field`; None if it can (or is a hub id)."""
-    from alignlib.models import BUILTIN_PREFIX, BUILTINS
+    from alignlib.models import BUILTIN_PREFIX, BUILTINS, PACKAGED, builtin_names, gguf_problem, packaged_gguf
 
     if value.startswith(BUILTIN_PREFIX):
         name = value.removeprefix(BUILTIN_PREFIX)
         if name in BUILTINS:
             return None
-        close = difflib.get_close_matches(name, list(BUILTINS), n=1)
+        if name in PACKAGED:
+            try:
+                packaged_gguf(name)
+            except ValueError as err:
+                return f"{field}: {err}"
+            return None
+        close = difflib.get_close_matches(name, [*BUILTINS, *PACKAGED], n=1)
         hint = f"did you mean {BUILTIN_PREFIX}{close[0]}? " if close else ""
-        return (f"{field}: unknown built-in model {value!r}; {hint}the built-ins are "
-                f"{', '.join(BUILTIN_PREFIX + n for n in BUILTINS)}")  # fmt: skip
+        return f"{field}: unknown built-in model {value!r}; {hint}the built-ins are {', '.join(builtin_names())}"
     if not looks_like_path(value):
         return None  # a hub id: from_pretrained fetches (or finds in its cache) what exists
     path = Path(value).expanduser()
+    if path.suffix == ".gguf":
+        problem = gguf_problem(path)
+        return f"{field}: {problem}" if problem else None
     if not path.exists():
         return f"{field}: no such model directory {value} (relative paths are relative to the directory alignlib runs in)"
     if not path.is_dir() or not (path / "config.json").exists():
@@ -110,6 +120,9 @@ def problems(spec, stages: list[str]) -> list[str]:
             found.append(f"data.path: {spec.data.path} does not exist (relative paths are relative to the "
                          "directory alignlib runs in)")  # fmt: skip
     found += [p for field, model in dict.fromkeys(models_read(spec, stages)) for p in [model_problem(field, model)] if p]
+    found += [f"{field}: {model} is a GGUF causal LM; a reward model is a sequence classifier (num_labels=1)"
+              for field, model in models_read(spec, stages)
+              if field.startswith("score.") and (model.endswith(".gguf") or model == "builtin:smollm2-135m-instruct")]
     output = Path(spec.output_dir)
     existing = next((p for p in [output, *output.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -122,15 +135,6 @@ def problems(spec, stages: list[str]) -> list[str]:
 # -- fingerprints -------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def data_digest(path: str) -> str:
     """The content of a data file, or of every file of a Parquet directory; `missing` if there is none."""
     root = Path(path)
@@ -139,19 +143,25 @@ def data_digest(path: str) -> str:
         return "missing"
     h = hashlib.sha256()
     for f in files:
-        stat = f.stat()
         h.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0".encode())
-        h.update(_file_digest(str(f), stat.st_size, stat.st_mtime_ns).encode())
+        h.update(file_digest(f).encode())
     return h.hexdigest()[:16]
 
 
 def model_digest(source: str) -> str:
     """A model source as its fingerprint: builtins and hub ids by name, a local directory by its files."""
-    from alignlib.models import BUILTIN_VERSION
+    from alignlib.models import BUILTIN_VERSION, PACKAGED
 
     if source.startswith("builtin:"):
+        if source.removeprefix("builtin:") in PACKAGED:
+            from importlib.metadata import version
+
+            module = PACKAGED[source.removeprefix("builtin:")][0]
+            return f"{source}@{version(module.replace('_', '-'))}"
         return f"{source}@v{BUILTIN_VERSION}"
     root = Path(source).expanduser()
+    if root.suffix == ".gguf" and root.is_file():
+        return "gguf:" + file_digest(root)[:16]
     if not root.is_dir():
         return source
     h = hashlib.sha256()
@@ -159,7 +169,7 @@ def model_digest(source: str) -> str:
         stat = f.stat()
         h.update(f"{f.relative_to(root)}\0{stat.st_size}\0".encode())
         small = stat.st_size <= HASHED_FILE_BYTES
-        h.update((_file_digest(str(f), stat.st_size, stat.st_mtime_ns) if small else str(stat.st_mtime_ns)).encode())
+        h.update((file_digest(f) if small else str(stat.st_mtime_ns)).encode())
     return "dir:" + h.hexdigest()[:16]
 
 
@@ -171,8 +181,7 @@ def function_digest(ref: str) -> str:
     origin = getattr(spec, "origin", None) if spec else None
     if not origin or not Path(origin).is_file():
         return ref
-    stat = Path(origin).stat()
-    return f"{ref}@{_file_digest(origin, stat.st_size, stat.st_mtime_ns)[:16]}"
+    return f"{ref}@{file_digest(Path(origin))[:16]}"
 
 
 def reward_digests(spec) -> list[str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from alignlib import schema as S
+from alignlib.progress import Progress, counted
 from alignlib.raydata import ensure_ray, log, ordered_data
 from alignlib.sources import data_digest, model_digest, reward_digests
 from alignlib.spec import LOSSES_NEEDING_PAIRS, JobSpec, eval_temperature, reference_source
@@ -223,11 +224,13 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     with ordered_data(enabled=g.engine == "transformers"):
         prompts = ray.data.read_parquet(str(p.table_path("prompts", "train")))
         # One model at a time: each engine gets the whole cluster instead of competing for it.
+        total = count_rows(p.table_path("prompts", "train"))
         for generator, model, n in jobs:
             log(f"generate: {n} sample(s) per prompt from {generator} model {model.model} ({g.engine})")
-            generate(prompts, model, _sampling(spec), g, generator, n, spec.seed).write_parquet(
-                str(out.table("completions") / generator), min_rows_per_file=ROWS_PER_FILE
-            )
+            with Progress(f"generate ({generator})", total * n) as progress:
+                counted(generate(prompts, model, _sampling(spec), g, generator, n, spec.seed), progress).write_parquet(
+                    str(out.table("completions") / generator), min_rows_per_file=ROWS_PER_FILE
+                )
         if spec.data.reference_field is not None:
             prompts.map_batches(reference_rows, batch_format="pyarrow").write_parquet(
                 str(out.table("completions") / S.GENERATOR_REFERENCE), min_rows_per_file=ROWS_PER_FILE
@@ -282,9 +285,10 @@ def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         # in the file, and a row's reward moves in the last bits with its batch neighbours.
         source = p.table_path("generate", "completions")
         completions = ray.data.read_parquet(str(source)).sort(list(KEY))
-        score(completions, p.spec.score, num_rows=count_rows(source)).write_parquet(
-            str(out.table("scored")), min_rows_per_file=ROWS_PER_FILE
-        )
+        with Progress("score", count_rows(source)) as progress:
+            counted(score(completions, p.spec.score, num_rows=count_rows(source)), progress).write_parquet(
+                str(out.table("scored")), min_rows_per_file=ROWS_PER_FILE
+            )
     check_scored(out.table("scored"), p.table_path("generate", "completions"))
     table = read_table(out.table("scored"))
     columns = [S.REWARD] + [c for c, _, _ in p.spec.score.components() if c != S.REWARD]
@@ -536,10 +540,13 @@ def run_eval(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     sampling = _sampling(spec, eval_temperature(spec))
     with ordered_data():
         prompts = ray.data.read_parquet(str(p.table_path("prompts", "eval")))
+        total = count_rows(p.table_path("prompts", "eval")) * spec.eval.num_samples
         for generator, model in ((S.GENERATOR_BASE, spec.policy), (S.GENERATOR_TRAINED, trained)):
             log(f"eval: sampling the {generator} policy on held-out prompts")
-            completions = generate(prompts, model, sampling, spec.generate, generator, spec.eval.num_samples,
-                                   spec.seed, seed_key="eval").materialize()  # fmt: skip
+            with Progress(f"eval ({generator})", total) as progress:
+                completions = counted(generate(prompts, model, sampling, spec.generate, generator,
+                                               spec.eval.num_samples, spec.seed, seed_key="eval"), progress)  # fmt: skip
+                completions = completions.materialize()
             score(completions, spec.score).write_parquet(str(out.table("completions") / generator))
     rows = read_table(out.table("completions")).to_pylist()
     summary = summarize(rows)

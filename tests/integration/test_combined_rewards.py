@@ -35,7 +35,7 @@ def completions() -> pa.Table:
     return pa.Table.from_pylist(rows, schema=S.arrow_schema(S.COMPLETION_COLUMNS))
 
 
-def test_weighted_sum_of_two_function_rewards(ray_session, tmp_path):
+def test_weighted_sum_of_two_function_rewards(ray_session, tmp_path, capsys):
     spec = parse_spec({
         "name": "combined", "output_dir": str(tmp_path / "run"), "data": {"path": "unused.jsonl"},
         "policy": {"model": "builtin:tiny-policy"},
@@ -49,6 +49,8 @@ def test_weighted_sum_of_two_function_rewards(ray_session, tmp_path):
         out.commit(pipeline.fingerprint("generate"), inputs={})
 
     manifests = pipeline.run(["score", "pairs"])
+    # Progress in rows, in alignlib's words (Ray Data's own bars count blocks).
+    assert "[alignlib] score: 9/9 rows (100%)" in capsys.readouterr().out
 
     scored = read_table(pipeline.table_path("score", "scored"))
     assert scored.column_names == S.SCORED_COLUMNS + ["reward_numeric_closeness", "reward_brevity"]

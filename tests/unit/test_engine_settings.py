@@ -51,7 +51,7 @@ def test_every_generate_setting_lands_in_the_processor_config():
     # One bundle per tensor-parallel worker: ray.data.llm replicates it tensor_parallel_size times.
     assert config.placement_group_config["bundle_per_worker"] == {"GPU": 1.0, "CPU": 2.0}
     assert config.model_source.endswith("tiny-policy-v1")
-    assert config.runtime_env == {"env_vars": {}}, "CPU-engine settings stay off GPU engines"
+    assert config.runtime_env == {"env_vars": {"VLLM_LOGGING_LEVEL": "ERROR"}}, "CPU-engine settings stay off GPU"
 
 
 def test_defaults_leave_the_engine_knobs_to_ray():
@@ -66,6 +66,9 @@ def test_cpu_engines_get_the_small_machine_settings_and_float32():
     config = generate_config(spec.policy, spec.generate)
     assert config.engine_kwargs["dtype"] == "float32"
     assert config.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    # Chunked prefill would rewind a seeded request's CPU generator when it splits a prompt, which crashes.
+    assert config.engine_kwargs["enable_chunked_prefill"] is False
+    assert "enable_chunked_prefill" not in generate_config(gpu_spec().policy, gpu_spec().generate).engine_kwargs
 
 
 def test_a_fixed_concurrency_is_a_fixed_pool_not_ray_data_llms_one_to_n():

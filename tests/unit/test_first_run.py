@@ -226,3 +226,25 @@ def test_export_into_a_missing_directory_is_refused(tmp_path):
     done = cli("export-pairs", str(DEMO), f"output_dir={tmp_path}/run", "--out", "/missing/dir/x.jsonl")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--out /missing/dir/x.jsonl: directory /missing/dir does not exist" in done.stderr
+
+
+def test_gguf_model_sources_are_checked_by_name(tmp_path):
+    (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not a gguf file")
+    done = cli("validate", str(DEMO), f"policy.model={tmp_path}/missing.gguf",
+               f"generate.weak_model.model={tmp_path}/fake.gguf",
+               "score.reward={type: model, model: builtin:smollm2-135m-instrct}")  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"policy.model: {tmp_path}/missing.gguf does not exist" in done.stderr
+    assert f"generate.weak_model.model: {tmp_path}/fake.gguf is not a GGUF file" in done.stderr
+    assert "score.reward.model: unknown built-in model 'builtin:smollm2-135m-instrct'; did you mean " \
+           "builtin:smollm2-135m-instruct?" in done.stderr  # fmt: skip
+
+
+def test_progress_lines_say_rows_rate_and_time_left():
+    from alignlib.progress import describe
+
+    assert describe("generate (policy)", 1024, 1440, 32.0) == (
+        "generate (policy): 1,024/1,440 rows (71%), 32.0 rows/s, about 13 s left"
+    )
+    assert describe("score", 100, 10_000, 10.0) == "score: 100/10,000 rows (1%), 10.0 rows/s, about 16 min 30 s left"
+    assert describe("score", 9, 9, 3.0) == "score: 9/9 rows (100%), 3.0 rows/s"
