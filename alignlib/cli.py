@@ -37,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--force", action="store_true", help="redo every stage, even complete ones")
         cmd.add_argument("--until", choices=NAMES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
     for stage in STAGES:
-        job_command(stage.name, f"run only this stage: {stage.help}").add_argument("--force", action="store_true")
+        if "train" in stage.flows:
+            job_command(stage.name, f"run only this stage: {stage.help}").add_argument("--force", action="store_true")
+    bon = job_command("bon", "best-of-N answers for every prompt of the data: generate N, score, keep the best")
+    bon.add_argument("--out", metavar="FILE", help="also write the best answers here (.jsonl or .parquet)")
+    bon.add_argument("--force", action="store_true", help="redo every stage, even complete ones")
     job_command("validate", "check a job spec without running it")
     demo = commands.add_parser("demo", help=f"run the CPU demo job ({DEMO_SPEC}) from any directory, into ./runs/demo")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
@@ -130,6 +134,8 @@ def _main(argv: list[str] | None = None) -> int:
 
     if args.command == "export-pairs":
         return _export_pairs(Pipeline(spec), Path(args.out), args.table)
+    if args.command == "bon":
+        return _bon(spec, args, redact)
 
     pipeline = Pipeline(spec, force=args.force)
     only = None if args.command in ("run", "demo") else [args.command]
@@ -153,6 +159,38 @@ def _main(argv: list[str] | None = None) -> int:
         print(redact(f"alignlib: error: {str(root).splitlines()[0]}"), file=sys.stderr)
         return 1
     print_summary(spec, manifests)
+    return 0
+
+
+def _bon(spec, args, redact) -> int:
+    """`alignlib bon`: the bon flow (prompts -> generate -> score -> select) under <output_dir>/bon."""
+    from alignlib.bon import bon_spec, write_out
+    from alignlib.pipeline import Pipeline
+    from alignlib.report import print_summary
+    from alignlib.spec import SpecError
+    from alignlib.store import read_table
+
+    out = Path(args.out) if args.out else None
+    if out is not None and (out.suffix not in (".jsonl", ".parquet") or not out.parent.is_dir()):
+        print(f"alignlib: error: --out {out}: give a .jsonl or .parquet file in an existing directory",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    pipeline = Pipeline(bon_spec(spec), force=args.force, flow="bon")
+    try:
+        manifests = pipeline.run()
+    except SpecError as err:
+        print(redact(str(err)), file=sys.stderr)
+        return 2
+    except Exception as err:
+        root = _root_cause(err)
+        if not type(root).__module__.startswith("alignlib"):
+            raise
+        print(redact(f"alignlib: error: {str(root).splitlines()[0]}"), file=sys.stderr)
+        return 1
+    print_summary(pipeline.spec, manifests)
+    if out is not None:
+        write_out(read_table(pipeline.table_path("select", "best")), out)
+        print(f"wrote {manifests['select']['tables']['best']} best answers to {out}")
     return 0
 
 

@@ -24,15 +24,16 @@ __all__ = ["Pipeline", "StageInputError", "ensure_ray", "init_ray", "log", "orde
 
 
 class Pipeline:
-    def __init__(self, spec: JobSpec, force: bool = False):
+    def __init__(self, spec: JobSpec, force: bool = False, flow: str = "train"):
         self.spec = spec
         self.store = StageStore(spec.output_dir)
         self.force = force
+        self.flow = flow  # `train` (alignlib run) or `bon` (alignlib bon): which declared stages this job has
         self._fingerprints: dict[str, str] = {}
 
     def stages(self) -> list[str]:
         """This job's stages in the order they run."""
-        return enabled_stages(self.spec)
+        return enabled_stages(self.spec, self.flow)
 
     def upstream(self, name: str) -> list[str]:
         return stage(name).inputs(self.spec)

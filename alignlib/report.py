@@ -60,3 +60,11 @@ def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
             f"  eval on {s['prompts']} held-out prompts: mean reward {s['base_mean_reward']:.3f} (start) -> "
             f"{s['trained_mean_reward']:.3f} (trained); win rate of trained over start {s['win_rate']:.2f}"
         )
+    chosen = manifests.get("select")
+    if chosen:
+        s = chosen["stats"]
+        _print(
+            f"  best-of-N: {s['prompts']} prompts, one best answer each -> {shown(store.path('select') / 'best')}; "
+            f"{s['tied']} chosen among tied rewards; flagged: {s['all_truncated']} all candidates cut at the "
+            f"token limit, {s['no_candidates']} without candidates"
+        )

@@ -74,6 +74,7 @@ class Stage:
     enabled: Callable[[JobSpec], bool] = lambda spec: True
     enabled_when: str = ""  # the condition `enabled` checks, in words, for error messages
     demands: Callable[[JobSpec], list[Demand]] = lambda spec: []
+    flows: tuple[str, ...] = ("train",)  # the flows that have this stage: `train` (alignlib run), `bon` (alignlib bon)
 
 
 def _model(model) -> dict[str, Any]:
@@ -195,6 +196,7 @@ PROMPTS = Stage(
         "seed": spec.seed, "context": _context_settings(spec),
     },  # fmt: skip
     tables=("train", "eval", "preferences", "rejected_rows"),
+    flows=("train", "bon"),
 )
 
 
@@ -263,6 +265,7 @@ GENERATE = Stage(
     enabled=_generated,
     enabled_when="data.kind is prompts",
     demands=_generate_demands,
+    flows=("train", "bon"),
 )
 
 
@@ -306,6 +309,7 @@ SCORE = Stage(
     enabled=_generated,
     enabled_when="data.kind is prompts",
     demands=_score_demands,
+    flows=("train", "bon"),
 )
 
 
@@ -593,7 +597,40 @@ EVAL = Stage(
 )
 
 
-STAGES: list[Stage] = [PROMPTS, GENERATE, SCORE, PAIRS, REF_LOGPS, TRAIN, EXPORT, EVAL]
+# -- select (the bon flow) ---------------------------------------------------------------------
+
+
+def run_select(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    from alignlib.bon import arrow_tables, select
+
+    prompts = read_table(p.table_path("prompts", "train")).to_pylist()  # the data file's order
+    scored = read_table(p.table_path("score", "scored")).to_pylist()
+    best, candidates, counts = select(prompts, scored)
+    best_table, candidate_table = arrow_tables(best, candidates)
+    write_table(best_table, out.table("best"))
+    write_table(candidate_table, out.table("candidates"))
+    flagged = counts["all_truncated"] + counts["no_candidates"]
+    if flagged:
+        log(f"select: {flagged} prompt(s) flagged ({counts['all_truncated']} with every candidate cut at "
+            f"generate.max_new_tokens, {counts['no_candidates']} with none); their rows say so in `flag`")  # fmt: skip
+    return counts
+
+
+SELECT = Stage(
+    name="select",
+    help="best-of-N: rank each prompt's scored samples and keep the best (alignlib bon)",
+    run=run_select,
+    sections=lambda spec: {"rule": "reward, stop before length, fewer tokens, lower sample_index"},
+    inputs=lambda spec: ["prompts", "score"],
+    reads=lambda spec: {"prompts/train": S.PROMPT_COLUMNS, "score/scored": S.SCORED_COLUMNS},
+    tables=("best", "candidates"),
+    enabled=_generated,
+    enabled_when="data.kind is prompts",
+    flows=("bon",),
+)
+
+
+STAGES: list[Stage] = [PROMPTS, GENERATE, SCORE, PAIRS, REF_LOGPS, TRAIN, EXPORT, EVAL, SELECT]
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 NAMES: list[str] = [s.name for s in STAGES]
 
@@ -602,11 +639,11 @@ def stage(name: str) -> Stage:
     return BY_NAME[name]
 
 
-def enabled_stages(spec: JobSpec) -> list[str]:
-    """This job's stages, in the order they run."""
-    return [s.name for s in STAGES if s.enabled(spec)]
+def enabled_stages(spec: JobSpec, flow: str = "train") -> list[str]:
+    """This job's stages in `flow`, in the order they run."""
+    return [s.name for s in STAGES if flow in s.flows and s.enabled(spec)]
 
 
-def demands(spec: JobSpec) -> list[Demand]:
+def demands(spec: JobSpec, flow: str = "train") -> list[Demand]:
     """Every enabled stage's peak request to Ray, read from the same spec fields the stages pass to Ray."""
-    return [d for s in STAGES if s.enabled(spec) for d in s.demands(spec)]
+    return [d for s in STAGES if flow in s.flows and s.enabled(spec) for d in s.demands(spec)]

@@ -3,12 +3,12 @@
 The pairs are the session's small job (conftest: the real pipeline, transformers engine, tiny reward model).
 Training then runs as `alignlib train JOB.yaml` in its own process group, three ways on the same pairs:
 
-- uninterrupted;
 - the whole job killed (SIGKILL to its process group, as when a pod is evicted) after its first
   checkpoint, then the same command run again: it resumes after the last finished epoch;
 - one Ray Train worker killed after the first checkpoint: Ray Train restarts the worker group from
-  that checkpoint (`train.max_failures: 1`) and the same command finishes; then `alignlib train --force`
-  on that finished run trains again from the start instead of resuming.
+  that checkpoint (`train.max_failures: 1`) and the same command finishes;
+- then `alignlib train --force` on that finished run: it trains again from the start instead of resuming,
+  uninterrupted, and is the reference the two interrupted runs are compared with.
 
 All of them must end on the same weights.
 """
@@ -109,10 +109,34 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(pairs_run, job_file, tmp_path_factory):
-    run = copy_pairs(pairs_run, tmp_path_factory.mktemp("uninterrupted") / "run")
-    finish(start_training(job_file, run, uuid.uuid4().hex))
-    return final_weights(run)
+def worker_killed(pairs_run, job_file, tmp_path_factory):
+    """A run whose one Ray Train worker is SIGKILLed after the first checkpoint: (run dir, its output)."""
+    run, marker = copy_pairs(pairs_run, tmp_path_factory.mktemp("worker") / "run"), uuid.uuid4().hex
+    proc = start_training(job_file, run, marker)
+    wait_for_checkpoint(run, proc)
+    workers = marked_processes(marker, "RayTrainWorker")
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGKILL)
+    return run, finish(proc), final_weights(run)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(worker_killed, job_file):
+    """`alignlib train --force` on that finished run: training again from the start, uninterrupted."""
+    run, _, _ = worker_killed
+    out = finish(start_training(job_file, run, uuid.uuid4().hex, "--force"))
+    return out, final_weights(run)
+
+
+def test_force_trains_from_the_start_instead_of_resuming(uninterrupted):
+    out, _ = uninterrupted
+    assert "resuming" not in out and "epoch 1/8" in out, out[-3000:]
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(worker_killed, uninterrupted):
+    _, out, weights = worker_killed
+    assert "resuming after epoch" in out, out[-3000:]
+    assert_same_weights(weights, uninterrupted[1])
 
 
 def test_killed_job_resumes_and_ends_like_an_uninterrupted_run(pairs_run, job_file, uninterrupted, tmp_path):
@@ -127,22 +151,4 @@ def test_killed_job_resumes_and_ends_like_an_uninterrupted_run(pairs_run, job_fi
 
     out = finish(start_training(job_file, run, uuid.uuid4().hex))
     assert "resuming after epoch" in out, out[-3000:]
-    assert_same_weights(final_weights(run), uninterrupted)
-
-
-def test_killed_worker_is_restarted_from_the_last_checkpoint(pairs_run, job_file, uninterrupted, tmp_path):
-    run, marker = copy_pairs(pairs_run, tmp_path / "worker"), uuid.uuid4().hex
-    proc = start_training(job_file, run, marker)
-    wait_for_checkpoint(run, proc)
-    workers = marked_processes(marker, "RayTrainWorker")
-    assert len(workers) == 1, workers
-    os.kill(workers[0], signal.SIGKILL)
-
-    out = finish(proc)
-    assert "resuming after epoch" in out, out[-3000:]
-    assert_same_weights(final_weights(run), uninterrupted)
-
-    # --force redoes the work: it trains from the start, not from the finished run's checkpoints.
-    out = finish(start_training(job_file, run, uuid.uuid4().hex, "--force"))
-    assert "resuming" not in out and "epoch 1/8" in out, out[-3000:]
-    assert_same_weights(final_weights(run), uninterrupted)
+    assert_same_weights(final_weights(run), uninterrupted[1])
