@@ -87,10 +87,12 @@ class Pipeline:
             raise SpecError("job spec", found)
 
     def check_resources(self, names: list[str]) -> None:
-        """On a Ray that alignlib starts itself (no RAY_ADDRESS), refuse at once what that one node can never give.
+        """What the stages about to run ask Ray for, against what Ray has, before any of them starts.
 
-        A request no node can satisfy would otherwise wait forever (Ray Data's and Ray Train's schedulers
-        keep waiting for an autoscaler that is not there). On a cluster, nodes can still be added: no check.
+        On a Ray that alignlib starts itself (no RAY_ADDRESS), a request that one node can never satisfy is
+        refused at once, naming the field: it would otherwise wait for ever (Ray Data's and Ray Train's
+        schedulers keep waiting for an autoscaler that is not there). On a cluster nodes can still be added,
+        so nothing is refused; one line per such request says what will wait for the autoscaler.
         """
         import os
 
@@ -99,13 +101,14 @@ class Pipeline:
         from alignlib.spec import SpecError
         from alignlib.stages import Demand
 
-        if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-            return
+        attached = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
         todo = [n for n in names if self.force or not self.store.is_complete(n, self.fingerprint(n))]
         wanted: list[Demand] = [d for n in todo for d in stage(n).demands(self.spec)]
         cpus = os.cpu_count() or 1
-        if all(set(d.per_actor) <= {"CPU"} and d.per_actor.get("CPU", 0) * d.count <= cpus for d in wanted):
-            return  # fits this machine's CPUs: no need to start Ray just to ask it
+        if not wanted or (not attached and all(
+            set(d.per_actor) <= {"CPU"} and d.per_actor.get("CPU", 0) * d.count <= cpus for d in wanted
+        )):  # fmt: skip
+            return  # nothing to ask for, or it fits this machine's CPUs: no need to start Ray just to ask it
         ensure_ray()
         have = ray.cluster_resources()
         found = {}
@@ -113,15 +116,21 @@ class Pipeline:
             # Train workers start together; an actor pool needs at least one actor.
             need = {k: v * (d.count if d.stage == "train" else 1) for k, v in d.per_actor.items()}
             short = {k: v for k, v in need.items() if v > have.get(k, 0)}
-            if short and d.field not in found:
-                hint = _RESOURCE_HINTS.get(d.field, f"lower {d.field}")
-                what = ", ".join(f"{v:g} {k}" for k, v in sorted(short.items()))
-                found[d.field] = (
-                    f"{d.field}: the {d.stage} stage asks for {what}; the local Ray alignlib started has "
-                    f"{', '.join(f'{have.get(k, 0):g} {k}' for k in sorted(short))} and would wait for ever; "
-                    f"{hint}, or run on a cluster (RAY_ADDRESS)"
-                )
-        if found:
+            if not short or d.field in found:
+                continue
+            what = ", ".join(f"{v:g} {k}" for k, v in sorted(short.items()))
+            has = ", ".join(f"{have.get(k, 0):g} {k}" for k in sorted(short))
+            if attached:
+                found[d.field] = f"{d.stage}: asks for {what} ({d.field}); the cluster has {has} now, so it will " \
+                                 "wait for the autoscaler to add nodes (or lower the request)"  # fmt: skip
+                log(found[d.field])
+                continue
+            hint = _RESOURCE_HINTS.get(d.field, f"lower {d.field}")
+            found[d.field] = (
+                f"{d.field}: the {d.stage} stage asks for {what}; the local Ray alignlib started has {has} and "
+                f"would wait for ever; {hint}, or run on a cluster (RAY_ADDRESS)"
+            )
+        if found and not attached:
             raise SpecError("job spec", list(found.values()))
 
     def check_given_inputs(self, names: list[str]) -> None:

@@ -43,4 +43,7 @@ def test_generate_adds_worker_nodes_and_releases_them(tmp_path):
     assert result["workers_before"] == 0, "the cluster starts with the head only (0 CPUs, like the KubeRay head)"
     assert result["max_workers"] == 2 and result["engine_total"] == 2, "two engine nodes at once for 2 actors"
     assert result["workers_after"] == 0, f"idle nodes were not released: {result}"
+    # On a cluster nothing is refused, but the user is told once, up front, what waits for the autoscaler.
+    assert "generate: asks for 1 engine (generate.resources); the cluster has 0 engine now, so it will wait for " \
+           "the autoscaler to add nodes" in res.stdout, res.stdout[-3000:]  # fmt: skip
     print(f"autoscaling: {result}")

@@ -216,6 +216,11 @@ def test_the_submitted_job_streams_its_summary(demo_run):
     _, run, _, log = demo_run
     assert f"== alignlib job 'demo': outputs under {run}" in log
     assert "trained model (full)" in log and "eval on 40 held-out prompts" in log
+    # The console a user reads: rows with rate for each engine stage, Ray's and vLLM's chatter off by default
+    # (about 800 lines before; the whole job's log, `ray job submit`'s own lines included, is now under 300).
+    for label, rows in (("generate (policy)", "1,440/1,440"), ("score", "2,160/2,160"), ("eval (trained)", "40/40")):
+        assert f"[alignlib] {label}: {rows} rows (100%)" in log, label
+    assert len(log.splitlines()) < 300, len(log.splitlines())
 
 
 @pytest.mark.parametrize("demo_run", ["transformers"], indirect=True)  # secrets are in that job's environment
