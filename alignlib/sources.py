@@ -143,7 +143,7 @@ def data_digest(path: str) -> str:
         return "missing"
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0".encode())
+        h.update(f"{f.relative_to(root) if root.is_dir() else ''}\0".encode())  # a renamed file is the same data
         h.update(file_digest(f).encode())
     return h.hexdigest()[:16]
 

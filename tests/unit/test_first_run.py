@@ -248,3 +248,14 @@ def test_progress_lines_say_rows_rate_and_time_left():
     )
     assert describe("score", 100, 10_000, 10.0) == "score: 100/10,000 rows (1%), 10.0 rows/s, about 16 min 30 s left"
     assert describe("score", 9, 9, 3.0) == "score: 9/9 rows (100%), 3.0 rows/s"
+
+
+def test_a_moved_or_renamed_data_file_with_the_same_content_reruns_nothing(model_cache, tmp_path, capsys):
+    data = write_questions(tmp_path / "q.jsonl", 0, 10)
+    run = f"output_dir={tmp_path / 'run'}"
+    Pipeline(load_spec(DEMO, [run, f"data.path={data}"])).run(["prompts"])
+    (tmp_path / "moved").mkdir()
+    moved = data.rename(tmp_path / "moved" / "questions.jsonl")
+    capsys.readouterr()
+    Pipeline(load_spec(DEMO, [run, f"data.path={moved}"])).run(["prompts"])
+    assert "prompts: complete, skipped" in capsys.readouterr().out
