@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignlib.raydata import ensure_ray, init_ray, log, ordered_data
+from alignlib.raydata import ensure_ray, log
 from alignlib.spec import JobSpec, remote_code_models
-from alignlib.stages import StageInputError, enabled_stages, stage, summarize
+from alignlib.stages import StageInputError, enabled_stages, stage
 from alignlib.store import StageStore, fingerprint
 
-__all__ = ["Pipeline", "StageInputError", "ensure_ray", "init_ray", "log", "ordered_data", "summarize"]
+__all__ = ["Pipeline", "StageInputError"]
 
 
 class Pipeline:

@@ -4,7 +4,7 @@ Tokens and keys reach a job through environment variables (HF_TOKEN, AWS_SECRET_
 WANDB_API_KEY, RAY_AUTH_TOKEN, ...; on Kubernetes from Secrets, by reference). alignlib never
 writes the environment anywhere, but an error message, a path or a URL can carry a value by
 accident; `redact` masks the value of every variable whose name looks secret in text alignlib
-writes: `pipeline.log` lines and stage manifests.
+writes: `raydata.log` lines and stage manifests.
 
     redact("pulling with hf_abc123...")   # -> "pulling with ***" when HF_TOKEN=hf_abc123...
 """
