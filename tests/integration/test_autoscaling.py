@@ -44,6 +44,7 @@ def test_generate_adds_worker_nodes_and_releases_them(tmp_path):
     assert result["max_workers"] == 2 and result["engine_total"] == 2, "two engine nodes at once for 2 actors"
     assert result["workers_after"] == 0, f"idle nodes were not released: {result}"
     # On a cluster nothing is refused, but the user is told once, up front, what waits for the autoscaler.
-    assert "generate: asks for 1 engine (generate.resources); the cluster has 0 engine now, so it will wait for " \
-           "the autoscaler to add nodes" in res.stdout, res.stdout[-3000:]  # fmt: skip
+    waiting = [line for line in res.stdout.splitlines() if "will wait for the autoscaler to add nodes" in line]
+    assert len(waiting) == 1, res.stdout[-3000:]
+    assert "generate: asks for 1 CPU, 1 engine (generate.resources); the cluster has 0 CPU, 0 engine now" in waiting[0]
     print(f"autoscaling: {result}")
