@@ -76,13 +76,16 @@ class Pipeline:
                     f"rerun `alignlib {source} JOB.yaml --force`"
                 )
 
+    def _todo(self, names: list[str]) -> list[str]:
+        """The stages among `names` this run will do: not complete for this spec, or all of them with force."""
+        return [n for n in names if self.force or not self.store.is_complete(n, self.fingerprint(n))]
+
     def check_sources(self, names: list[str]) -> None:
         """The data file and models the stages about to run read exist and are what their fields say."""
         from alignlib.sources import problems
         from alignlib.spec import SpecError
 
-        todo = [n for n in names if self.force or not self.store.is_complete(n, self.fingerprint(n))]
-        found = problems(self.spec, todo)
+        found = problems(self.spec, self._todo(names))
         if found:
             raise SpecError("job spec", found)
 
@@ -102,8 +105,7 @@ class Pipeline:
         from alignlib.stages import Demand
 
         attached = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
-        todo = [n for n in names if self.force or not self.store.is_complete(n, self.fingerprint(n))]
-        wanted: list[Demand] = [d for n in todo for d in stage(n).demands(self.spec)]
+        wanted: list[Demand] = [d for n in self._todo(names) for d in stage(n).demands(self.spec)]
         cpus = os.cpu_count() or 1
         if not wanted or (not attached and all(
             set(d.per_actor) <= {"CPU"} and d.per_actor.get("CPU", 0) * d.count <= cpus for d in wanted

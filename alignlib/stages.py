@@ -288,8 +288,9 @@ def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         # in the file, and a row's reward moves in the last bits with its batch neighbours.
         source = p.table_path("generate", "completions")
         completions = ray.data.read_parquet(str(source)).sort(list(KEY))
-        with Progress("score", count_rows(source)) as progress:
-            counted(score(completions, p.spec.score, num_rows=count_rows(source)), progress).write_parquet(
+        rows = count_rows(source)
+        with Progress("score", rows) as progress:
+            counted(score(completions, p.spec.score, num_rows=rows), progress).write_parquet(
                 str(out.table("scored")), min_rows_per_file=ROWS_PER_FILE
             )
     check_scored(out.table("scored"), p.table_path("generate", "completions"))
