@@ -2,6 +2,7 @@
 
 alignlib run jobs/demo.yaml                 # prompts -> generate -> ... -> eval
 alignlib run jobs/demo.yaml --until pairs   # stop after the preference data
+alignlib run job.yaml --round 2             # a multi-round job (`rounds.count`): rounds 1 and 2 only
 alignlib score jobs/demo.yaml               # one stage (its inputs must exist)
 alignlib validate jobs/demo.yaml            # every problem, with its field path
 alignlib demo                               # = alignlib run jobs/demo.yaml
@@ -33,12 +34,17 @@ def _parser() -> argparse.ArgumentParser:
                          help="also show Ray's and vLLM's own logs and progress bars (quiet by default)")  # fmt: skip
         return cmd
 
+    round_help = ("a multi-round job (rounds.count > 1): stop after round K (default: the last round; with "
+                  "--until, round 1)")
     for cmd in (job_command("run", "run every stage (complete ones are skipped)"),):
         cmd.add_argument("--force", action="store_true", help="redo every stage, even complete ones")
         cmd.add_argument("--until", choices=NAMES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
+        cmd.add_argument("--round", type=int, metavar="K", help=round_help)
     for stage in STAGES:
         if "train" in stage.flows:
-            job_command(stage.name, f"run only this stage: {stage.help}").add_argument("--force", action="store_true")
+            cmd = job_command(stage.name, f"run only this stage: {stage.help}")
+            cmd.add_argument("--force", action="store_true")
+            cmd.add_argument("--round", type=int, metavar="K", help="a multi-round job: the round whose stage to run")
     bon = job_command("bon", "best-of-N answers for every prompt of the data: generate N, score, keep the best")
     bon.add_argument("--out", metavar="FILE", help="also write the best answers here (.jsonl or .parquet)")
     bon.add_argument("--force", action="store_true", help="redo every stage, even complete ones")
@@ -48,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true")
     demo.add_argument("--verbose", action="store_true", help="also show Ray's and vLLM's own logs")
     demo.add_argument("--until", choices=NAMES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
+    demo.add_argument("--round", type=int, metavar="K", help=round_help)
     commands.add_parser("schema", help="print the job spec's JSON schema")
     export = job_command("export-pairs", "write the pairs as prompt/chosen/rejected chat JSONL (TRL, Axolotl), "
                          "or with --table sft the best-of-N set as prompt/completion chat JSONL")  # fmt: skip
@@ -137,6 +144,8 @@ def _main(argv: list[str] | None = None) -> int:
     if args.command == "bon":
         return _bon(spec, args, redact)
 
+    if spec.rounds.count > 1 or getattr(args, "round", None) is not None:
+        return _rounds(spec, args, redact)
     pipeline = Pipeline(spec, force=args.force)
     only = None if args.command in ("run", "demo") else [args.command]
     if getattr(args, "until", None):
@@ -159,6 +168,48 @@ def _main(argv: list[str] | None = None) -> int:
         print(redact(f"alignlib: error: {str(root).splitlines()[0]}"), file=sys.stderr)
         return 1
     print_summary(spec, manifests)
+    return 0
+
+
+def _rounds(spec, args, redact) -> int:
+    """A multi-round job: every round (`run`, `demo`), or one stage of one round (`alignlib pairs --round 2`)."""
+    from alignlib.report import print_rounds, print_summary
+    from alignlib.rounds import Rounds
+    from alignlib.spec import SpecError
+    from alignlib.stages import enabled_stages
+
+    count, k = spec.rounds.count, args.round
+    if k is not None and not 1 <= k <= count:
+        print(f"alignlib: error: --round {k}: this job has rounds 1 to {count} (rounds.count)", file=sys.stderr)
+        return 2
+    until = getattr(args, "until", None)
+    if until is not None and until not in enabled_stages(spec):
+        print(f"alignlib: error: --until {until}: this job has no such stage ({', '.join(enabled_stages(spec))})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    rounds = Rounds(spec, force=args.force)
+    try:
+        if args.command not in ("run", "demo"):
+            print_summary(spec, rounds.run_stage(args.command, k))
+            return 0
+        shared = rounds.shared.stages()
+        if until in shared:  # stop before the first round
+            print_summary(spec, rounds.shared.run(shared[: shared.index(until) + 1]))
+            return 0
+        result = rounds.run(k or (1 if until else count), until)
+    except SpecError as err:
+        print(redact(str(err)), file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(redact(f"alignlib: error: {err}"), file=sys.stderr)
+        return 2
+    except Exception as err:
+        root = _root_cause(err)
+        if not type(root).__module__.startswith("alignlib"):
+            raise
+        print(redact(f"alignlib: error: {str(root).splitlines()[0]}"), file=sys.stderr)
+        return 1
+    print_rounds(spec, result["start"], result["figures"])
     return 0
 
 

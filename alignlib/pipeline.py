@@ -17,32 +17,60 @@ from typing import Any
 
 from alignlib.raydata import ensure_ray, log
 from alignlib.spec import JobSpec, remote_code_models
-from alignlib.stages import StageInputError, enabled_stages, stage
+from alignlib.stages import SHARED, StageInputError, enabled_stages, stage
 from alignlib.store import StageStore, fingerprint
 
 __all__ = ["Pipeline", "StageInputError"]
 
 
 class Pipeline:
-    def __init__(self, spec: JobSpec, force: bool = False, flow: str = "train"):
+    """One pass over a job's stages; in a multi-round job (`alignlib.rounds`), one round, or the shared stages.
+
+    `round` is K for round K of a multi-round job (its stages live under `round-K/`), None otherwise;
+    `shared` is the pipeline that owns the stages made once per run (SHARED), and `earlier` the
+    pipelines of the rounds before this one, whose outputs a round may read (accumulated training data).
+    """
+
+    def __init__(self, spec: JobSpec, force: bool = False, flow: str = "train", *, round: int | None = None,
+                 shared: Pipeline | None = None, earlier: list[Pipeline] | None = None):  # fmt: skip
         self.spec = spec
-        self.store = StageStore(spec.output_dir)
+        self.round = round
+        self.shared = shared
+        self.earlier = earlier or []
+        self.store = StageStore(spec.output_dir, f"round-{round}" if round else None, SHARED if round else ())
         self.force = force
         self.flow = flow  # `train` (alignlib run) or `bon` (alignlib bon): which declared stages this job has
         self._fingerprints: dict[str, str] = {}
 
     def stages(self) -> list[str]:
-        """This job's stages in the order they run."""
-        return enabled_stages(self.spec, self.flow)
+        """This job's stages in the order they run (a round's own, or only the shared ones)."""
+        names = enabled_stages(self.spec, self.flow)
+        if self.round is not None:
+            return [n for n in names if n not in SHARED]
+        if self.spec.rounds.count > 1 and self.flow == "train":
+            return [n for n in names if n in SHARED]
+        return names
 
     def upstream(self, name: str) -> list[str]:
         return stage(name).inputs(self.spec)
 
     def fingerprint(self, name: str) -> str:
+        if self.shared is not None and name in SHARED:
+            return self.shared.fingerprint(name)
         if name not in self._fingerprints:
             inputs = {u: self.fingerprint(u) for u in self.upstream(name)}
+            if self.round is not None:
+                inputs["round"] = self._round_key()
             self._fingerprints[name] = fingerprint(name, stage(name).sections(self.spec), inputs)
         return self._fingerprints[name]
+
+    def _round_key(self) -> str:
+        """What makes round K's outputs round K's: its number, its prompt slice, and the round before it
+        (whose export fingerprint chains every earlier round: redo round 1 and every later round is redone)."""
+        rounds = self.spec.rounds
+        prompts = f"fresh/{rounds.count}" if rounds.prompts == "fresh" else "same"
+        before = self.earlier[-1].fingerprint("export") if self.earlier else None
+        return f"{self.round}|{prompts}|{rounds.train_on if self.earlier else ''}|{before}"
 
     def check_remote_code(self) -> None:
         """Say which models may run their own code; refuse a local model that ships code the spec did not allow."""

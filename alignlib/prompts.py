@@ -347,3 +347,16 @@ def split(rows: list[dict[str, Any]], eval_fraction: float, seed: int) -> tuple[
 
 def to_table(rows: list[dict[str, Any]], columns: list[str] = S.PROMPT_COLUMNS) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=S.arrow_schema(columns))
+
+
+def round_of(prompt_id: str, seed: int, count: int) -> int:
+    """The round (1..count) whose fresh slice holds this prompt (`rounds.prompts: fresh`): a seeded hash, so
+    the slices are disjoint, about equal, and the same on every rerun whatever order the rows come in."""
+    digest = hashlib.sha256(f"{seed}:round-slice:{prompt_id}".encode()).hexdigest()
+    return int(digest[:8], 16) % count + 1
+
+
+def in_round(batch: pa.Table, seed: int, round: int, count: int) -> pa.Table:
+    """Ray Data task: the rows of `batch` in round `round`'s fresh slice."""
+    keep = [round_of(pid, seed, count) == round for pid in batch[S.PROMPT_ID].to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))

@@ -35,6 +35,8 @@ class Pipeline(Protocol):
     spec: JobSpec
     store: StageStore
     force: bool  # redo the work even where a finished (or half-finished) result exists
+    round: int | None  # K in round K of a multi-round job (`alignlib.rounds`); None for a single pass
+    earlier: list[Pipeline]  # the rounds before this one, oldest first
 
     def fingerprint(self, name: str) -> str: ...
 
@@ -129,12 +131,39 @@ def _generated(spec: JobSpec) -> bool:
     return spec.data.kind == "prompts"
 
 
+def _train_settings(spec: JobSpec) -> dict[str, Any]:
+    """The train section in a fingerprint; a reference model other than the policy, by content."""
+    settings = spec.train.model_dump(mode="json")
+    if spec.train.reference_model is not None:
+        settings["reference_model"] = model_digest(spec.train.reference_model)
+    return settings
+
+
 def _training_table(spec: JobSpec) -> str:
     return "pairs" if LOSSES_NEEDING_PAIRS[spec.train.loss.name] else "sft"
 
 
 def _training_source(spec: JobSpec) -> str:
     return "ref_logps" if reference_source(spec) == "precomputed" else "pairs"
+
+
+# Made once per run and shared by every round of a multi-round job (at the top of output_dir).
+SHARED = ("prompts", "baseline")
+
+
+def _fresh(p: Pipeline) -> bool:
+    """This round samples its own slice of the training prompts (`rounds.prompts: fresh`)."""
+    return p.round is not None and p.spec.rounds.prompts == "fresh"
+
+
+def round_prompts(p: Pipeline) -> list[dict[str, Any]]:
+    """The training prompts this round samples: all of them, or its fresh slice."""
+    from alignlib.prompts import round_of
+
+    rows = read_table(p.table_path("prompts", "train")).to_pylist()
+    if _fresh(p):
+        rows = [r for r in rows if round_of(r[S.PROMPT_ID], p.spec.seed, p.spec.rounds.count) == p.round]
+    return rows
 
 
 # -- prompts ----------------------------------------------------------------------------------
@@ -225,25 +254,52 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     # slow replica. The transformers engine is reproducible to the byte when its batches are.
     with ordered_data(enabled=g.engine == "transformers"):
         prompts = ray.data.read_parquet(str(p.table_path("prompts", "train")))
+        if _fresh(p):
+            from alignlib.prompts import in_round
+            from alignlib.raydata import LIGHT_CPUS
+
+            prompts = prompts.map_batches(in_round, fn_args=(spec.seed, p.round, spec.rounds.count),
+                                          batch_format="pyarrow", num_cpus=LIGHT_CPUS)  # fmt: skip
         # One model at a time: each engine gets the whole cluster instead of competing for it.
-        total = count_rows(p.table_path("prompts", "train"))
+        total = len(round_prompts(p))
+        started = 0
         for generator, model, n in jobs:
+            target = out.table("completions") / generator
+            if generator == S.GENERATOR_WEAK and _reuse_weak(p, target):
+                continue
+            # Round K > 1 draws new seeds for the policy; the weak model's draws stay those of round 1.
+            key = generator if (p.round or 1) == 1 or generator == S.GENERATOR_WEAK else f"{generator}@round-{p.round}"
             log(f"generate: {n} sample(s) per prompt from {generator} model {model.model} ({g.engine})")
+            started += _most(g.concurrency)
             with Progress(f"generate ({generator})", total * n) as progress:
-                counted(generate(prompts, model, _sampling(spec), g, generator, n, spec.seed), progress).write_parquet(
-                    str(out.table("completions") / generator), min_rows_per_file=ROWS_PER_FILE
-                )
+                completions = generate(prompts, model, _sampling(spec), g, generator, n, spec.seed, seed_key=key)
+                counted(completions, progress).write_parquet(str(target), min_rows_per_file=ROWS_PER_FILE)
         if spec.data.reference_field is not None:
             prompts.map_batches(reference_rows, batch_format="pyarrow").write_parquet(
                 str(out.table("completions") / S.GENERATOR_REFERENCE), min_rows_per_file=ROWS_PER_FILE
             )
     check_completions(out.table("completions"), _expected_completions(p, jobs))
-    return {"engine": g.engine}
+    return {"engine": g.engine, "engine_starts": started}
+
+
+def _reuse_weak(p: Pipeline, target: Path) -> bool:
+    """Rounds 2+ sampling the same prompts copy round 1's weak-model answers: same model, prompts and seeds,
+    so the same answers, without starting its engine again."""
+    import shutil
+
+    if p.round is None or p.round == 1 or p.spec.rounds.prompts != "same":
+        return False
+    first = p.earlier[0].table_path("generate", "completions") / S.GENERATOR_WEAK
+    if not first.is_dir():
+        return False
+    shutil.copytree(first, target)
+    log(f"generate: weak model's answers reused from round 1 ({count_rows(target)} rows, no engine started)")
+    return True
 
 
 def _expected_completions(p: Pipeline, jobs: list[tuple[str, Any, int]]) -> dict[str, tuple[list[str], int]]:
     """generator -> (prompt ids, samples per prompt) the generate stage must write, each row once."""
-    prompts = read_table(p.table_path("prompts", "train")).select([S.PROMPT_ID, S.REFERENCE]).to_pylist()
+    prompts = round_prompts(p)
     expected = {generator: ([r[S.PROMPT_ID] for r in prompts], n) for generator, _, n in jobs}
     if p.spec.data.reference_field is not None:
         expected[S.GENERATOR_REFERENCE] = ([r[S.PROMPT_ID] for r in prompts if r[S.REFERENCE] is not None], 1)
@@ -349,7 +405,8 @@ def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
     write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.table("sft"))
     floor = min((r[S.REWARD] for r in completions if r.get(S.REWARD) is not None), default=None)
-    warnings = degenerate(p.spec, pairs, sft, count_rows(p.table_path("prompts", "train")), floor)
+    prompts = len(round_prompts(p)) if _generated(p.spec) else count_rows(p.table_path("prompts", "train"))
+    warnings = degenerate(p.spec, pairs, sft, prompts, floor)
     for line in warnings:
         log(f"pairs: warning: {line}")
     return {**counts, "quality": quality, "warnings": warnings}
@@ -428,7 +485,7 @@ REF_LOGPS = Stage(
     name="ref_logps",
     help="DPO/IPO: the starting policy's log-probs of every pair, computed once (train.precompute_reference)",
     run=run_ref_logps,
-    sections=lambda spec: {"policy": _model(spec.policy), "train": spec.train.model_dump(mode="json")},
+    sections=lambda spec: {"policy": _model(spec.policy), "train": _train_settings(spec)},
     inputs=lambda spec: ["pairs"],
     reads=lambda spec: {"pairs/pairs": S.PAIR_COLUMNS},
     tables=("pairs",),
@@ -453,11 +510,15 @@ def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
 
     ensure_ray()
     table, source = _training_table(p.spec), _training_source(p.spec)
+    paths = [str(p.table_path(source, table))]
+    if p.round is not None and p.spec.rounds.train_on == "accumulated":
+        paths = [str(e.table_path(_training_source(e.spec), table)) for e in p.earlier] + paths
     # Read before the workers start: once they hold their CPUs, a read task could wait forever.
-    dataset = ray.data.read_parquet(str(p.table_path(source, table))).materialize()
+    dataset = ray.data.read_parquet(paths).materialize()
     n = dataset.count()
     backend = p.spec.train.backend
-    log(f"train: {p.spec.train.loss.name} on {n} {table} rows, backend {backend.name} x{backend.num_workers}")
+    rounds = f" (rounds 1-{p.round})" if len(paths) > 1 else ""
+    log(f"train: {p.spec.train.loss.name} on {n} {table} rows{rounds}, backend {backend.name} x{backend.num_workers}")
     run_name = f"{p.spec.name}-{p.fingerprint('train')}"
     if p.force:  # resuming is for the same run after a crash; --force trains from the start
         import shutil
@@ -488,7 +549,7 @@ TRAIN = Stage(
     help="train the policy on the pairs (ORPO, DPO, IPO, SimPO) or the best-of-N set (SFT) with Ray Train",
     run=run_train,
     sections=lambda spec: {
-        "policy": _model(spec.policy), "train": spec.train.model_dump(mode="json"), "seed": spec.seed,
+        "policy": _model(spec.policy), "train": _train_settings(spec), "seed": spec.seed,
     },  # fmt: skip
     inputs=lambda spec: [_training_source(spec)],
     reads=_train_reads,
@@ -530,33 +591,55 @@ EXPORT = Stage(
 # -- eval -------------------------------------------------------------------------------------
 
 
-def run_eval(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+def _held_out_answers(p: Pipeline, out: StageWriter, models: list[tuple[str, Any]]) -> int:
+    """Sample each (generator, model) on the held-out prompts, score the answers, write completions/<generator>.
+
+    Every model gets the same per-row seeds (`seed_key="eval"`), so they are compared on identical draws.
+    """
     import ray
 
     from alignlib.generate import generate
     from alignlib.score import score
-    from alignlib.spec import ModelSpec
 
     ensure_ray()
     spec = p.spec
-    # The export keeps the policy's own code (if any), so it is trusted exactly as far as the policy is.
-    trained = ModelSpec(model=str(p.store.path("export") / "model"), chat_template=spec.policy.chat_template,
-                        dtype=spec.policy.dtype, trust_remote_code=spec.policy.trust_remote_code)  # fmt: skip
     sampling = _sampling(spec, eval_temperature(spec))
     with ordered_data():
         prompts = ray.data.read_parquet(str(p.table_path("prompts", "eval")))
         total = count_rows(p.table_path("prompts", "eval")) * spec.eval.num_samples
-        for generator, model in ((S.GENERATOR_BASE, spec.policy), (S.GENERATOR_TRAINED, trained)):
-            log(f"eval: sampling the {generator} policy on held-out prompts")
-            with Progress(f"eval ({generator})", total) as progress:
+        for generator, model in models:
+            log(f"{out.stage}: sampling the {generator} policy on held-out prompts")
+            with Progress(f"{out.stage} ({generator})", total) as progress:
                 completions = counted(generate(prompts, model, sampling, spec.generate, generator,
                                                spec.eval.num_samples, spec.seed, seed_key="eval"), progress)  # fmt: skip
                 completions = completions.materialize()
             score(completions, spec.score).write_parquet(str(out.table("completions") / generator))
-    rows = read_table(out.table("completions")).to_pylist()
+    return len(models) * _most(spec.generate.concurrency)  # engines started
+
+
+def run_eval(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    from alignlib.spec import ModelSpec
+
+    spec = p.spec
+    # The export keeps the policy's own code (if any), so it is trusted exactly as far as the policy is.
+    trained = ModelSpec(model=str(p.store.path("export") / "model"), chat_template=spec.policy.chat_template,
+                        dtype=spec.policy.dtype, trust_remote_code=spec.policy.trust_remote_code)  # fmt: skip
+    if p.round is None:
+        started = _held_out_answers(p, out, [(S.GENERATOR_BASE, spec.policy), (S.GENERATOR_TRAINED, trained)])
+        rows = read_table(out.table("completions")).to_pylist()
+    else:  # the starting policy's answers were sampled once for every round (stage `baseline`)
+        started = _held_out_answers(p, out, [(S.GENERATOR_TRAINED, trained)])
+        rows = read_table(out.table("completions")).to_pylist()
+        rows += read_table(p.table_path("baseline", "completions")).to_pylist()
     summary = summarize(rows)
     (out.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return {**summary, "engine_starts": started}
+
+
+def run_baseline(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    started = _held_out_answers(p, out, [(S.GENERATOR_BASE, p.spec.policy)])
+    rewards = read_table(out.table("completions"))[S.REWARD].to_pylist()
+    return {"answers": len(rewards), "base_mean_reward": _mean(rewards), "engine_starts": started}
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -578,23 +661,45 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-EVAL = Stage(
-    name="eval",
-    help="sample the starting and the trained policy on the held-out prompts and score both",
-    run=run_eval,
-    sections=lambda spec: {
+def _eval_sections(spec: JobSpec) -> dict[str, Any]:
+    return {
         "policy": _model(spec.policy),
         "eval": spec.eval.model_dump(mode="json"),
         "sampling": spec.generate.model_dump(mode="json", include={"engine", "max_new_tokens", "temperature", "top_p"}),
         "score": _score(spec),
         "seed": spec.seed,
-    },
-    inputs=lambda spec: ["prompts", "export"],
+    }
+
+
+def _rounds(spec: JobSpec) -> bool:
+    return spec.rounds.count > 1
+
+
+EVAL = Stage(
+    name="eval",
+    help="sample the trained policy (and, in a single pass, the starting one) on the held-out prompts and score them",
+    run=run_eval,
+    sections=_eval_sections,
+    inputs=lambda spec: ["prompts", "export"] + (["baseline"] if _rounds(spec) else []),
     reads=lambda spec: {"prompts/eval": S.PROMPT_COLUMNS},
     tables=("completions",),
     enabled=lambda spec: spec.eval.enabled,
     enabled_when="eval.enabled is true",
     demands=lambda spec: _generate_demands(spec, "eval") + _score_demands(spec, "eval"),
+)
+
+
+BASELINE = Stage(
+    name="baseline",
+    help="rounds: sample the starting policy on the held-out prompts once per run, the yardstick of every round",
+    run=run_baseline,
+    sections=_eval_sections,
+    inputs=lambda spec: ["prompts"],
+    reads=lambda spec: {"prompts/eval": S.PROMPT_COLUMNS},
+    tables=("completions",),
+    enabled=lambda spec: spec.eval.enabled and _rounds(spec),
+    enabled_when="eval.enabled is true and rounds.count > 1",
+    demands=lambda spec: _generate_demands(spec, "baseline") + _score_demands(spec, "baseline"),
 )
 
 
@@ -631,7 +736,7 @@ SELECT = Stage(
 )
 
 
-STAGES: list[Stage] = [PROMPTS, GENERATE, SCORE, PAIRS, REF_LOGPS, TRAIN, EXPORT, EVAL, SELECT]
+STAGES: list[Stage] = [PROMPTS, BASELINE, GENERATE, SCORE, PAIRS, REF_LOGPS, TRAIN, EXPORT, EVAL, SELECT]
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 NAMES: list[str] = [s.name for s in STAGES]
 

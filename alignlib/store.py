@@ -108,11 +108,20 @@ class StageWriter:
 
 
 class StageStore:
-    def __init__(self, output_dir: str | Path):
+    """Stage directories under `output_dir`; in a multi-round job, a round's under `round-K/`.
+
+    `shared` stages (made once per run: the prompt split, the starting policy's held-out answers) stay
+    at the top level whichever round asks for them.
+    """
+
+    def __init__(self, output_dir: str | Path, subdir: str | None = None, shared: tuple[str, ...] = ()):
         self.root = Path(output_dir).expanduser().resolve()
+        self.subdir, self.shared = subdir, shared
 
     def path(self, stage: str) -> Path:
-        return self.root / stage
+        if self.subdir is None or stage in self.shared:
+            return self.root / stage
+        return self.root / self.subdir / stage
 
     def manifest(self, stage: str) -> dict[str, Any] | None:
         path = self.path(stage) / MANIFEST
@@ -139,11 +148,12 @@ class _WriterContext:
         self.store, self.stage = store, stage
 
     def __enter__(self) -> StageWriter:
-        self.store.root.mkdir(parents=True, exist_ok=True)
+        parent = self.store.path(self.stage).parent
+        parent.mkdir(parents=True, exist_ok=True)
         # Leftovers of killed runs are never read; clear them so they do not pile up.
-        for stale in self.store.root.glob(f".{self.stage}.tmp-*"):
+        for stale in parent.glob(f".{self.stage}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.store.root / f".{self.stage}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = parent / f".{self.stage}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         self.writer = StageWriter(self.stage, tmp, self.store.path(self.stage))
         return self.writer

@@ -422,6 +422,11 @@ class TrainSpec(_Spec):
         description="Sort each window of 16 optimizer steps by length and shuffle the steps: less padding, "
         "the same examples per step whatever the micro-batch split.",
     )
+    reference_model: str | None = Field(
+        None,
+        description="DPO/IPO: the reference policy, a model source like policy.model. Default: the policy's "
+        "starting weights. Iterative rounds set it from rounds.reference.",
+    )
     precompute_reference: bool = Field(
         False,
         description="DPO/IPO: compute reference log-probs once in a `ref_logps` stage (Ray Data actors) instead "
@@ -446,6 +451,38 @@ class EvalSpec(_Spec):
     )
 
 
+class RoundsSpec(_Spec):
+    """Iterative rounds: the model trained in round k samples round k+1's candidates (docs/rounds.md)."""
+
+    count: int = Field(
+        1, ge=1, le=100,
+        description="Rounds of generate -> score -> pairs -> train -> export -> eval. 1 is a single pass, "
+        "laid out as without this section.",
+    )  # fmt: skip
+    start_from: Literal["previous", "base"] = Field(
+        "previous",
+        description="The model each round samples with and trains from: `previous`, the export of the round "
+        "before (iterative DPO, Llama 2/3 rejection sampling); `base`, policy.model every round, on that "
+        "round's data (ReST-EM retrains from the base each iteration to limit overfitting).",
+    )
+    reference: Literal["initial", "previous"] = Field(
+        "initial",
+        description="DPO/IPO reference policy of rounds 2+: `initial`, policy.model (the KL anchor of online "
+        "iterative RLHF: drift stays measured from the start); `previous`, the model the round starts from "
+        "(self-rewarding LMs, SPIN: each round moves the anchor).",
+    )
+    prompts: Literal["same", "fresh"] = Field(
+        "same",
+        description="The training prompts each round samples: `same`, all of them every round (ReST-EM); "
+        "`fresh`, a disjoint seeded slice per round (iterative DPO on a prompt stream), 1/count of them each.",
+    )
+    train_on: Literal["own", "accumulated"] = Field(
+        "own",
+        description="What a round trains on: `own`, its own pairs or best-of-N set; `accumulated`, those of "
+        "every round so far (Llama 2 kept the best samples of all iterations after single-round regressions).",
+    )
+
+
 # A name that becomes part of a path (the Ray Train run directory): no separators, no `..`, no leading dot.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -466,6 +503,7 @@ class JobSpec(_Spec):
     train: TrainSpec = Field(default_factory=TrainSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    rounds: RoundsSpec = Field(default_factory=RoundsSpec)
 
     @field_validator("name")
     @classmethod
@@ -548,6 +586,17 @@ def cross_check(spec: JobSpec) -> list[str]:
                     "or a reward that needs no reference (a reward model, or a function such as "
                     "alignlib.rewards:length_penalty)"
                 )
+    if spec.rounds.count > 1:
+        rounds = spec.rounds
+        if not generated:
+            problems.append("rounds.count: rounds sample the trained model again, which needs data.kind prompts")
+        if spec.train.lora is not None and not spec.export.merge_lora and rounds.start_from == "previous":
+            problems.append("export.merge_lora: each round samples with the previous round's export, which needs "
+                            "merged LoRA weights (or rounds.start_from=base)")  # fmt: skip
+        if rounds.train_on == "accumulated" and rounds.reference == "previous" and spec.train.precompute_reference:
+            problems.append("rounds.reference: earlier rounds' precomputed reference log-probs are of their own "
+                            "reference, not this round's; with rounds.train_on=accumulated use reference=initial "
+                            "or train.precompute_reference=false")  # fmt: skip
     if spec.eval.enabled and spec.data.eval_fraction == 0:
         problems.append(
             "data.eval_fraction: eval is enabled but no prompts are held out (set > 0 or eval.enabled=false)"
@@ -580,7 +629,13 @@ def reference_source(spec: JobSpec) -> str:
         return "none"
     if spec.train.precompute_reference:
         return "precomputed"
-    return "adapter-disabled" if spec.train.lora is not None else "frozen-copy"
+    own = spec.train.reference_model in (None, spec.policy.model)
+    return "adapter-disabled" if spec.train.lora is not None and own else "frozen-copy"
+
+
+def reference_model(spec: JobSpec) -> str:
+    """The model whose log-probs DPO/IPO hold the policy close to."""
+    return spec.train.reference_model or spec.policy.model
 
 
 def eval_temperature(spec: JobSpec) -> float:

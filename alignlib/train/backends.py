@@ -87,10 +87,16 @@ class Backend:
         return getattr(self.model, "module", self.model)
 
     def reference_model(self):
-        """What computes reference log-probs: None means "the policy with its adapters disabled"."""
-        if self.train.lora is not None:
-            return None
-        ref = self.load_base().to(self.device).eval()
+        """A frozen copy of the reference policy (`train.reference_model`, by default the starting policy)."""
+        from alignlib.spec import reference_model
+
+        policy = self.spec.policy
+        if reference_model(self.spec) == policy.model and self.train.lora is None:
+            ref = self.load_base()
+        else:  # another model (an earlier round's), or the base under LoRA adapters trained from elsewhere
+            on_gpu = self.device.type == "cuda"
+            ref = load_causal_lm(reference_model(self.spec), policy.dtype, on_gpu, policy.trust_remote_code)
+        ref = ref.to(self.device).eval()
         ref.requires_grad_(False)
         return ref
 

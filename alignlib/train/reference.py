@@ -27,7 +27,7 @@ class ReferenceLogps:
         import torch
 
         from alignlib.models import load_causal_lm, load_tokenizer
-        from alignlib.spec import JobSpec
+        from alignlib.spec import JobSpec, reference_model
 
         spec = JobSpec.model_validate(spec_json)
         self.train = spec.train
@@ -35,7 +35,8 @@ class ReferenceLogps:
         self.device = torch.device("cuda" if on_gpu else "cpu")
         policy = spec.policy
         self.tokenizer = load_tokenizer(policy.model, policy.chat_template, policy.trust_remote_code)
-        self.model = load_causal_lm(policy.model, policy.dtype, on_gpu, policy.trust_remote_code).to(self.device).eval()
+        model = reference_model(spec)  # the reference policy: train.reference_model, else the starting policy
+        self.model = load_causal_lm(model, policy.dtype, on_gpu, policy.trust_remote_code).to(self.device).eval()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch

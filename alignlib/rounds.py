@@ -1,0 +1,202 @@
+"""Iterative rounds: the model trained in round K samples round K+1's candidates, from one spec (`rounds`).
+
+    <output_dir>/prompts/     the train / held-out split, once per run
+    <output_dir>/baseline/    the starting policy's held-out answers, scored, once per run
+    <output_dir>/round-K/     generate, score, pairs, [ref_logps], train, export, eval of round K
+    <output_dir>/rounds.json  the per-round figures (`round_figures`), rewritten at the end of every run
+    <output_dir>/report.html  the same as curves across rounds, one page, no scripts
+
+Round K's spec is the job's with the policy replaced by round K-1's export (`rounds.start_from:
+previous`) and the DPO/IPO reference set by `rounds.reference`; its fingerprints chain round K-1's
+export fingerprint (`Pipeline._round_key`) and the export's files (`sources.model_digest`), so a
+changed round-1 setting redoes every later round, and a killed run resumes in the round and stage
+where it stopped. A job with `rounds.count: 1` is a single pass laid out exactly as without rounds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from alignlib import schema as S
+from alignlib.pipeline import Pipeline
+from alignlib.raydata import log
+from alignlib.spec import JobSpec
+from alignlib.stages import SHARED
+from alignlib.store import read_table
+
+
+def round_spec(spec: JobSpec, k: int) -> JobSpec:
+    """The spec round `k` runs: round 1 is the job as written; later rounds start from the previous export."""
+    rounds = spec.rounds
+    if k == 1 or rounds.start_from == "base":
+        return spec
+    previous = Path(spec.output_dir).expanduser().resolve() / f"round-{k - 1}" / "export" / "model"
+    policy = spec.policy.model_copy(update={"model": str(previous)})
+    initial = spec.train.reference_model or spec.policy.model
+    train = spec.train.model_copy(update={"reference_model": initial if rounds.reference == "initial" else None})
+    return spec.model_copy(update={"policy": policy, "train": train})
+
+
+class Rounds:
+    """Runs a multi-round job: the shared stages, then each round's stages in order."""
+
+    def __init__(self, spec: JobSpec, force: bool = False):
+        self.spec, self.force = spec, force
+        self.shared = Pipeline(spec, force)
+        self.count = spec.rounds.count
+
+    def pipelines(self, upto: int) -> list[Pipeline]:
+        """The pipelines of rounds 1..upto; round K's is built when asked for, from round K-1's export."""
+        out: list[Pipeline] = []
+        for k in range(1, upto + 1):
+            if k > 1 and self.spec.rounds.start_from == "previous":
+                previous = out[-1]
+                if not previous.store.is_complete("export", previous.fingerprint("export")):
+                    raise _incomplete(k - 1)
+            out.append(Pipeline(round_spec(self.spec, k), self.force, round=k, shared=self.shared, earlier=list(out)))
+        return out
+
+    def check(self) -> None:
+        """Every check a single pass makes before starting (spec sources, remote code, Ray resources), once,
+        for all rounds: round 2's models are round 1's exports, everything else is the same."""
+        every = Pipeline(self.spec, force=True)  # force: as if every stage were still to do
+        names = every.stages()
+        every.check_remote_code()
+        every.check_sources(names)
+        every.check_resources(names)
+
+    def run(self, upto: int | None = None, until: str | None = None) -> dict[str, Any]:
+        """Rounds 1..upto (all by default), the last of them stopping after stage `until`."""
+        upto = upto or self.count
+        self.check()
+        manifests: dict[str, dict[str, Any]] = {"shared": self.shared.run()}
+        earlier: list[Pipeline] = []
+        for k in range(1, upto + 1):
+            log(f"round {k}/{self.count}: " + ("starting from the policy" if k == 1 else _start(self.spec, k)))
+            pipeline = Pipeline(round_spec(self.spec, k), self.force, round=k, shared=self.shared, earlier=earlier)
+            names = pipeline.stages()
+            if k == upto and until is not None:
+                names = names[: names.index(until) + 1]
+            manifests[f"round-{k}"] = pipeline.run(names)
+            earlier = [*earlier, pipeline]
+        figures = round_figures(self.spec, earlier, self.shared)
+        start = write_outputs(self.spec, figures, earlier, self.shared)
+        return {"manifests": manifests, "figures": figures, "start": start}
+
+    def run_stage(self, name: str, k: int | None) -> dict[str, dict[str, Any]]:
+        """One stage (`alignlib pairs JOB.yaml --round 2`): a shared one, or one of round `k`."""
+        if name in SHARED:
+            return self.shared.run([name])
+        if k is None:
+            raise ValueError(f"this job has {self.count} rounds: say which round's {name} with --round K")
+        pipeline = self.pipelines(k)[-1]
+        return pipeline.run([name])
+
+
+def _start(spec: JobSpec, k: int) -> str:
+    if spec.rounds.start_from == "base":
+        return "starting again from the policy, on this round's data"
+    return f"starting from round {k - 1}'s export"
+
+
+def _incomplete(k: int) -> Exception:
+    from alignlib.stages import StageInputError
+
+    return StageInputError(f"round {k} is not complete for this spec (its export is missing or was made from a "
+                           f"different spec); run `alignlib run JOB.yaml --round {k}` first")  # fmt: skip
+
+
+# -- figures ------------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _per_prompt(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """prompt id -> mean reward over its samples."""
+    grouped: dict[str, list[float]] = {}
+    for r in rows:
+        grouped.setdefault(r[S.PROMPT_ID], []).append(r[S.REWARD])
+    return {pid: sum(v) / len(v) for pid, v in grouped.items()}
+
+
+def win_rate(a: dict[str, float], b: dict[str, float]) -> float | None:
+    """How often `a` beats `b` over their common prompts (a tie counts half)."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    return sum(1.0 if a[p] > b[p] else 0.5 if a[p] == b[p] else 0.0 for p in common) / len(common)
+
+
+def data_figures(scored: list[dict[str, Any]]) -> dict[str, Any]:
+    """From a round's own policy samples: reward mean and max, best-worst gap, tie share, length."""
+    policy = [r for r in scored if r[S.GENERATOR] == S.GENERATOR_POLICY]
+    grouped: dict[str, list[float]] = {}
+    for r in policy:
+        grouped.setdefault(r[S.PROMPT_ID], []).append(r[S.REWARD])
+    gaps = [max(v) - min(v) for v in grouped.values()]
+    tokens = [r[S.NUM_TOKENS] for r in policy if r.get(S.NUM_TOKENS) is not None]
+    return {
+        "sample_mean_reward": _mean([r[S.REWARD] for r in policy]),
+        "sample_max_reward": max((r[S.REWARD] for r in policy), default=None),
+        "best_worst_gap": _mean(gaps),
+        "tied_share": _mean([1.0 if g == 0 else 0.0 for g in gaps]),
+        "sample_mean_tokens": _mean(tokens),
+    }
+
+
+def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> list[dict[str, Any]]:
+    """One dict per finished round: held-out figures (vs round 0 and the round before), data figures,
+    pairs per strategy, best-of-N mean reward, final training loss, engine starts. Read from the tables."""
+    out = []
+    base_path = shared.table_path("baseline", "completions")
+    previous = _per_prompt(read_table(base_path).to_pylist()) if base_path.exists() else {}
+    start = previous
+    for p in rounds:
+        figures: dict[str, Any] = {"round": p.round}
+        manifests = {n: p.store.manifest(n) for n in p.stages()}
+        if manifests.get("score"):
+            figures.update(data_figures(read_table(p.table_path("score", "scored")).to_pylist()))
+        if manifests.get("pairs"):
+            stats = manifests["pairs"]["stats"]
+            figures["pairs"] = {k.removeprefix("pairs_"): v for k, v in stats.items() if k.startswith("pairs_")}
+            sft = read_table(p.table_path("pairs", "sft"))[S.REWARD].to_pylist()
+            figures["best_of_n_mean_reward"] = _mean(sft)
+        if manifests.get("train"):
+            metrics = read_table(p.table_path("train", "metrics")).to_pylist()
+            figures["final_train_loss"] = metrics[-1].get("train/loss") if metrics else None
+        if manifests.get("eval"):
+            rows = read_table(p.table_path("eval", "completions")).to_pylist()
+            trained = [r for r in rows if r[S.GENERATOR] == S.GENERATOR_TRAINED]
+            now = _per_prompt(trained)
+            figures.update(
+                held_out_reward=_mean(list(now.values())),
+                win_rate_vs_start=win_rate(now, start),
+                win_rate_vs_previous=win_rate(now, previous),
+                held_out_mean_tokens=_mean([r[S.NUM_TOKENS] for r in trained if r.get(S.NUM_TOKENS) is not None]),
+            )
+            previous = now
+        figures["engine_starts"] = sum((m or {}).get("stats", {}).get("engine_starts", 0) for m in manifests.values())
+        out.append(figures)
+    return out
+
+
+def write_outputs(spec: JobSpec, figures: list[dict[str, Any]], rounds: list[Pipeline], shared: Pipeline) -> dict:
+    """Write rounds.json and report.html; returns the figures of the start (round 0)."""
+    from alignlib.report import render_rounds
+
+    root = Path(spec.output_dir).expanduser().resolve()
+    baseline = shared.store.manifest("baseline")
+    start = {"held_out_reward": (baseline or {}).get("stats", {}).get("base_mean_reward"),
+             "engine_starts": (baseline or {}).get("stats", {}).get("engine_starts", 0)}  # fmt: skip
+    (root / "rounds.json").write_text(json.dumps({"start": start, "rounds": figures}, indent=2) + "\n")
+    steps = {}
+    for p in rounds:
+        path = p.table_path("train", "steps")
+        if path.exists():
+            steps[p.round] = read_table(path).to_pylist()
+    (root / "report.html").write_text(render_rounds(spec, start, figures, steps))
+    return start
