@@ -213,7 +213,7 @@ def _sampling(spec: JobSpec, temperature: float | None = None):
 def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     import ray
 
-    from alignlib.generate import generate, reference_rows
+    from alignlib.generate import generate, gold_rows
 
     ensure_ray()
     spec, g = p.spec, p.spec.generate
@@ -233,9 +233,9 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
                 counted(generate(prompts, model, _sampling(spec), g, generator, n, spec.seed), progress).write_parquet(
                     str(out.table("completions") / generator), min_rows_per_file=ROWS_PER_FILE
                 )
-        if spec.data.reference_field is not None:
-            prompts.map_batches(reference_rows, batch_format="pyarrow").write_parquet(
-                str(out.table("completions") / S.GENERATOR_REFERENCE), min_rows_per_file=ROWS_PER_FILE
+        if spec.data.gold_field is not None:
+            prompts.map_batches(gold_rows, batch_format="pyarrow").write_parquet(
+                str(out.table("completions") / S.GENERATOR_GOLD), min_rows_per_file=ROWS_PER_FILE
             )
     check_completions(out.table("completions"), _expected_completions(p, jobs))
     return {"engine": g.engine}
@@ -243,10 +243,10 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
 
 def _expected_completions(p: Pipeline, jobs: list[tuple[str, Any, int]]) -> dict[str, tuple[list[str], int]]:
     """generator -> (prompt ids, samples per prompt) the generate stage must write, each row once."""
-    prompts = read_table(p.table_path("prompts", "train")).select([S.PROMPT_ID, S.REFERENCE]).to_pylist()
+    prompts = read_table(p.table_path("prompts", "train")).select([S.PROMPT_ID, S.GOLD]).to_pylist()
     expected = {generator: ([r[S.PROMPT_ID] for r in prompts], n) for generator, _, n in jobs}
-    if p.spec.data.reference_field is not None:
-        expected[S.GENERATOR_REFERENCE] = ([r[S.PROMPT_ID] for r in prompts if r[S.REFERENCE] is not None], 1)
+    if p.spec.data.gold_field is not None:
+        expected[S.GENERATOR_GOLD] = ([r[S.PROMPT_ID] for r in prompts if r[S.GOLD] is not None], 1)
     return expected
 
 

@@ -5,7 +5,7 @@
     spec = load_spec("jobs/demo.yaml", overrides=["train.epochs=2"])
 """
 
-from alignlib.spec.functions import resolve_function
+from alignlib.spec.functions import resolve_function, resolve_reward
 from alignlib.spec.job import (
     DEFAULT_REWARD,
     LOSSES_NEEDING_PAIRS,
@@ -44,5 +44,5 @@ __all__ = [
     "FunctionRewardSpec", "GenerateSpec", "JobSpec", "ModelRewardSpec", "ModelSpec", "PairsSpec", "ScoreSpec",
     "SpecError", "TrainSpec", "WeakModelSpec", "apply_overrides", "cross_check", "eval_temperature",
     "expanded_size", "json_schema", "load_raw", "load_spec", "parse_spec", "reference_source",
-    "remote_code_models", "resolve_function", "reward_name",
+    "remote_code_models", "resolve_function", "resolve_reward", "reward_name",
 ]  # fmt: skip
