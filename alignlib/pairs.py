@@ -10,7 +10,7 @@ Out: `pairs/pairs` (PAIR_COLUMNS) and `pairs/sft` (SFT_COLUMNS). Strategies, app
 - best_vs_random: the best vs other samples in a random order seeded by (seed, prompt_id).
 - rejected_at_mean_minus_2std: rejected is the sample whose reward is nearest mean - 2 std of the
   prompt's rewards (Xiao et al. 2025, "Finding the Sweet Spot"): clearly bad, but not an outlier.
-- gold_vs_weak: the dataset's reference answer vs each weak-model answer (no human labels needed).
+- gold_vs_weak: the dataset's gold answer vs each weak-model answer (no human labels needed).
 
 Nothing is dropped silently; every drop is counted by reason (DROP_REASONS). Completions whose
 reward is NaN or missing, and (unless `include_truncated`) completions cut off at the token
@@ -121,7 +121,7 @@ def candidate_pairs(rows: list[Row], strategy: str, seed: int = 0) -> Candidates
     if strategy in POLICY_STRATEGIES:
         return POLICY_STRATEGIES[strategy](_ranked(rows, S.GENERATOR_POLICY), seed)
     if strategy == "gold_vs_weak":
-        gold = _ranked(rows, S.GENERATOR_REFERENCE)
+        gold = _ranked(rows, S.GENERATOR_GOLD)
         return _by_margin([(gold[0], weak) for weak in _ranked(rows, S.GENERATOR_WEAK)]) if gold else []
     raise ValueError(f"unknown pair strategy {strategy!r}")
 

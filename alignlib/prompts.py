@@ -3,7 +3,7 @@
 In: `data.path`, in any of these layouts (JSONL or Parquet):
 - prompts: `data.prompt_field` is a string or a chat list of {role, content}; a chat ending with an
   assistant turn (an SFT `messages` column) is the prompt plus its answer, which becomes the
-  reference. The gold answer may instead come from `data.reference_field`.
+  gold answer. The gold answer may instead come from `data.gold_field`.
 - preferences (TRL / alignment-handbook): prompt + chosen + rejected, each a string or a chat list;
   chosen/rejected may be the assistant turn alone or the whole conversation. Without a prompt
   field the prompt is the turns chosen and rejected share (TRL's implicit prompt). Optional
@@ -123,20 +123,20 @@ def _implicit_prompt(record: dict, spec: DataSpec, where: str) -> list[dict[str,
     return chosen[:n]
 
 
-def _reference(record: dict, spec: DataSpec, answer: str | None, where: str) -> str | None:
-    if spec.reference_field is None:
+def _gold(record: dict, spec: DataSpec, answer: str | None, where: str) -> str | None:
+    if spec.gold_field is None:
         return answer
     if answer is not None:
         raise bad_row(
-            where, spec.reference_field, "ambiguous_reference", f"{spec.prompt_field} ends with an assistant answer "
-            "and data.reference_field is set too; which one is the gold answer? (unset data.reference_field to use "
+            where, spec.gold_field, "ambiguous_gold", f"{spec.prompt_field} ends with an assistant answer "
+            "and data.gold_field is set too; which one is the gold answer? (unset data.gold_field to use "
             "the chat's answer)",
         )  # fmt: skip
-    value = record.get(spec.reference_field)
+    value = record.get(spec.gold_field)
     if value is None or isinstance(value, (dict, list)):
-        reason = "missing_field" if spec.reference_field not in record else _kind_of(value)
-        raise bad_row(where, spec.reference_field, reason,
-                   f"field {spec.reference_field!r} must be a string or number, got {value!r}")  # fmt: skip
+        reason = "missing_field" if spec.gold_field not in record else _kind_of(value)
+        raise bad_row(where, spec.gold_field, reason,
+                   f"field {spec.gold_field!r} must be a string or number, got {value!r}")  # fmt: skip
     return str(value)
 
 
@@ -164,7 +164,7 @@ def _parse(record: dict, spec: DataSpec, where: str) -> tuple[dict[str, Any], di
     pid = prompt_id(messages)
     prompt = {
         S.PROMPT_ID: pid, S.PROMPT: _prompt_text(messages), S.MESSAGES: messages,
-        S.REFERENCE: _reference(record, spec, answer, where), S.SOURCE: where,
+        S.GOLD: _gold(record, spec, answer, where), S.SOURCE: where,
     }  # fmt: skip
     if spec.kind == "prompts":
         return prompt, None
@@ -195,7 +195,7 @@ class Loaded:
     def counts(self, spec: DataSpec) -> dict[str, Any]:
         out: dict[str, Any] = {"duplicates_merged": self.duplicates}
         if spec.kind == "preferences":
-            out["preference_rows"] = len(self.preferences)
+            out["pgold_rows"] = len(self.preferences)
         if spec.on_bad_rows == "reject":
             out["rejected_rows"] = len(self.rejected)
             out["rejected"] = dict(sorted(Counter(r[S.REASON] for r in self.rejected).items()))
@@ -286,11 +286,11 @@ class _Reader:
             raise bad_row(where, self.spec.prompt_field, reason, f"field {self.spec.prompt_field!r}: {message}")
         if pid in self.rows:
             first = self.rows[pid]
-            if first[S.REFERENCE] != row[S.REFERENCE]:
-                field = self.spec.reference_field or self.spec.prompt_field
+            if first[S.GOLD] != row[S.GOLD]:
+                field = self.spec.gold_field or self.spec.prompt_field
                 raise bad_row(
-                    where, field, "conflicting_reference", f"same prompt as {first[S.SOURCE]} but a different "
-                    f"reference (field {field!r}: {row[S.REFERENCE]!r} vs {first[S.REFERENCE]!r})",
+                    where, field, "conflicting_gold", f"same prompt as {first[S.SOURCE]} but a different "
+                    f"gold answer (field {field!r}: {row[S.GOLD]!r} vs {first[S.GOLD]!r})",
                 )  # fmt: skip
             if preference is not None:
                 self.loaded.preferences.append(preference)  # a prompt often has several pairs

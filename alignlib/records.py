@@ -23,7 +23,7 @@ from alignlib.spec import DataSpec
 # Reason codes of a bad row, as `rejected_rows.reason` and the manifest's `rejected` counts name them.
 REASONS = (
     "not_utf8", "invalid_json", "not_an_object", "missing_field", "null_field", "empty_prompt", "wrong_type",
-    "bad_chat", "not_finite", "ambiguous_reference", "conflicting_reference", "prompt_too_long", "no_chat_template",
+    "bad_chat", "not_finite", "ambiguous_gold", "conflicting_gold", "prompt_too_long", "no_chat_template",
 )  # fmt: skip
 
 
@@ -103,8 +103,8 @@ def _require_columns(path: Path, columns: list[str], spec: DataSpec) -> None:
     needed = []
     if spec.prompt_field not in has and not {spec.chosen_field, spec.rejected_field} <= has:
         needed.append(("data.prompt_field", spec.prompt_field))
-    if spec.reference_field is not None:
-        needed.append(("data.reference_field", spec.reference_field))
+    if spec.gold_field is not None:
+        needed.append(("data.gold_field", spec.gold_field))
     if spec.kind == "preferences":
         needed += [("data.chosen_field", spec.chosen_field), ("data.rejected_field", spec.rejected_field)]
     missing = [f"{name} {column!r}" for name, column in needed if column not in has]

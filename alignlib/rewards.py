@@ -1,8 +1,9 @@
 """Function rewards, addressable from a spec as `alignlib.rewards:NAME`.
 
-A function reward is called once per completion as `fn(prompt=..., completion=..., reference=...)`
-and returns a float; any function of that shape in any importable module works the same way.
-A function that cannot score without the gold answer says so with `fn.needs_reference = True`; the spec
+A function reward is called once per completion as `fn(prompt=..., completion=..., gold=...)`
+(`gold`: the dataset's gold answer, or None) and returns a float; any function of that shape in any
+importable module works the same way.
+A function that cannot score without the gold answer says so with `fn.needs_gold = True`; the spec
 then refuses jobs whose data has none where the reward runs (eval on an imported preference set).
 """
 
@@ -13,33 +14,33 @@ import re
 _INTEGER = re.compile(r"-?\d+")
 
 
-def exact_match(prompt: str, completion: str, reference: str | None) -> float:
-    """1.0 when the stripped completion equals the reference, else 0.0."""
-    if reference is None:
-        raise ValueError("exact_match needs a reference answer (set data.reference_field)")
-    return float(completion.strip() == reference.strip())
+def exact_match(prompt: str, completion: str, gold: str | None) -> float:
+    """1.0 when the stripped completion equals the gold answer, else 0.0."""
+    if gold is None:
+        raise ValueError("exact_match needs a gold answer (set data.gold_field)")
+    return float(completion.strip() == gold.strip())
 
 
-def numeric_closeness(prompt: str, completion: str, reference: str | None) -> float:
+def numeric_closeness(prompt: str, completion: str, gold: str | None) -> float:
     """Graded credit for a numeric answer: 1 when exact, falling linearly to 0 as it strays.
 
-    reward = max(0, 1 - |answer - reference| / (|reference| + 1)); 0 when the completion is not a
+    reward = max(0, 1 - |answer - gold| / (|gold| + 1)); 0 when the completion is not a
     plain integer. Partial credit gives best-of-N a signal to rank by, unlike exact match.
     """
-    if reference is None:
-        raise ValueError("numeric_closeness needs a reference answer (set data.reference_field)")
+    if gold is None:
+        raise ValueError("numeric_closeness needs a gold answer (set data.gold_field)")
     text = completion.strip()
     if not _INTEGER.fullmatch(text):
         return 0.0
-    target = int(reference)
+    target = int(gold)
     return max(0.0, 1.0 - abs(int(text) - target) / (abs(target) + 1))
 
 
-def length_penalty(prompt: str, completion: str, reference: str | None) -> float:
-    """-(characters / 100): prefers short answers; a reference-free example reward."""
+def length_penalty(prompt: str, completion: str, gold: str | None) -> float:
+    """-(characters / 100): prefers short answers; an example reward that needs no gold answer."""
     return -len(completion) / 100.0
 
 
-exact_match.needs_reference = True
-numeric_closeness.needs_reference = True
-length_penalty.needs_reference = False
+exact_match.needs_gold = True
+numeric_closeness.needs_gold = True
+length_penalty.needs_gold = False

@@ -13,11 +13,11 @@ import pyarrow as pa
 PROMPT_ID = "prompt_id"
 PROMPT = "prompt"  # the prompt text (for a chat: its last user turn); what function rewards see
 MESSAGES = "messages"  # the whole chat as {role, content}; a plain prompt is one user message
-REFERENCE = "reference"  # gold answer, nullable
+GOLD = "gold"  # the gold answer, nullable
 SOURCE = "source"  # "file:line" (jsonl) or "file#row" (parquet) the prompt came from
 
 COMPLETION = "completion"
-GENERATOR = "generator"  # policy | weak | reference
+GENERATOR = "generator"  # policy | weak | gold
 SAMPLE_INDEX = "sample_index"
 SEED = "seed"
 FINISH_REASON = "finish_reason"  # stop | length
@@ -42,11 +42,11 @@ REF_REJECTED_LOGPS = "ref_rejected_logps"
 
 GENERATOR_POLICY = "policy"
 GENERATOR_WEAK = "weak"
-GENERATOR_REFERENCE = "reference"
+GENERATOR_GOLD = "gold"
 GENERATOR_BASE = "base"  # eval: the starting policy
 GENERATOR_TRAINED = "trained"  # eval: the exported policy
 
-PROMPT_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, REFERENCE, SOURCE]
+PROMPT_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, GOLD, SOURCE]
 COMPLETION_COLUMNS = PROMPT_COLUMNS + [COMPLETION, GENERATOR, SAMPLE_INDEX, SEED, FINISH_REASON, NUM_TOKENS]
 SCORED_COLUMNS = COMPLETION_COLUMNS + [REWARD, REWARD_SOURCE]
 PAIR_COLUMNS = [
@@ -68,7 +68,7 @@ TRL_SCORE_CHOSEN, TRL_SCORE_REJECTED = "score_chosen", "score_rejected"
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 _TYPES = {
-    PROMPT_ID: pa.string(), PROMPT: pa.string(), MESSAGES: MESSAGES_TYPE, REFERENCE: pa.string(),
+    PROMPT_ID: pa.string(), PROMPT: pa.string(), MESSAGES: MESSAGES_TYPE, GOLD: pa.string(),
     SOURCE: pa.string(), COMPLETION: pa.string(), GENERATOR: pa.string(), SAMPLE_INDEX: pa.int32(),
     SEED: pa.int64(), FINISH_REASON: pa.string(), NUM_TOKENS: pa.int32(), REWARD: pa.float64(),
     REWARD_SOURCE: pa.string(), CHOSEN: pa.string(), REJECTED: pa.string(), CHOSEN_REWARD: pa.float64(),
@@ -86,7 +86,7 @@ def arrow_schema(columns: list[str]) -> pa.Schema:
 def conform(table: pa.Table, columns: list[str], extra: list[str] = ()) -> pa.Table:
     """Select `columns` in order with their canonical types, then the `extra` reward columns (float64).
 
-    Engines infer Arrow types per block, so a block whose `reference` is all null comes back typed
+    Engines infer Arrow types per block, so a block whose `gold` is all null comes back typed
     `null`; casting every block to one schema keeps the Parquet files of a dataset readable together.
     """
     require_columns(table.column_names, [*columns, *extra], "conform")

@@ -242,7 +242,7 @@ def _sampling(spec: JobSpec, temperature: float | None = None):
 def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     import ray
 
-    from alignlib.generate import generate, reference_rows
+    from alignlib.generate import generate, gold_rows
 
     ensure_ray()
     spec, g = p.spec, p.spec.generate
@@ -274,9 +274,9 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
             with Progress(f"generate ({generator})", total * n) as progress:
                 completions = generate(prompts, model, _sampling(spec), g, generator, n, spec.seed, seed_key=key)
                 counted(completions, progress).write_parquet(str(target), min_rows_per_file=ROWS_PER_FILE)
-        if spec.data.reference_field is not None:
-            prompts.map_batches(reference_rows, batch_format="pyarrow").write_parquet(
-                str(out.table("completions") / S.GENERATOR_REFERENCE), min_rows_per_file=ROWS_PER_FILE
+        if spec.data.gold_field is not None:
+            prompts.map_batches(gold_rows, batch_format="pyarrow").write_parquet(
+                str(out.table("completions") / S.GENERATOR_GOLD), min_rows_per_file=ROWS_PER_FILE
             )
     check_completions(out.table("completions"), _expected_completions(p, jobs))
     return {"engine": g.engine, "engine_starts": started}
@@ -301,8 +301,8 @@ def _expected_completions(p: Pipeline, jobs: list[tuple[str, Any, int]]) -> dict
     """generator -> (prompt ids, samples per prompt) the generate stage must write, each row once."""
     prompts = round_prompts(p)
     expected = {generator: ([r[S.PROMPT_ID] for r in prompts], n) for generator, _, n in jobs}
-    if p.spec.data.reference_field is not None:
-        expected[S.GENERATOR_REFERENCE] = ([r[S.PROMPT_ID] for r in prompts if r[S.REFERENCE] is not None], 1)
+    if p.spec.data.gold_field is not None:
+        expected[S.GENERATOR_GOLD] = ([r[S.PROMPT_ID] for r in prompts if r[S.GOLD] is not None], 1)
     return expected
 
 

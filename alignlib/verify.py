@@ -5,7 +5,7 @@ retries lost no row and wrote none twice, whatever Ray did. They read only the k
 (prompt_id, generator, sample_index) and fail naming the table and a key that is missing, repeated
 or unexpected, so a bad table is never committed (and so never trusted on rerun).
 
-    check_completions(out_dir, {"policy": (prompt_ids, 4), "reference": (ids_with_answer, 1)})
+    check_completions(out_dir, {"policy": (prompt_ids, 4), "gold": (ids_with_answer, 1)})
     check_scored(scored_dir, completions_dir)
 """
 

@@ -36,7 +36,7 @@ def prompt_rows(n: int) -> list[dict]:
     from alignlib import schema as S
 
     return [
-        {S.PROMPT_ID: f"q{i}", S.PROMPT: f"What is {i % 97} + {i % 89}?", S.REFERENCE: None, S.SOURCE: f"b:{i}",
+        {S.PROMPT_ID: f"q{i}", S.PROMPT: f"What is {i % 97} + {i % 89}?", S.GOLD: None, S.SOURCE: f"b:{i}",
          S.MESSAGES: [{"role": "user", "content": f"What is {i % 97} + {i % 89}?"}]}
         for i in range(n)
     ]  # fmt: skip

@@ -114,7 +114,7 @@ def _pair_row(i: int, prompt: str, chosen: str, rejected: str) -> dict:
     return {
         S.PROMPT_ID: f"p{i}", S.PROMPT: prompt, S.MESSAGES: [{"role": "user", "content": prompt}],
         S.CHOSEN: chosen, S.REJECTED: rejected, S.CHOSEN_REWARD: 1.0, S.REJECTED_REWARD: 0.0,
-        S.MARGIN: 1.0, S.STRATEGY: "gold_vs_weak", S.CHOSEN_GENERATOR: "reference", S.REJECTED_GENERATOR: "weak",
+        S.MARGIN: 1.0, S.STRATEGY: "gold_vs_weak", S.CHOSEN_GENERATOR: "gold", S.REJECTED_GENERATOR: "weak",
     }  # fmt: skip
 
 

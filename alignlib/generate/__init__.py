@@ -2,7 +2,7 @@
 
 In: `prompts/train` (PROMPT_COLUMNS). Out: `generate/completions` (COMPLETION_COLUMNS): for each
 prompt `generate.num_samples` policy samples, `weak_model.num_samples` weak-model samples if a weak
-model is set, and the gold answer as a `reference` row when the data has one. Each sample is its
+model is set, and the gold answer as a `gold` row when the data has one. Each sample is its
 own row with its own seed (hash of job seed, generator, prompt and sample index), so its random
 draws do not depend on batching and both engines fill the same columns. A model's numbers for a
 row still move in the last bits with its batch neighbours, so with the transformers engine the stage
@@ -54,13 +54,13 @@ def expand_requests(batch: pa.Table, generator: str, num_samples: int, job_seed:
     return out.append_column(S.SEED, pa.array(seeds, pa.int64()))
 
 
-def reference_rows(batch: pa.Table) -> pa.Table:
-    """The gold answers as completions of generator `reference` (no model involved)."""
-    batch = batch.filter(batch[S.REFERENCE].is_valid())
+def gold_rows(batch: pa.Table) -> pa.Table:
+    """The gold answers as completions of generator `gold` (no model involved)."""
+    batch = batch.filter(batch[S.GOLD].is_valid())
     n = batch.num_rows
     return S.conform(
-        batch.append_column(S.COMPLETION, batch[S.REFERENCE])
-        .append_column(S.GENERATOR, pa.array([S.GENERATOR_REFERENCE] * n, pa.string()))
+        batch.append_column(S.COMPLETION, batch[S.GOLD])
+        .append_column(S.GENERATOR, pa.array([S.GENERATOR_GOLD] * n, pa.string()))
         .append_column(S.SAMPLE_INDEX, pa.array([0] * n, pa.int32()))
         .append_column(S.SEED, pa.array([0] * n, pa.int64()))
         .append_column(S.FINISH_REASON, pa.array(["stop"] * n, pa.string()))

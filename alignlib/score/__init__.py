@@ -26,17 +26,17 @@ class RewardError(ValueError):
 
 class FunctionScorer:
     def __init__(self, function: str, column: str = S.REWARD):
-        from alignlib.spec import resolve_function
+        from alignlib.spec import resolve_reward
 
         self.name = function
-        self.fn = resolve_function(function)
+        self.fn = resolve_reward(function)
         self.column = column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rewards = []
-        for row in batch.select([S.PROMPT_ID, S.PROMPT, S.COMPLETION, S.REFERENCE, S.SOURCE]).to_pylist():
+        for row in batch.select([S.PROMPT_ID, S.PROMPT, S.COMPLETION, S.GOLD, S.SOURCE]).to_pylist():
             try:
-                value = float(self.fn(prompt=row[S.PROMPT], completion=row[S.COMPLETION], reference=row[S.REFERENCE]))
+                value = float(self.fn(prompt=row[S.PROMPT], completion=row[S.COMPLETION], gold=row[S.GOLD]))
             except Exception as err:
                 raise RewardError(f"reward {self.name} failed on prompt {row[S.SOURCE]}: {err}") from err
             if not math.isfinite(value):

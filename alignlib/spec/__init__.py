@@ -5,7 +5,7 @@
     spec = load_spec("jobs/demo.yaml", overrides=["train.epochs=2"])
 """
 
-from alignlib.spec.functions import resolve_function
+from alignlib.spec.functions import resolve_function, resolve_reward
 from alignlib.spec.job import (
     DEFAULT_REWARD,
     LOSSES_NEEDING_PAIRS,
@@ -45,6 +45,6 @@ __all__ = [
     "DEFAULT_REWARD", "LOSSES_NEEDING_PAIRS", "LOSSES_NEEDING_REFERENCE", "POLICY_STRATEGIES", "DataSpec", "EvalSpec", "ExportSpec",
     "FunctionRewardSpec", "GenerateSpec", "JobSpec", "ModelRewardSpec", "ModelSpec", "PairsSpec", "ScoreSpec",
     "SpecError", "TrainSpec", "WeakModelSpec", "apply_overrides", "cross_check", "eval_temperature",
-    "expanded_size", "json_schema", "load_raw", "load_spec", "parse_spec", "reference_model", "reference_source", "RoundsSpec",
-    "remote_code_models", "resolve_function", "reward_name",
+    "expanded_size", "json_schema", "load_raw", "load_spec", "parse_spec", "reference_model", "reference_source",
+    "remote_code_models", "resolve_function", "resolve_reward", "reward_name", "RoundsSpec",
 ]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -34,4 +35,26 @@ def resolve_function(ref: str):
         raise ValueError(f"module {module_name!r} has no callable {attr!r}")
     if isinstance(fn, type) or not callable(fn):
         raise ValueError(f"{module_name}:{attr} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def resolve_reward(ref: str):
+    """`module:function` of a function reward -> the callable, once its signature takes what it is given.
+
+    A reward is called as fn(prompt=, completion=, gold=). The gold answer used to be passed as
+    `reference=`; a function still written that way is refused here, when the spec is validated, instead
+    of failing on its first row after generation.
+    """
+    fn = resolve_function(ref)
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no inspectable signature (some builtins): nothing to check
+        return fn
+    if "reference" in parameters and "gold" not in parameters:
+        raise ValueError(
+            f"reward function {ref} has a parameter `reference`; the gold answer is now passed as `gold` "
+            "(fn(prompt=, completion=, gold=)): rename the parameter to `gold`"
+        )
+    if hasattr(fn, "needs_reference") and not hasattr(fn, "needs_gold"):
+        raise ValueError(f"reward function {ref} sets `needs_reference`, which is now called `needs_gold`; rename it")
     return fn

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from alignlib.spec.functions import resolve_function
+from alignlib.spec.functions import resolve_function, resolve_reward
 
 
 class _Spec(BaseModel):
@@ -41,14 +41,14 @@ class DataSpec(_Spec):
         "prompt",
         description="Field holding the prompt: a string, or a chat list of {role, content} messages "
         "(the conversational layout TRL and the alignment-handbook use). A chat that ends with an assistant "
-        "turn (a `messages` column) is the prompt plus its answer, which becomes the reference. Without this "
+        "turn (a `messages` column) is the prompt plus its answer, which becomes the gold answer. Without this "
         "field, chosen and rejected chats give the prompt as their shared leading turns (TRL's implicit prompt).",
     )
     chosen_field: str = Field(
         "chosen", description="Preference sets: the preferred answer, a string or a chat (prompt turns + answer)."
     )
     rejected_field: str = Field("rejected", description="Preference sets: the other answer, same forms as chosen.")
-    reference_field: str | None = Field(
+    gold_field: str | None = Field(
         None, description="Field holding the gold answer (needed by `gold_vs_weak` pairs and most function rewards)."
     )
     eval_fraction: float = Field(
@@ -204,14 +204,15 @@ class ModelRewardSpec(_Spec):
 class FunctionRewardSpec(_Spec):
     type: Literal["function"]
     function: str = Field(
-        description="`module:function` called as fn(prompt=str, completion=str, reference=str|None) -> float. "
-        "The module is imported by name (dotted, on the Python path); file paths and private names are refused."
+        description="`module:function` called as fn(prompt=str, completion=str, gold=str|None) -> float, `gold` "
+        "being the gold answer (data.gold_field). The module is imported by name (dotted, on the Python path); "
+        "file paths and private names are refused, and so is a function whose parameter is still `reference`."
     )
 
     @field_validator("function")
     @classmethod
     def _importable(cls, value: str) -> str:
-        resolve_function(value)
+        resolve_reward(value)
         return value
 
 
@@ -288,7 +289,7 @@ class PairsSpec(_Spec):
         description="How policy samples of a prompt are paired (chosen = the highest reward): best_vs_worst "
         "(the i-th best vs the i-th worst), best_vs_rest, best_vs_second, best_vs_random (seeded by seed and "
         "prompt), rejected_at_mean_minus_2std (rejected nearest mean - 2 std of the rewards); gold_vs_weak: the "
-        "reference answer vs the weak model's. A list applies several.",
+        "gold answer vs the weak model's. A list applies several.",
     )
     min_margin: float = Field(
         0.1, ge=0.0, description="Pairs whose reward gap is below this are dropped (and counted)."
@@ -546,8 +547,8 @@ def cross_check(spec: JobSpec) -> list[str]:
     if "gold_vs_weak" in strategies and generated:
         if spec.generate.weak_model is None:
             problems.append("generate.weak_model: pairs strategy gold_vs_weak needs a weak model")
-        if spec.data.reference_field is None:
-            problems.append("data.reference_field: pairs strategy gold_vs_weak needs the gold answer field")
+        if spec.data.gold_field is None:
+            problems.append("data.gold_field: pairs strategy gold_vs_weak needs the gold answer field")
     if set(POLICY_STRATEGIES) & set(strategies) and spec.generate.num_samples < 2 and generated:
         problems.append(f"generate.num_samples: strategy {strategies} compares policy samples, so it needs at least 2")
     if not generated:
@@ -578,12 +579,12 @@ def cross_check(spec: JobSpec) -> list[str]:
     if spec.eval.enabled and not generated:
         # Held-out prompts of an imported preference set have no gold answer for the eval's reward to use.
         for column, reward, _ in spec.score.components():
-            if reward.type == "function" and getattr(resolve_function(reward.function), "needs_reference", False):
+            if reward.type == "function" and getattr(resolve_function(reward.function), "needs_gold", False):
                 where = f"score.rewards ({column})" if spec.score.rewards else "score.reward"
                 problems.append(
                     f"eval.enabled: data.kind preferences has no gold answers, and the eval's reward "
                     f"{reward.function} ({where}; the default when none is set) needs one; set eval.enabled=false, "
-                    "or a reward that needs no reference (a reward model, or a function such as "
+                    "or a reward that needs no gold answer (a reward model, or a function such as "
                     "alignlib.rewards:length_penalty)"
                 )
     if spec.rounds.count > 1:

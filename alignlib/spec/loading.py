@@ -98,11 +98,17 @@ def _walk(loc: tuple) -> tuple[list[str], list[type[BaseModel]]]:
 
 _TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none"}
 
+# Keys a spec may still carry from before a rename: old path -> new path. Each is an error naming the new
+# key, not a guess among similar names.
+RENAMED = {"data.reference_field": "data.gold_field"}
+
 
 def _format_error(err: dict[str, Any]) -> list[str]:
     parts, parents = _walk(tuple(err["loc"]))
     path = ".".join(parts).replace(".[", "[")
     message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden" and path in RENAMED:
+        return [f"{path} was renamed {RENAMED[path]}"]
     if err["type"] == "extra_forbidden":
         known = sorted({f for m in parents for f in m.model_fields})
         close = difflib.get_close_matches(parts[-1], known, n=1) if parts else []

@@ -54,7 +54,7 @@ def pairs(n: int) -> list[dict]:
             S.PROMPT_ID: f"p{i}", S.PROMPT: prompt, S.MESSAGES: [{"role": "user", "content": prompt}],
             S.CHOSEN: f"{i % 13 + i % 7}" + " and that is the sum" * (i % 9),
             S.REJECTED: "I do not know" * (1 + i % 5), S.CHOSEN_REWARD: 1.0, S.REJECTED_REWARD: 0.0, S.MARGIN: 1.0,
-            S.STRATEGY: "gold_vs_weak", S.CHOSEN_GENERATOR: "reference", S.REJECTED_GENERATOR: "weak",
+            S.STRATEGY: "gold_vs_weak", S.CHOSEN_GENERATOR: "gold", S.REJECTED_GENERATOR: "weak",
         })  # fmt: skip
     return rows
 

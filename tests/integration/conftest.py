@@ -18,7 +18,7 @@ TRAIN_PROMPTS, SAMPLES = 43, 2  # data.limit 48, 10% held out
 SMALL_JOB = {
     "name": "small",
     "seed": 0,
-    "data": {"path": str(ROOT / "jobs/data/addition.jsonl"), "prompt_field": "question", "reference_field": "answer",
+    "data": {"path": str(ROOT / "jobs/data/addition.jsonl"), "prompt_field": "question", "gold_field": "answer",
              "eval_fraction": 0.1, "limit": 48},
     "policy": {"model": "builtin:tiny-policy"},
     "generate": {"engine": "transformers", "num_samples": SAMPLES, "max_new_tokens": 16, "batch_size": 4,

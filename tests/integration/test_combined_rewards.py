@@ -13,7 +13,7 @@ from alignlib.store import read_table, write_table
 pytestmark = pytest.mark.integration
 
 CLOSENESS, LENGTH = "alignlib.rewards:numeric_closeness", "alignlib.rewards:length_penalty"
-# (question, reference, completions): numeric closeness ties the first two answers of each prompt;
+# (question, gold answer, completions): numeric closeness ties the first two answers of each prompt;
 # the length penalty (weight 0.5) prefers the shorter one.
 PROMPTS = [
     ("What is 3 + 4?", "7", ["7", "   7   ", "9"]),
@@ -24,11 +24,11 @@ PROMPTS = [
 
 def completions() -> pa.Table:
     rows = []
-    for question, reference, answers in PROMPTS:
+    for question, gold, answers in PROMPTS:
         messages = [{"role": "user", "content": question}]
         for i, answer in enumerate(answers):
             rows.append({
-                S.PROMPT_ID: prompt_id(messages), S.PROMPT: question, S.MESSAGES: messages, S.REFERENCE: reference,
+                S.PROMPT_ID: prompt_id(messages), S.PROMPT: question, S.MESSAGES: messages, S.GOLD: gold,
                 S.SOURCE: "hand-built", S.COMPLETION: answer, S.GENERATOR: S.GENERATOR_POLICY, S.SAMPLE_INDEX: i,
                 S.SEED: i, S.FINISH_REASON: "stop", S.NUM_TOKENS: len(answer),
             })  # fmt: skip
@@ -57,8 +57,8 @@ def test_weighted_sum_of_two_function_rewards(ray_session, tmp_path, capsys):
     assert manifests["score"]["tables"] == {"scored": 9}
     rows = scored.to_pylist()
     for r in rows:
-        closeness = numeric_closeness(prompt=r[S.PROMPT], completion=r[S.COMPLETION], reference=r[S.REFERENCE])
-        brevity = length_penalty(prompt=r[S.PROMPT], completion=r[S.COMPLETION], reference=r[S.REFERENCE])
+        closeness = numeric_closeness(prompt=r[S.PROMPT], completion=r[S.COMPLETION], gold=r[S.GOLD])
+        brevity = length_penalty(prompt=r[S.PROMPT], completion=r[S.COMPLETION], gold=r[S.GOLD])
         assert (r["reward_numeric_closeness"], r["reward_brevity"]) == (closeness, brevity)
         assert r[S.REWARD] == pytest.approx(closeness + 0.5 * brevity)
     assert {r[S.REWARD_SOURCE] for r in rows} == {f"1*{CLOSENESS} + 0.5*{LENGTH}"}

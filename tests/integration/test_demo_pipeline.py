@@ -109,7 +109,7 @@ def test_completions_have_every_sample_with_its_own_seed(demo_run):
     assert done.column_names == S.COMPLETION_COLUMNS
     assert done.num_rows == TRAIN_PROMPTS * (SAMPLES + WEAK_SAMPLES + 1)
     rows = done.to_pylist()
-    by_generator = {g: [r for r in rows if r[S.GENERATOR] == g] for g in ("policy", "weak", "reference")}
+    by_generator = {g: [r for r in rows if r[S.GENERATOR] == g] for g in ("policy", "weak", "gold")}
     assert [len(v) for v in by_generator.values()] == [
         TRAIN_PROMPTS * SAMPLES,
         TRAIN_PROMPTS * WEAK_SAMPLES,
@@ -123,7 +123,7 @@ def test_completions_have_every_sample_with_its_own_seed(demo_run):
     # Sampled at temperature 1, an untrained policy's N samples of one prompt differ.
     first = [r[S.COMPLETION] for r in policy if r[S.PROMPT_ID] == policy[0][S.PROMPT_ID]]
     assert len(set(first)) > 1
-    assert all(r[S.COMPLETION] == r[S.REFERENCE] for r in by_generator["reference"])
+    assert all(r[S.COMPLETION] == r[S.GOLD] for r in by_generator["gold"])
 
 
 def test_scores_come_from_the_function_reward(demo_run):
@@ -133,7 +133,7 @@ def test_scores_come_from_the_function_reward(demo_run):
     rows = scored.to_pylist()
     assert {r[S.REWARD_SOURCE] for r in rows} == {"alignlib.rewards:numeric_closeness"}
     assert all(0.0 <= r[S.REWARD] <= 1.0 for r in rows)
-    assert all(r[S.REWARD] == 1.0 for r in rows if r[S.GENERATOR] == "reference")
+    assert all(r[S.REWARD] == 1.0 for r in rows if r[S.GENERATOR] == "gold")
 
 
 def test_pairs_are_valid_and_counted(demo_run):
@@ -146,7 +146,7 @@ def test_pairs_are_valid_and_counted(demo_run):
     assert stats["pairs_gold_vs_weak"] > 0.9 * TRAIN_PROMPTS
     assert stats["pairs_gold_vs_weak"] + stats.get("pairs_best_vs_worst", 0) == len(rows)
     gold = [r for r in rows if r[S.STRATEGY] == "gold_vs_weak"]
-    assert all(r[S.CHOSEN_GENERATOR] == "reference" and r[S.REJECTED_GENERATOR] == "weak" for r in gold)
+    assert all(r[S.CHOSEN_GENERATOR] == "gold" and r[S.REJECTED_GENERATOR] == "weak" for r in gold)
     assert manifests["pairs"]["tables"]["sft"] == TRAIN_PROMPTS
 
 

@@ -19,7 +19,7 @@ MAX_NEW = 3
 
 def prompt_rows(n: int) -> list[dict]:
     return [
-        {S.PROMPT_ID: f"q{i}", S.PROMPT: f"What is {i} + {2 * i}?", S.REFERENCE: str(3 * i), S.SOURCE: f"t:{i}",
+        {S.PROMPT_ID: f"q{i}", S.PROMPT: f"What is {i} + {2 * i}?", S.GOLD: str(3 * i), S.SOURCE: f"t:{i}",
          S.MESSAGES: [{"role": "user", "content": f"What is {i} + {2 * i}?"}]}
         for i in range(n)
     ]  # fmt: skip

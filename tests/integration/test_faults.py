@@ -73,8 +73,8 @@ def by_key(table_rows: list[dict]) -> dict[tuple, dict]:
 def assert_exact_completions(run: Path, stage: str = "generate", table: str = "completions") -> None:
     """One row per prompt and policy sample, one gold answer per prompt, no key twice."""
     found = rows(run, stage, table)
-    counts = {g: sum(r[S.GENERATOR] == g for r in found) for g in (S.GENERATOR_POLICY, S.GENERATOR_REFERENCE)}
-    assert counts == {S.GENERATOR_POLICY: TRAIN_PROMPTS * SAMPLES, S.GENERATOR_REFERENCE: TRAIN_PROMPTS}
+    counts = {g: sum(r[S.GENERATOR] == g for r in found) for g in (S.GENERATOR_POLICY, S.GENERATOR_GOLD)}
+    assert counts == {S.GENERATOR_POLICY: TRAIN_PROMPTS * SAMPLES, S.GENERATOR_GOLD: TRAIN_PROMPTS}
     assert len(by_key(found)) == TRAIN_PROMPTS * (SAMPLES + 1)
 
 

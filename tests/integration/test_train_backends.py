@@ -33,7 +33,7 @@ def pairs_rows(n=16):
         rows.append({
             S.PROMPT_ID: f"p{i}", S.PROMPT: prompt, S.MESSAGES: [{"role": "user", "content": prompt}],
             S.CHOSEN: str(a + b), S.REJECTED: "zzzz", S.CHOSEN_REWARD: 1.0, S.REJECTED_REWARD: 0.0,
-            S.MARGIN: 1.0, S.STRATEGY: "gold_vs_weak", S.CHOSEN_GENERATOR: "reference", S.REJECTED_GENERATOR: "weak",
+            S.MARGIN: 1.0, S.STRATEGY: "gold_vs_weak", S.CHOSEN_GENERATOR: "gold", S.REJECTED_GENERATOR: "weak",
             S.COMPLETION: str(a + b), S.REWARD: 1.0,
         })  # fmt: skip
     return rows
@@ -101,7 +101,7 @@ def assert_generates_in_vllm(model_dir: Path) -> None:
     from alignlib.generate import Sampling, generate
     from alignlib.spec import GenerateSpec, ModelSpec
 
-    prompts = [{S.PROMPT_ID: f"q{i}", S.PROMPT: f"What is {i} + 1?", S.REFERENCE: None, S.SOURCE: f"t:{i}",
+    prompts = [{S.PROMPT_ID: f"q{i}", S.PROMPT: f"What is {i} + 1?", S.GOLD: None, S.SOURCE: f"t:{i}",
                 S.MESSAGES: [{"role": "user", "content": f"What is {i} + 1?"}]} for i in range(2)]  # fmt: skip
     settings = GenerateSpec(engine="vllm", concurrency=1, resources={"CPU": 1},
                             engine_kwargs={"enforce_eager": True, "max_model_len": 128})  # fmt: skip

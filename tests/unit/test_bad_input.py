@@ -47,19 +47,19 @@ CASES = [
     Case("not_utf8", b'{"q": "caf\xe9?", "a": "1"}', None, "not_utf8", "not UTF-8: byte 0xe9 at column 11"),
     Case("missing_prompt", {"question": "What is 5 + 5?", "a": "10"}, "q", "missing_field", "missing field 'q'"),
     Case("null_prompt", {"q": None, "a": "10"}, "q", "null_field", "field 'q' must be a non-empty string or chat"),
-    Case("missing_reference", {"q": "What is 5 + 5?"}, "a", "missing_field", "field 'a' must be a string or number"),
-    Case("null_reference", {"q": "What is 5 + 5?", "a": None}, "a", "null_field", "field 'a' must be a string or"),
+    Case("missing_gold", {"q": "What is 5 + 5?"}, "a", "missing_field", "field 'a' must be a string or number"),
+    Case("null_gold", {"q": "What is 5 + 5?", "a": None}, "a", "null_field", "field 'a' must be a string or"),
     Case("empty_prompt", {"q": "   ", "a": "10"}, "q", "empty_prompt", "field 'q' is an empty string"),
     Case("empty_chat", {"q": [], "a": "10"}, "q", "empty_prompt", "field 'q' must be a non-empty string or chat"),
     Case("wrong_type_prompt", {"q": 5, "a": "10"}, "q", "wrong_type", "must be a non-empty string or chat list, got int"),
-    Case("wrong_type_reference", {"q": "What is 5 + 5?", "a": {"v": 10}}, "a", "wrong_type", "got {'v': 10}"),
+    Case("wrong_type_gold", {"q": "What is 5 + 5?", "a": {"v": 10}}, "a", "wrong_type", "got {'v': 10}"),
     Case("bad_chat", {"q": [{"role": "user"}], "a": "10"}, "q", "bad_chat", "q[0] must be an object with string"),
-    Case("conflicting_reference", {"q": "What is 1 + 1?", "a": "3"}, "a", "conflicting_reference",
-         "same prompt as {path}:1 but a different reference (field 'a': '3' vs '2')"),
+    Case("conflicting_gold", {"q": "What is 1 + 1?", "a": "3"}, "a", "conflicting_gold",
+         "same prompt as {path}:1 but a different gold answer (field 'a': '3' vs '2')"),
     Case("prompt_too_long", {"q": LONG, "a": "1"}, "q", "prompt_too_long",
          "with generate.max_new_tokens 8 that is more than the 512-token context of the policy model"),
     Case("parquet_null_prompt", {"q": None, "a": "10"}, "q", "null_field", "got NoneType", fmt="parquet"),
-    Case("parquet_null_reference", {"q": "What is 5 + 5?", "a": None}, "a", "null_field", "got None", fmt="parquet"),
+    Case("parquet_null_gold", {"q": "What is 5 + 5?", "a": None}, "a", "null_field", "got None", fmt="parquet"),
     Case("parquet_empty_prompt", {"q": "", "a": "10"}, "q", "empty_prompt", "is an empty string", fmt="parquet"),
     Case("parquet_prompt_too_long", {"q": LONG, "a": "1"}, "q", "prompt_too_long", "512-token context",
          fmt="parquet"),
@@ -78,7 +78,7 @@ def write_data(path: Path, rows: list, fmt: str) -> Path:
 def write_job(tmp_path: Path, data: Path, mode: str, **data_fields) -> Path:
     job = {
         "name": "bad", "output_dir": str(tmp_path / "run"), "policy": {"model": "builtin:tiny-policy"},
-        "data": {"path": str(data), "prompt_field": "q", "reference_field": "a", "eval_fraction": 0.25,
+        "data": {"path": str(data), "prompt_field": "q", "gold_field": "a", "eval_fraction": 0.25,
                  "on_bad_rows": mode} | data_fields,
         "generate": {"engine": "transformers", "max_new_tokens": 8},
     }  # fmt: skip
@@ -236,12 +236,12 @@ def test_a_duplicate_of_a_rejected_prompt_is_rejected_too(tmp_path):
     ]
 
 
-def test_bad_preference_rows_are_set_aside_with_their_field(tmp_path):
+def test_bad_pgold_rows_are_set_aside_with_their_field(tmp_path):
     rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(4)]
     rows.insert(1, {"prompt": "q9", "chosen": "good", "rejected": None})
     rows.insert(3, {"prompt": "q8", "chosen": "good", "rejected": "bad", "score_chosen": float("nan")})
     data = write_data(tmp_path / "p.jsonl", rows, "jsonl")
-    job = write_job(tmp_path, data, "reject", kind="preferences", prompt_field="prompt", reference_field=None)
+    job = write_job(tmp_path, data, "reject", kind="preferences", prompt_field="prompt", gold_field=None)
     job.write_text(job.read_text().replace('"generate"', '"eval": {"enabled": false}, "generate"'))
     assert cli(["prompts", str(job)]) == 0
     stage = tmp_path / "run" / "prompts"
@@ -346,7 +346,7 @@ def test_every_invalid_spec_value_is_reported_at_once_with_its_path(tmp_path, ca
     assert f"{spec}: 9 problem(s) in the job spec:" in err
     problems = [line.removeprefix("  - ") for line in err.splitlines() if line.startswith("  - ")]
     assert sorted(p.split(":")[0] for p in problems) == [
-        "colour", "data.eval_fraction", "data.on_bad_rows", "data.reference_field", "generate.num_samples",
+        "colour", "data.eval_fraction", "data.gold_field", "data.on_bad_rows", "generate.num_samples",
         "generate.top_p", "generate.weak_model", "train.epochs", "train.loss.lambda_",
     ]  # fmt: skip
     assert "data.on_bad_rows: 'skip' is not one of 'error' or 'reject'" in problems

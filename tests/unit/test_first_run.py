@@ -65,7 +65,7 @@ def test_a_changed_input_moves_the_fingerprints_of_the_stages_it_feeds_and_no_ot
     model = tmp_path / "policy"
     shutil.copytree(resolve_model("builtin:tiny-policy"), model)
     module = tmp_path / "my_reward.py"
-    module.write_text("def score(prompt, completion, reference):\n    return 1.0\n")
+    module.write_text("def score(prompt, completion, gold):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     overrides = [f"output_dir={tmp_path / 'run'}", f"policy.model={model}",
                  "score.reward={type: function, function: 'my_reward:score'}"]  # fmt: skip
@@ -75,7 +75,7 @@ def test_a_changed_input_moves_the_fingerprints_of_the_stages_it_feeds_and_no_ot
         return {s: p.fingerprint(s) for s in p.stages()}
 
     before = fingerprints()
-    module.write_text("def score(prompt, completion, reference):\n    return 2.0\n")
+    module.write_text("def score(prompt, completion, gold):\n    return 2.0\n")
     after_reward = fingerprints()
     assert [s for s in before if before[s] != after_reward[s]] == ["score", "pairs", "train", "export", "eval"]
     with open(model / "model.safetensors", "ab") as f:  # the weights changed in place
@@ -191,7 +191,7 @@ def scored_run(tmp_path: Path, rewards: list[float], loss: str = "sft") -> Pipel
     for i, reward in enumerate(rewards):
         messages = [{"role": "user", "content": f"q{i}"}]
         for k, value in enumerate((reward, 0.0)):
-            rows.append({S.PROMPT_ID: f"p{i}", S.PROMPT: f"q{i}", S.MESSAGES: messages, S.REFERENCE: "1",
+            rows.append({S.PROMPT_ID: f"p{i}", S.PROMPT: f"q{i}", S.MESSAGES: messages, S.GOLD: "1",
                          S.SOURCE: f"f:{i}", S.COMPLETION: f"answer {k}", S.GENERATOR: "policy", S.SAMPLE_INDEX: k,
                          S.SEED: k, S.FINISH_REASON: "stop", S.NUM_TOKENS: 2, S.REWARD: value,
                          S.REWARD_SOURCE: "hand"})  # fmt: skip

@@ -32,7 +32,7 @@ def nonzero(counts):
     return {k: v for k, v in counts.items() if v and k.startswith(("pairs_", "dropped_"))}
 
 
-GOLD_WEAK = [row("42", 1.0, S.GENERATOR_REFERENCE), row("7", 0.0, S.GENERATOR_WEAK),
+GOLD_WEAK = [row("42", 1.0, S.GENERATOR_GOLD), row("7", 0.0, S.GENERATOR_WEAK),
              row("41", 0.95, S.GENERATOR_WEAK, 1)]  # fmt: skip
 # mean -0.0643, population std 1.1286: mean - 2 std = -2.3215, nearest is -2.0 (s12), not the worst (s13).
 SPREAD = [1.0, 1.0, 0.9, 0.9, 0.8, 0.3, 0.2, 0.0, 0.0, 0.0, -0.5, -0.5, -2.0, -3.0]
@@ -57,11 +57,11 @@ CASES = [
      {"pairs_rejected_at_mean_minus_2std": 1}),
     ("mean - 2 std with all rewards equal is a tie", policy(("a", 0.5), ("b", 0.5), ("c", 0.5)),
      spec("rejected_at_mean_minus_2std"), [], {"dropped_tie": 1}),
-    ("gold_vs_weak uses the reference as chosen", GOLD_WEAK, spec("gold_vs_weak", max_pairs_per_prompt=5),
+    ("gold_vs_weak uses the gold answer as chosen", GOLD_WEAK, spec("gold_vs_weak", max_pairs_per_prompt=5),
      [("42", "7", "gold_vs_weak")], {"pairs_gold_vs_weak": 1, "dropped_below_margin": 1}),
-    ("weak answer equal to gold", [row("42", 1.0, S.GENERATOR_REFERENCE), row("42", 1.0, S.GENERATOR_WEAK)],
+    ("weak answer equal to gold", [row("42", 1.0, S.GENERATOR_GOLD), row("42", 1.0, S.GENERATOR_WEAK)],
      spec("gold_vs_weak", min_margin=0.0), [], {"dropped_identical": 1}),
-    ("gold_vs_weak without a weak answer", [row("42", 1.0, S.GENERATOR_REFERENCE)], spec("gold_vs_weak"),
+    ("gold_vs_weak without a weak answer", [row("42", 1.0, S.GENERATOR_GOLD)], spec("gold_vs_weak"),
      [], {"dropped_too_few_candidates": 1}),
     ("tie", policy(("a", 0.5), ("b", 0.5)), spec(), [], {"dropped_tie": 1}),
     ("tie even with min_margin 0", policy(("a", 0.5), ("b", 0.5)), spec(min_margin=0.0), [], {"dropped_tie": 1}),
@@ -110,7 +110,7 @@ def test_length_penalty_is_applied_to_the_stored_rewards():
 
 def test_generators_of_a_gold_vs_weak_pair():
     (p,), _, _ = build(GOLD_WEAK, spec("gold_vs_weak"))
-    assert (p[S.CHOSEN_GENERATOR], p[S.REJECTED_GENERATOR], p[S.MARGIN]) == ("reference", "weak", 1.0)
+    assert (p[S.CHOSEN_GENERATOR], p[S.REJECTED_GENERATOR], p[S.MARGIN]) == ("gold", "weak", 1.0)
 
 
 def random_prompts(n, samples, seed=0):

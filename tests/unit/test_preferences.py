@@ -43,12 +43,12 @@ LAYOUTS = [
 def test_preference_layouts_read_the_same(tmp_path, record):
     path = write_jsonl(tmp_path / "p.jsonl", [record])
     prompts, (pref,), counts = read_data(DataSpec(path=str(path), kind="preferences"))
-    assert [p[S.MESSAGES] for p in prompts] == [[USER]] and prompts[0][S.REFERENCE] is None
+    assert [p[S.MESSAGES] for p in prompts] == [[USER]] and prompts[0][S.GOLD] is None
     assert (pref[S.PROMPT_ID], pref[S.PROMPT], pref[S.MESSAGES]) == (prompt_id([USER]), "2+2?", [USER])
     assert (pref[S.CHOSEN], pref[S.REJECTED], pref[S.SOURCE]) == ("4", "5", f"{path}:1")
     expected = (9.0, 2.5) if "score_chosen" in record else (None, None)
     assert (pref[S.CHOSEN_REWARD], pref[S.REJECTED_REWARD]) == expected
-    assert counts == {"duplicates_merged": 0, "preference_rows": 1}
+    assert counts == {"duplicates_merged": 0, "pgold_rows": 1}
 
 
 def test_parquet_preferences_with_multi_turn_prompt_and_several_pairs_per_prompt(tmp_path):
@@ -61,7 +61,7 @@ def test_parquet_preferences_with_multi_turn_prompt_and_several_pairs_per_prompt
     prompts, prefs, counts = read_data(DataSpec(path=str(path), kind="preferences"))
     assert len(prompts) == 1 and prompts[0][S.MESSAGES] == prompt and prompts[0][S.PROMPT] == "sure?"
     assert [(p[S.REJECTED], p[S.SOURCE]) for p in prefs] == [("no", f"{path}#0"), ("maybe", f"{path}#1")]
-    assert counts == {"duplicates_merged": 1, "preference_rows": 2}
+    assert counts == {"duplicates_merged": 1, "pgold_rows": 2}
 
 
 def test_prompt_sets_in_trl_and_messages_layouts(tmp_path):
@@ -77,7 +77,7 @@ def test_prompt_sets_in_trl_and_messages_layouts(tmp_path):
     # An SFT-style `messages` column: the final assistant turn is the gold answer.
     sft = write_jsonl(tmp_path / "m.jsonl", [{"messages": [SYSTEM, USER, assistant("4")]}])
     (row,), _, _ = read_data(DataSpec(path=str(sft), prompt_field="messages"))
-    assert row[S.MESSAGES] == [SYSTEM, USER] and row[S.REFERENCE] == "4"
+    assert row[S.MESSAGES] == [SYSTEM, USER] and row[S.GOLD] == "4"
 
 
 BAD = [
@@ -100,7 +100,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("record, message", BAD, ids=[m.split(" must")[0][:40] for _, m in BAD])
-def test_bad_preference_rows_name_file_line_and_field(tmp_path, record, message):
+def test_bad_pgold_rows_name_file_line_and_field(tmp_path, record, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine", "chosen": "a", "rejected": "b"}, record])
     with pytest.raises(DataError) as info:
         read_data(DataSpec(path=str(path), kind="preferences"))
@@ -114,10 +114,10 @@ def test_bad_parquet_row_names_the_row(tmp_path):
         read_data(DataSpec(path=str(path), kind="preferences"))
 
 
-def test_a_chat_answer_and_a_reference_field_together_are_ambiguous(tmp_path):
+def test_a_chat_answer_and_a_gold_field_together_are_ambiguous(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [USER, assistant("4")], "answer": "4"}])
-    with pytest.raises(DataError, match=r"m.jsonl:1: messages ends with an assistant answer and data.reference_field"):
-        read_data(DataSpec(path=str(path), prompt_field="messages", reference_field="answer"))
+    with pytest.raises(DataError, match=r"m.jsonl:1: messages ends with an assistant answer and data.gold_field"):
+        read_data(DataSpec(path=str(path), prompt_field="messages", gold_field="answer"))
 
 
 def job(tmp_path, data, **sections):
@@ -168,7 +168,7 @@ def test_export_pairs_then_import_gives_the_same_pairs(tmp_path, capsys):
          S.CHOSEN_GENERATOR: "policy", S.REJECTED_GENERATOR: "policy"},
         {S.PROMPT_ID: prompt_id([USER]), S.PROMPT: "2+2?", S.MESSAGES: [USER], S.CHOSEN: "four\n\"4\"",
          S.REJECTED: "", S.CHOSEN_REWARD: None, S.REJECTED_REWARD: None, S.MARGIN: None, S.STRATEGY: "gold_vs_weak",
-         S.CHOSEN_GENERATOR: "reference", S.REJECTED_GENERATOR: "weak"},
+         S.CHOSEN_GENERATOR: "gold", S.REJECTED_GENERATOR: "weak"},
     ]  # fmt: skip
     source = Pipeline(parse_spec({"name": "src", "output_dir": str(tmp_path / "src"), "data": {"path": "x.jsonl"},
                                   "policy": {"model": "builtin:tiny-policy"}}))  # fmt: skip

@@ -17,7 +17,7 @@ def write_jsonl(path, rows):
 
 
 def spec(path, **kw):
-    return DataSpec(path=str(path), prompt_field="q", reference_field="a", **kw)
+    return DataSpec(path=str(path), prompt_field="q", gold_field="a", **kw)
 
 
 def test_reads_strings_and_chats_with_stable_ids(tmp_path):
@@ -27,7 +27,7 @@ def test_reads_strings_and_chats_with_stable_ids(tmp_path):
     assert [r[S.PROMPT] for r in rows] == ["1+1?", "2+2?"]
     assert rows[0][S.MESSAGES] == [{"role": "user", "content": "1+1?"}]
     assert rows[1][S.MESSAGES] == chat
-    assert rows[0][S.REFERENCE] == "2"  # numbers become strings
+    assert rows[0][S.GOLD] == "2"  # numbers become strings
     assert rows[0][S.SOURCE] == f"{path}:1" and rows[1][S.SOURCE] == f"{path}:2"
     assert rows[0][S.PROMPT_ID] == prompt_id([{"role": "user", "content": "1+1?"}])
     assert len(rows[0][S.PROMPT_ID]) == 16 and counts == {"duplicates_merged": 0}

@@ -70,14 +70,14 @@ def test_impossible_combinations_are_refused_together():
         )
     )
     assert sorted(p.split(":")[0] for p in found) == [
-        "data.eval_fraction", "data.reference_field", "generate.num_samples", "generate.weak_model", "train.lora",
+        "data.eval_fraction", "data.gold_field", "generate.num_samples", "generate.weak_model", "train.lora",
     ]  # fmt: skip
 
 
 def test_field_and_cross_field_problems_come_together():
     found = problems(spec_with(pairs={"strategy": "gold_vs_weak"}, train={"epochs": 0}, typo=1))
     assert sorted(found) == [
-        "data.reference_field: pairs strategy gold_vs_weak needs the gold answer field",
+        "data.gold_field: pairs strategy gold_vs_weak needs the gold answer field",
         "generate.weak_model: pairs strategy gold_vs_weak needs a weak model",
         "train.epochs: Input should be greater than or equal to 1",
         "typo: unknown key",
@@ -95,6 +95,37 @@ def test_function_reward_must_import():
     assert found == ["score.reward.function: module 'alignlib.rewards' has no callable 'nope'"]
     found = problems(spec_with(score={"reward": {"type": "function", "function": "no_colon"}}))
     assert "expected `module:function`" in found[0]
+
+
+def test_the_old_gold_answer_field_name_says_what_it_became():
+    found = problems(spec_with(data={"path": "p.jsonl", "reference_field": "answer"}))
+    assert found == ["data.reference_field was renamed data.gold_field"]
+    raw = apply_overrides(json.loads(json.dumps(MINIMAL)), ["data.reference_field=answer"])
+    assert problems(raw) == ["data.reference_field was renamed data.gold_field"]
+    assert parse_spec(spec_with(data={"path": "p.jsonl", "gold_field": "answer"})).data.gold_field == "answer"
+
+
+def test_a_reward_function_still_taking_reference_is_refused_when_the_spec_is_validated(tmp_path, monkeypatch):
+    (tmp_path / "old_style_reward.py").write_text(
+        "def score(prompt, completion, reference):\n    return 1.0\n\n"
+        "def both(prompt, completion, gold, reference=None):\n    return 1.0\n\n"
+        "def flagged(prompt, completion, gold):\n    return 1.0\n\n"
+        "flagged.needs_reference = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = problems(spec_with(score={"reward": {"type": "function", "function": "old_style_reward:score"}}))
+    assert found == [
+        "score.reward.function: reward function old_style_reward:score has a parameter `reference`; the gold "
+        "answer is now passed as `gold` (fn(prompt=, completion=, gold=)): rename the parameter to `gold`"
+    ]
+    rewards = [{"type": "function", "function": "old_style_reward:score"}]
+    assert "rename the parameter to `gold`" in problems(spec_with(score={"rewards": rewards}))[0]
+    found = problems(spec_with(score={"reward": {"type": "function", "function": "old_style_reward:flagged"}}))
+    assert found == [
+        "score.reward.function: reward function old_style_reward:flagged sets `needs_reference`, which is now "
+        "called `needs_gold`; rename it"
+    ]
+    parse_spec(spec_with(score={"reward": {"type": "function", "function": "old_style_reward:both"}}))
 
 
 def test_concurrency_range_is_checked():

@@ -8,7 +8,7 @@ from alignlib.store import write_table
 from alignlib.verify import StageOutputError, check_completions, check_scored
 
 PROMPTS = ["p1", "p2", "p3"]
-EXPECTED = {"policy": (PROMPTS, 2), "reference": (["p1", "p3"], 1)}
+EXPECTED = {"policy": (PROMPTS, 2), "gold": (["p1", "p3"], 1)}
 
 
 def keys_table(keys) -> pa.Table:
@@ -19,7 +19,7 @@ def keys_table(keys) -> pa.Table:
 
 
 def complete() -> list[tuple]:
-    return [(p, "policy", i) for p in PROMPTS for i in range(2)] + [("p1", "reference", 0), ("p3", "reference", 0)]
+    return [(p, "policy", i) for p in PROMPTS for i in range(2)] + [("p1", "gold", 0), ("p3", "gold", 0)]
 
 
 def write(tmp_path, keys, name="completions"):
