@@ -26,9 +26,10 @@ __all__ = ["Pipeline", "StageInputError"]
 class Pipeline:
     """One pass over a job's stages; in a multi-round job (`alignlib.rounds`), one round, or the shared stages.
 
-    `round` is K for round K of a multi-round job (its stages live under `round-K/`), None otherwise;
-    `shared` is the pipeline that owns the stages made once per run (SHARED), and `earlier` the
-    pipelines of the rounds before this one, whose outputs a round may read (accumulated training data).
+    `round` is K for round K of a multi-round job (its stages live under `round-K/`), 0 for the stages
+    such a job makes once per run (SHARED, at the top of output_dir), None for a single pass; `shared`
+    is round 0's pipeline, and `earlier` the pipelines of the rounds before this one, whose outputs a
+    round may read (accumulated training data).
     """
 
     def __init__(self, spec: JobSpec, force: bool = False, flow: str = "train", *, round: int | None = None,
@@ -37,7 +38,12 @@ class Pipeline:
         self.round = round
         self.shared = shared
         self.earlier = earlier or []
+        self.ahead: Pipeline | None = None  # the next round, when its candidates may be sampled ahead
+        self.ahead_fresh = False  # its candidates were sampled ahead by this run
         self.store = StageStore(spec.output_dir, f"round-{round}" if round else None, SHARED if round else ())
+        if round is None and spec.rounds.count > 1 and flow == "train":
+            raise ValueError(f"job {spec.name!r} has {spec.rounds.count} rounds: run it with "
+                             "alignlib.rounds.Rounds(spec) (as `alignlib run` does), or set rounds.count=1")  # fmt: skip
         self.force = force
         self.flow = flow  # `train` (alignlib run) or `bon` (alignlib bon): which declared stages this job has
         self._fingerprints: dict[str, str] = {}
@@ -45,10 +51,10 @@ class Pipeline:
     def stages(self) -> list[str]:
         """This job's stages in the order they run (a round's own, or only the shared ones)."""
         names = enabled_stages(self.spec, self.flow)
+        if self.round == 0:
+            return [n for n in names if n in SHARED]
         if self.round is not None:
             return [n for n in names if n not in SHARED]
-        if self.spec.rounds.count > 1 and self.flow == "train":
-            return [n for n in names if n in SHARED]
         return names
 
     def upstream(self, name: str) -> list[str]:
@@ -59,18 +65,29 @@ class Pipeline:
             return self.shared.fingerprint(name)
         if name not in self._fingerprints:
             inputs = {u: self.fingerprint(u) for u in self.upstream(name)}
-            if self.round is not None:
-                inputs["round"] = self._round_key()
+            key = self._round_key()
+            if key is not None:
+                inputs["round"] = key
             self._fingerprints[name] = fingerprint(name, stage(name).sections(self.spec), inputs)
         return self._fingerprints[name]
 
-    def _round_key(self) -> str:
+    def _round_key(self) -> str | None:
         """What makes round K's outputs round K's: its number, its prompt slice, and the round before it
-        (whose export fingerprint chains every earlier round: redo round 1 and every later round is redone)."""
+        (whose export fingerprint chains every earlier round: redo round 1 and every later round is redone).
+
+        None for a single pass, and for round 1 on all the prompts: that round is a single pass, with the
+        same fingerprints.
+        """
         rounds = self.spec.rounds
+        if not self.round or (self.round == 1 and rounds.prompts == "same"):
+            return None
         prompts = f"fresh/{rounds.count}" if rounds.prompts == "fresh" else "same"
         before = self.earlier[-1].fingerprint("export") if self.earlier else None
         return f"{self.round}|{prompts}|{rounds.train_on if self.earlier else ''}|{before}"
+
+    def todo(self, names: list[str] | None = None) -> list[str]:
+        """The stages (of `names`, by default all of this pipeline's) a run would do now."""
+        return self._todo(names if names is not None else self.stages())
 
     def check_remote_code(self) -> None:
         """Say which models may run their own code; refuse a local model that ships code the spec did not allow."""

@@ -29,14 +29,20 @@ from alignlib.store import read_table
 
 def round_spec(spec: JobSpec, k: int) -> JobSpec:
     """The spec round `k` runs: round 1 is the job as written; later rounds start from the previous export."""
+    from alignlib.sources import absolute_paths
+    from alignlib.spec import later_spec
+
     rounds = spec.rounds
-    if k == 1 or rounds.start_from == "base":
+    if k == 1:
         return spec
+    later = absolute_paths(later_spec(spec)) if rounds.later else spec
+    if rounds.start_from == "base":
+        return later
     previous = Path(spec.output_dir).expanduser().resolve() / f"round-{k - 1}" / "export" / "model"
-    policy = spec.policy.model_copy(update={"model": str(previous)})
-    initial = spec.train.reference_model or spec.policy.model
-    train = spec.train.model_copy(update={"reference_model": initial if rounds.reference == "initial" else None})
-    return spec.model_copy(update={"policy": policy, "train": train})
+    policy = later.policy.model_copy(update={"model": str(previous)})
+    initial = spec.train.reference_model or spec.policy.model  # the first round's
+    train = later.train.model_copy(update={"reference_model": initial if rounds.reference == "initial" else None})
+    return later.model_copy(update={"policy": policy, "train": train})
 
 
 class Rounds:
@@ -44,46 +50,84 @@ class Rounds:
 
     def __init__(self, spec: JobSpec, force: bool = False):
         self.spec, self.force = spec, force
-        self.shared = Pipeline(spec, force)
+        self.shared = Pipeline(spec, force, round=0)
         self.count = spec.rounds.count
 
-    def pipelines(self, upto: int) -> list[Pipeline]:
-        """The pipelines of rounds 1..upto; round K's is built when asked for, from round K-1's export."""
+    def pipelines(self, upto: int, complete: bool = True) -> list[Pipeline]:
+        """The pipelines of rounds 1..upto; with `complete`, rounds before `upto` must be finished (their
+        exports are the next round's policy)."""
         out: list[Pipeline] = []
         for k in range(1, upto + 1):
-            if k > 1 and self.spec.rounds.start_from == "previous":
+            if k > 1 and complete and self.spec.rounds.start_from == "previous":
                 previous = out[-1]
                 if not previous.store.is_complete("export", previous.fingerprint("export")):
                     raise _incomplete(k - 1)
-            out.append(Pipeline(round_spec(self.spec, k), self.force, round=k, shared=self.shared, earlier=list(out)))
+            out.append(self._round(k, out))
         return out
+
+    def plan(self, upto: int | None = None) -> dict[str, list[str]]:
+        """What a run would do now: "shared" and "round-K" -> the stages to do (a round after one that makes
+        a new export redoes everything: it starts from that export)."""
+        upto = upto or self.count
+        plan = {"shared": self.shared.todo()}
+        redo = False
+        for p in self.pipelines(upto, complete=False):
+            plan[f"round-{p.round}"] = p.stages() if redo or self.force else p.todo()
+            redo = redo or any(n != "eval" for n in plan[f"round-{p.round}"])  # a new export
+        return plan
 
     def check(self) -> None:
         """Every check a single pass makes before starting (spec sources, remote code, Ray resources), once,
         for all rounds: round 2's models are round 1's exports, everything else is the same."""
-        every = Pipeline(self.spec, force=True)  # force: as if every stage were still to do
+        # A single pass of the same job, forced: as if every stage were still to do.
+        every = Pipeline(self.spec.model_copy(update={"rounds": self.spec.rounds.model_copy(update={"count": 1})}),
+                         force=True)  # fmt: skip
         names = every.stages()
         every.check_remote_code()
         every.check_sources(names)
         every.check_resources(names)
+        if self.spec.rounds.later:  # what rounds 2+ change is checked now too, not when round 2 starts
+            from alignlib.spec import later_spec
+
+            later = Pipeline(later_spec(every.spec), force=True)
+            later.check_remote_code()
+            later.check_sources(names)
+            later.check_resources(later.stages())
 
     def run(self, upto: int | None = None, until: str | None = None) -> dict[str, Any]:
         """Rounds 1..upto (all by default), the last of them stopping after stage `until`."""
         upto = upto or self.count
         self.check()
-        manifests: dict[str, dict[str, Any]] = {"shared": self.shared.run()}
-        earlier: list[Pipeline] = []
+        for where, names in self.plan(upto).items():
+            log(f"{where}: " + (f"to do: {', '.join(names)}" if names else "complete"))
+        manifests: dict[str, dict[str, Any]] = {}
+        current = self._round(1, [])
+        # The starting policy's held-out answers and round 1's candidates: one model, so one engine.
+        self.shared.ahead = current
+        manifests["shared"] = self.shared.run()
+        done: list[Pipeline] = []
         for k in range(1, upto + 1):
             log(f"round {k}/{self.count}: " + ("starting from the policy" if k == 1 else _start(self.spec, k)))
-            pipeline = Pipeline(round_spec(self.spec, k), self.force, round=k, shared=self.shared, earlier=earlier)
-            names = pipeline.stages()
+            names = current.stages()
             if k == upto and until is not None:
                 names = names[: names.index(until) + 1]
-            manifests[f"round-{k}"] = pipeline.run(names)
-            earlier = [*earlier, pipeline]
-        figures = round_figures(self.spec, earlier, self.shared)
-        start = write_outputs(self.spec, figures, earlier, self.shared)
+            nxt = None
+            if k < upto and "eval" in names:
+                # Round k's export is the next round's policy: its held-out answers and the next round's
+                # candidates come from one engine (`stages.sample_ahead`).
+                manifests[f"round-{k}"] = current.run([n for n in names if n != "eval"])
+                nxt = current.ahead = self._round(k + 1, [*done, current])
+                manifests[f"round-{k}"].update(current.run(["eval"]))
+            else:
+                manifests[f"round-{k}"] = current.run(names)
+            done.append(current)
+            current = nxt or (self._round(k + 1, done) if k < upto else None)
+        figures = round_figures(self.spec, done, self.shared)
+        start = write_outputs(self.spec, figures, done, self.shared)
         return {"manifests": manifests, "figures": figures, "start": start}
+
+    def _round(self, k: int, earlier: list[Pipeline]) -> Pipeline:
+        return Pipeline(round_spec(self.spec, k), self.force, round=k, shared=self.shared, earlier=list(earlier))
 
     def run_stage(self, name: str, k: int | None) -> dict[str, dict[str, Any]]:
         """One stage (`alignlib pairs JOB.yaml --round 2`): a shared one, or one of round `k`."""

@@ -15,6 +15,7 @@ stays light.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class Pipeline(Protocol):
     force: bool  # redo the work even where a finished (or half-finished) result exists
     round: int | None  # K in round K of a multi-round job (`alignlib.rounds`); None for a single pass
     earlier: list[Pipeline]  # the rounds before this one, oldest first
+    ahead: Pipeline | None  # the round whose candidates this one's held-out sampling may draw too (`sample_ahead`)
 
     def fingerprint(self, name: str) -> str: ...
 
@@ -153,7 +155,7 @@ SHARED = ("prompts", "baseline")
 
 def _fresh(p: Pipeline) -> bool:
     """This round samples its own slice of the training prompts (`rounds.prompts: fresh`)."""
-    return p.round is not None and p.spec.rounds.prompts == "fresh"
+    return bool(p.round) and p.spec.rounds.prompts == "fresh"
 
 
 def round_prompts(p: Pipeline) -> list[dict[str, Any]]:
@@ -240,7 +242,6 @@ def _sampling(spec: JobSpec, temperature: float | None = None):
 
 
 def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
-    import ray
 
     from alignlib.generate import generate, gold_rows
 
@@ -253,13 +254,7 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     # are not batch-reproducible anyway; ordering its output would only hold finished rows back behind a
     # slow replica. The transformers engine is reproducible to the byte when its batches are.
     with ordered_data(enabled=g.engine == "transformers"):
-        prompts = ray.data.read_parquet(str(p.table_path("prompts", "train")))
-        if _fresh(p):
-            from alignlib.prompts import in_round
-            from alignlib.raydata import LIGHT_CPUS
-
-            prompts = prompts.map_batches(in_round, fn_args=(spec.seed, p.round, spec.rounds.count),
-                                          batch_format="pyarrow", num_cpus=LIGHT_CPUS)  # fmt: skip
+        prompts = _round_dataset(p)
         # One model at a time: each engine gets the whole cluster instead of competing for it.
         total = len(round_prompts(p))
         started = 0
@@ -267,8 +262,9 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
             target = out.table("completions") / generator
             if generator == S.GENERATOR_WEAK and _reuse_weak(p, target):
                 continue
-            # Round K > 1 draws new seeds for the policy; the weak model's draws stay those of round 1.
-            key = generator if (p.round or 1) == 1 or generator == S.GENERATOR_WEAK else f"{generator}@round-{p.round}"
+            if generator == S.GENERATOR_POLICY and _adopt_ahead(p, target):
+                continue
+            key = _seed_key(p, generator)
             log(f"generate: {n} sample(s) per prompt from {generator} model {model.model} ({g.engine})")
             started += _most(g.concurrency)
             with Progress(f"generate ({generator})", total * n) as progress:
@@ -279,7 +275,74 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
                 str(out.table("completions") / S.GENERATOR_GOLD), min_rows_per_file=ROWS_PER_FILE
             )
     check_completions(out.table("completions"), _expected_completions(p, jobs))
+    shutil.rmtree(_ahead_dir(p).parent, ignore_errors=True)
     return {"engine": g.engine, "engine_starts": started}
+
+
+def _round_dataset(p: Pipeline):
+    """The training prompts this round samples, as a Ray Dataset (`round_prompts`)."""
+    import ray
+
+    prompts = ray.data.read_parquet(str(p.table_path("prompts", "train")))
+    if _fresh(p):
+        from alignlib.prompts import in_round
+        from alignlib.raydata import LIGHT_CPUS
+
+        prompts = prompts.map_batches(in_round, fn_args=(p.spec.seed, p.round, p.spec.rounds.count),
+                                      batch_format="pyarrow", num_cpus=LIGHT_CPUS)  # fmt: skip
+    return prompts
+
+
+def _seed_key(p: Pipeline, generator: str) -> str:
+    """Round K > 1 draws new seeds for the policy; the weak model's draws stay those of round 1."""
+    if (p.round or 1) == 1 or generator == S.GENERATOR_WEAK:
+        return generator
+    return f"{generator}@round-{p.round}"
+
+
+# -- sampling ahead: one engine for a model's held-out answers and the next round's candidates -------------
+
+DONE = "_complete"
+
+
+def _ahead_dir(p: Pipeline) -> Path:
+    """Where candidates sampled ahead for this round's generate stage wait, keyed by its fingerprint."""
+    return p.store.path("generate").parent / ".ahead" / p.fingerprint("generate")
+
+
+def _same_engine(a, b) -> bool:
+    keys = {"engine", "engine_kwargs", "resources", "concurrency", "batch_size", "vllm_runner", "accelerator_type",
+            "max_pending_requests"}  # fmt: skip
+    return a.model_dump(include=keys) == b.model_dump(include=keys)
+
+
+def sample_ahead(p: Pipeline, model) -> Any:
+    """The next round's candidates as one more part of this held-out sampling, when the same engine can draw
+    them: the next round (`p.ahead`) samples the same model with the same vLLM engine settings and its
+    generate stage is still to do. Saves one engine start per round (vLLM only: its start is the cost;
+    the transformers engine stays byte-reproducible by sampling each stage on its own)."""
+    from alignlib.generate import Part
+
+    nxt = getattr(p, "ahead", None)
+    if nxt is None or p.spec.generate.engine != "vllm" or nxt.spec.policy != model:
+        return None
+    if not _same_engine(p.spec.generate, nxt.spec.generate) or not nxt.todo(["generate"]):
+        return None
+    g = nxt.spec.generate
+    return Part(_round_dataset(nxt), S.GENERATOR_POLICY, g.num_samples, _sampling(nxt.spec), nxt.spec.seed,
+                _seed_key(nxt, S.GENERATOR_POLICY))  # fmt: skip
+
+
+def _adopt_ahead(p: Pipeline, target: Path) -> bool:
+    ahead = _ahead_dir(p) / S.GENERATOR_POLICY
+    if (p.force and not getattr(p, "ahead_fresh", False)) or not (ahead / DONE).exists():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ahead.rename(target)
+    (target / DONE).unlink()
+    log(f"generate: the policy's {count_rows(target)} candidates were sampled ahead by the engine that "
+        "answered the held-out prompts (no engine started)")  # fmt: skip
+    return True
 
 
 def _reuse_weak(p: Pipeline, target: Path) -> bool:
@@ -343,7 +406,9 @@ def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         # whatever order generate wrote them in: Ray Data can put a batch it retried, or held back, later
         # in the file, and a row's reward moves in the last bits with its batch neighbours.
         source = p.table_path("generate", "completions")
-        completions = ray.data.read_parquet(str(source)).sort(list(KEY))
+        completions = ray.data.read_parquet(str(source))
+        if any(reward.type == "model" for _, reward, _ in p.spec.score.components()):
+            completions = completions.sort(list(KEY))  # a function's reward of a row has no neighbours
         rows = count_rows(source)
         with Progress("score", rows) as progress:
             counted(score(completions, p.spec.score, num_rows=rows), progress).write_parquet(
@@ -595,10 +660,11 @@ def _held_out_answers(p: Pipeline, out: StageWriter, models: list[tuple[str, Any
     """Sample each (generator, model) on the held-out prompts, score the answers, write completions/<generator>.
 
     Every model gets the same per-row seeds (`seed_key="eval"`), so they are compared on identical draws.
+    The last model's engine may also sample the next round's candidates (`sample_ahead`).
     """
     import ray
 
-    from alignlib.generate import generate
+    from alignlib.generate import Part, sample_parts
     from alignlib.score import score
 
     ensure_ray()
@@ -607,13 +673,29 @@ def _held_out_answers(p: Pipeline, out: StageWriter, models: list[tuple[str, Any
     with ordered_data():
         prompts = ray.data.read_parquet(str(p.table_path("prompts", "eval")))
         total = count_rows(p.table_path("prompts", "eval")) * spec.eval.num_samples
-        for generator, model in models:
-            log(f"{out.stage}: sampling the {generator} policy on held-out prompts")
-            with Progress(f"{out.stage} ({generator})", total) as progress:
-                completions = counted(generate(prompts, model, sampling, spec.generate, generator,
-                                               spec.eval.num_samples, spec.seed, seed_key="eval"), progress)  # fmt: skip
-                completions = completions.materialize()
-            score(completions, spec.score).write_parquet(str(out.table("completions") / generator))
+        for i, (generator, model) in enumerate(models):
+            parts = [Part(prompts, generator, spec.eval.num_samples, sampling, spec.seed, "eval")]
+            ahead = sample_ahead(p, model) if i == len(models) - 1 else None
+            rows = total
+            if ahead is not None:
+                parts.append(ahead)
+                rows += len(round_prompts(p.ahead)) * ahead.num_samples
+                log(f"{out.stage}: sampling the {generator} policy on held-out prompts, and with the same engine "
+                    f"round {p.ahead.round}'s {ahead.num_samples} candidates per prompt")  # fmt: skip
+            else:
+                log(f"{out.stage}: sampling the {generator} policy on held-out prompts")
+            with Progress(f"{out.stage} ({generator})", rows) as progress:
+                completions = counted(sample_parts(parts, model, spec.generate), progress).materialize()
+            held_out = completions.filter(lambda r, g=generator: r[S.GENERATOR] == g) if ahead else completions
+            score(held_out, spec.score).write_parquet(str(out.table("completions") / generator))
+            if ahead is not None:
+                target = _ahead_dir(p.ahead) / S.GENERATOR_POLICY
+                shutil.rmtree(target, ignore_errors=True)
+                completions.filter(lambda r: r[S.GENERATOR] == S.GENERATOR_POLICY).write_parquet(
+                    str(target), min_rows_per_file=ROWS_PER_FILE
+                )
+                (target / DONE).write_text("")
+                p.ahead.ahead_fresh = True  # made by this run: adopted even under --force
     return len(models) * _most(spec.generate.concurrency)  # engines started
 
 
@@ -751,5 +833,12 @@ def enabled_stages(spec: JobSpec, flow: str = "train") -> list[str]:
 
 
 def demands(spec: JobSpec, flow: str = "train") -> list[Demand]:
-    """Every enabled stage's peak request to Ray, read from the same spec fields the stages pass to Ray."""
-    return [d for s in STAGES if flow in s.flows and s.enabled(spec) for d in s.demands(spec)]
+    """Every enabled stage's peak request to Ray, read from the same spec fields the stages pass to Ray
+    (and, for a multi-round job, those of rounds 2+ where `rounds.later` changes them)."""
+    found = [d for s in STAGES if flow in s.flows and s.enabled(spec) for d in s.demands(spec)]
+    if flow == "train" and spec.rounds.count > 1 and spec.rounds.later:
+        from alignlib.spec import later_spec
+
+        later = later_spec(spec)
+        found += [d for d in demands(later) if d not in found]
+    return found

@@ -38,8 +38,25 @@ def sample_seed(job_seed: int, generator: str, prompt_id: str, sample_index: int
     return int(digest[:8], 16) & 0x7FFFFFFF
 
 
-def expand_requests(batch: pa.Table, generator: str, num_samples: int, job_seed: int, seed_key: str) -> pa.Table:
-    """Each prompt row -> `num_samples` request rows with `generator`, `sample_index` and `seed`.
+# Request columns carrying each row's sampling settings, so one engine can serve requests sampled two ways
+# (`sample_parts`: held-out answers at the eval temperature and the next round's candidates). Dropped from
+# the output by `S.conform`.
+MAX_TOKENS, TEMPERATURE, TOP_P = "sampling_max_tokens", "sampling_temperature", "sampling_top_p"
+
+
+def row_sampling(batch: pa.Table, default: Sampling) -> list[Sampling]:
+    """Each request row's sampling settings (its columns where present, else `default`)."""
+    if MAX_TOKENS not in batch.column_names:
+        return [default] * batch.num_rows
+    columns = zip(batch[MAX_TOKENS].to_pylist(), batch[TEMPERATURE].to_pylist(), batch[TOP_P].to_pylist(),
+                  strict=True)  # fmt: skip
+    return [Sampling(int(m), float(t), float(p)) for m, t, p in columns]
+
+
+def expand_requests(batch: pa.Table, generator: str, num_samples: int, job_seed: int, seed_key: str,
+                    sampling: Sampling | None = None) -> pa.Table:  # fmt: skip
+    """Each prompt row -> `num_samples` request rows with `generator`, `sample_index` and `seed`
+    (and, given `sampling`, its settings as columns).
 
     Seeds hash `seed_key` rather than the generator so two models can be given the same seeds
     (the eval stage compares base and trained policy on identical random draws).
@@ -51,7 +68,13 @@ def expand_requests(batch: pa.Table, generator: str, num_samples: int, job_seed:
     seeds = [sample_seed(job_seed, seed_key, pid, k) for pid, k in zip(ids, index, strict=True)]
     out = out.append_column(S.GENERATOR, pa.array([generator] * len(ids), pa.string()))
     out = out.append_column(S.SAMPLE_INDEX, pa.array(index, pa.int32()))
-    return out.append_column(S.SEED, pa.array(seeds, pa.int64()))
+    out = out.append_column(S.SEED, pa.array(seeds, pa.int64()))
+    if sampling is not None:
+        n = out.num_rows
+        out = out.append_column(MAX_TOKENS, pa.array([sampling.max_new_tokens] * n, pa.int32()))
+        out = out.append_column(TEMPERATURE, pa.array([sampling.temperature] * n, pa.float64()))
+        out = out.append_column(TOP_P, pa.array([sampling.top_p] * n, pa.float64()))
+    return out
 
 
 def gold_rows(batch: pa.Table) -> pa.Table:
@@ -94,18 +117,46 @@ def encode_prompts(batch: pa.Table, model: str, chat_template: str | None, trust
     return batch.append_column("prompt_token_ids", pa.array(ids, pa.list_(pa.int32())))
 
 
+@dataclass(frozen=True)
+class Part:
+    """One kind of request for `sample_parts`: these prompts, `num_samples` each, sampled this way."""
+
+    prompts: object  # a Ray Dataset of PROMPT_COLUMNS rows
+    generator: str
+    num_samples: int
+    sampling: Sampling
+    job_seed: int
+    seed_key: str
+
+
 def generate(prompts, model, sampling: Sampling, settings, generator: str, num_samples: int, job_seed: int,
              seed_key: str | None = None):  # fmt: skip
     """A Ray Dataset of prompts -> a Ray Dataset of COMPLETION_COLUMNS rows from one model.
 
     `model` is a ModelSpec; `settings` is the GenerateSpec (engine, batch size, concurrency, resources).
     """
+    return _engine(_requests(prompts, model, generator, num_samples, job_seed, seed_key or generator), model,
+                   sampling, settings)  # fmt: skip
+
+
+def sample_parts(parts: list[Part], model, settings):
+    """Several kinds of requests to one model through one engine pool (one engine start, not one per part):
+    each row carries its own sampling settings; the output's `generator` column tells the parts apart."""
+    requests = [_requests(p.prompts, model, p.generator, p.num_samples, p.job_seed, p.seed_key, p.sampling)
+                for p in parts]  # fmt: skip
+    union = requests[0].union(*requests[1:]) if len(requests) > 1 else requests[0]
+    return _engine(union, model, parts[0].sampling, settings)
+
+
+def _requests(prompts, model, generator: str, num_samples: int, job_seed: int, seed_key: str,
+              sampling: Sampling | None = None):  # fmt: skip
     # Expand and encode are plain tasks, fused with the read: they stream into the engine pool, so
     # the engine actors start (process, import, weights) while the first prompts are being encoded,
     # rather than after a separate tokenizer actor has finished the whole set.
-    requests = prompts.map_batches(
+    return prompts.map_batches(
         expand_requests,
-        fn_kwargs=dict(generator=generator, num_samples=num_samples, job_seed=job_seed, seed_key=seed_key or generator),
+        fn_kwargs=dict(generator=generator, num_samples=num_samples, job_seed=job_seed, seed_key=seed_key,
+                       sampling=sampling),  # fmt: skip
         batch_format="pyarrow",
         num_cpus=LIGHT_CPUS,
     ).map_batches(
@@ -114,6 +165,9 @@ def generate(prompts, model, sampling: Sampling, settings, generator: str, num_s
         batch_format="pyarrow",
         num_cpus=LIGHT_CPUS,
     )
+
+
+def _engine(requests, model, sampling: Sampling, settings):
     if settings.engine == "vllm":
         from alignlib.generate.vllm_engine import vllm_generate
 

@@ -81,10 +81,23 @@ class HFGenerator:
         self.params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from alignlib.generate import Sampling, row_sampling
+
+        default = Sampling(self.params["max_new_tokens"], self.params["temperature"], self.params["top_p"])
+        groups: dict[Sampling, list[int]] = {}
+        for i, sampling in enumerate(row_sampling(batch, default)):
+            groups.setdefault(sampling, []).append(i)
+        if len(groups) > 1:  # rows sampled two ways (`sample_parts`): each way on its own, back in row order
+            parts = [self(batch.take(pa.array(rows))) for rows in groups.values()]
+            order = [i for rows in groups.values() for i in rows]
+            joined = pa.concat_tables(parts)
+            return joined.take(pa.array(sorted(range(len(order)), key=order.__getitem__)))
+        (sampling,) = groups or [default]
         prompts = batch["prompt_token_ids"].to_pylist()
         tokens = sample_tokens(
             self.model, prompts, batch[S.SEED].to_pylist(), eos_id=self.tokenizer.eos_token_id,
-            pad_id=self.tokenizer.pad_token_id, **self.params,
+            pad_id=self.tokenizer.pad_token_id, max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature, top_p=sampling.top_p,
         )  # fmt: skip
         eos = self.tokenizer.eos_token_id
         # A cut can end inside a multi-byte character; like vLLM's detokenizer, leave the partial bytes out

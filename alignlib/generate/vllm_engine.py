@@ -55,16 +55,21 @@ class LLMGenerator:
         import pyarrow as pa
         import vllm
 
+        from alignlib.generate import Sampling, row_sampling
+
         prompts = [{"prompt_token_ids": ids} for ids in batch["prompt_token_ids"].to_pylist()]
-        params = [vllm.SamplingParams(**self.sampling, seed=int(seed)) for seed in batch[S.SEED].to_pylist()]
+        rows = row_sampling(batch, Sampling(self.sampling["max_tokens"], self.sampling["temperature"],
+                                            self.sampling["top_p"]))  # fmt: skip
+        params = [vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
+                                      seed=int(seed)) for r, seed in zip(rows, batch[S.SEED].to_pylist(), strict=True)]  # fmt: skip
         outputs = [o.outputs[0] for o in self.llm.generate(prompts, params, use_tqdm=False)]  # in input order
-        max_tokens = self.sampling["max_tokens"]
         return (
             batch.select(S.PROMPT_COLUMNS + [S.GENERATOR, S.SAMPLE_INDEX, S.SEED])
             .append_column(S.COMPLETION, pa.array([o.text for o in outputs], pa.string()))
             .append_column(
                 S.FINISH_REASON,
-                pa.array([finish_reason(o.token_ids, max_tokens, self.stop_ids) for o in outputs], pa.string()),
+                pa.array([finish_reason(o.token_ids, r.max_new_tokens, self.stop_ids)
+                          for o, r in zip(outputs, rows, strict=True)], pa.string()),  # fmt: skip
             )
             .append_column(S.NUM_TOKENS, pa.array([len(o.token_ids) for o in outputs], pa.int32()))
         )
@@ -91,7 +96,7 @@ def llm_generate(requests, model, sampling, settings):
 
 def vllm_generate(requests, model, sampling, settings):
     require_vllm("generate.engine")
-    if settings.vllm_runner == "llm":
+    if settings.runner() == "llm":
         return llm_generate(requests, model, sampling, settings)
     from alignlib.models import load_tokenizer
 
@@ -99,16 +104,20 @@ def vllm_generate(requests, model, sampling, settings):
     max_tokens = sampling.max_new_tokens
     stop_ids = {load_tokenizer(model.model, trust_remote_code=model.trust_remote_code).eos_token_id}
 
+    from alignlib.generate import MAX_TOKENS, TEMPERATURE, TOP_P
+
     def preprocess(row):
-        params = dict(
-            temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=max_tokens, seed=int(row[S.SEED])
-        )
+        params = dict(  # the row's own settings when it carries them (`sample_parts`)
+            temperature=float(row.get(TEMPERATURE, sampling.temperature)), top_p=float(row.get(TOP_P, sampling.top_p)),
+            max_tokens=int(row.get(MAX_TOKENS, max_tokens)), seed=int(row[S.SEED]),
+        )  # fmt: skip
         return dict(row, tokenized_prompt=row["prompt_token_ids"], sampling_params=params)
 
     def postprocess(row):
         out = {c: row[c] for c in S.PROMPT_COLUMNS + [S.GENERATOR, S.SAMPLE_INDEX, S.SEED]}
         out[S.COMPLETION] = row["generated_text"]
-        out[S.FINISH_REASON] = finish_reason(row["generated_tokens"], max_tokens, stop_ids)
+        limit = int(row.get(MAX_TOKENS, max_tokens))
+        out[S.FINISH_REASON] = finish_reason(row["generated_tokens"], limit, stop_ids)
         out[S.NUM_TOKENS] = int(row["num_generated_tokens"])
         return out
 

@@ -45,6 +45,10 @@ class FunctionScorer:
         return batch.append_column(self.column, pa.array(rewards, pa.float64()))
 
 
+def _function_scores(batch: pa.Table, function: str, column: str) -> pa.Table:
+    return FunctionScorer(function, column)(batch)
+
+
 # A micro-batch grows while its padded tokens stay within this factor of its real tokens.
 PAD_SLACK = 1.25
 
@@ -165,10 +169,10 @@ def score(completions, score_spec, num_rows: int | None = None):
 
 def _scored_by(completions, reward, column: str, num_rows: int | None = None):
     if reward.type == "function":
+        # Plain tasks in Ray's warm workers: a function needs no model loaded once per actor.
         return completions.map_batches(
-            FunctionScorer, fn_constructor_kwargs=dict(function=reward.function, column=column),
-            batch_format="pyarrow", compute=actor_pool(1), num_cpus=0.5,
-        )  # fmt: skip
+            _function_scores, fn_args=(reward.function, column), batch_format="pyarrow", num_cpus=0.5
+        )
     if reward.engine == "vllm":
         from alignlib.score.vllm_scorer import vllm_score
 

@@ -148,6 +148,44 @@ def _without(raw: dict[str, Any], locations: list[tuple]) -> dict[str, Any]:
 
 
 def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
+    spec = _validate(raw, source)
+    if spec.rounds.later:
+        try:
+            later_spec(spec)
+        except SpecError as err:  # checked now, not when round 2 starts
+            raise SpecError(source, [f"rounds.later: {p}" for p in err.problems]) from None
+    return spec
+
+
+# Run-level settings: the same in every round, so `rounds.later` may not set them.
+RUN_LEVEL = ("name", "output_dir", "seed", "data", "rounds")
+
+
+def _merged(base: Any, changes: Any) -> Any:
+    """`changes` laid over `base`: mappings merge key by key, anything else replaces. A mapping naming
+    another variant (`name` of a loss or backend, `type` of a reward) replaces the whole mapping."""
+    if not isinstance(base, dict) or not isinstance(changes, dict):
+        return copy.deepcopy(changes)
+    if any(k in changes and k in base and changes[k] != base[k] for k in ("name", "type")):
+        return copy.deepcopy(changes)
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(base.get(key), value) if key in base else copy.deepcopy(value)
+    return out
+
+
+def later_spec(spec: JobSpec) -> JobSpec:
+    """The spec of rounds 2 and later: the job's with `rounds.later` laid over it (`_merged`)."""
+    later = spec.rounds.later
+    fixed = [k for k in later if k in RUN_LEVEL]
+    if fixed:
+        raise SpecError("rounds.later", [f"{k}: the same in every round; set it outside rounds.later" for k in fixed])
+    raw = _merged(spec.model_dump(mode="json"), later)
+    raw["rounds"] = {**raw["rounds"], "later": {}}
+    return _validate(raw, "rounds.later")
+
+
+def _validate(raw: Any, source: str) -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError(source, ["the job spec must be a YAML mapping"])
     try:

@@ -28,6 +28,7 @@ def test_demo_on_gpu(backend, ray_session, tmp_path):
 
     overrides = [
         f"output_dir={tmp_path}",
+        "rounds.count=1",
         "generate.resources={GPU: 1}",
         "generate.engine_kwargs={max_model_len: 128, gpu_memory_utilization: 0.3}",
         f"train.backend={backend}",

@@ -113,7 +113,7 @@ def main(output_dir: str, temp_dir: str) -> dict:
 
         spec = load_spec(ROOT / "jobs" / "demo.yaml", [
             # small on purpose: the point is where the actors run, not how much they generate
-            f"output_dir={output_dir}", "data.limit=12", "data.gold_field=null", "generate.engine=transformers",
+            f"output_dir={output_dir}", "rounds.count=1", "data.limit=12", "data.gold_field=null", "generate.engine=transformers",
             "generate.num_samples=2", "generate.weak_model=null", "pairs.strategy=best_vs_worst", "generate.batch_size=4",
             "generate.concurrency=2", "generate.resources={CPU: 1, engine: 1}",
         ])  # fmt: skip

@@ -32,7 +32,7 @@ OVERRIDES = [
     "generate.engine_kwargs={enforce_eager: true, max_model_len: 512}",
     "pairs.strategy=best_vs_worst", "train.loss={name: sft}", "train.lora={r: 8, alpha: 16}",
     "train.backend={name: ddp, num_workers: 1, use_gpu: false}", "train.epochs=1", "train.batch_size=64",
-    "train.max_length=128", "train.lr=1.0e-4", "train.log_every=1", "eval.enabled=false",
+    "train.max_length=128", "train.lr=1.0e-4", "train.log_every=1", "eval.enabled=false", "rounds.count=1",
 ]  # fmt: skip
 
 

@@ -55,7 +55,7 @@ def test_export_pairs_writes_trl_conversational_jsonl(tmp_path):
     from alignlib.spec import load_spec
     from alignlib.store import write_table
 
-    spec = load_spec(ROOT / "jobs" / "demo.yaml", [f"output_dir={tmp_path}/run"])
+    spec = load_spec(ROOT / "jobs" / "demo.yaml", [f"output_dir={tmp_path}/run", "rounds.count=1"])
     pipeline = Pipeline(spec)
     chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
     row = {c: None for c in S.PAIR_COLUMNS} | {S.PROMPT_ID: "p", S.PROMPT: "2+2?", S.MESSAGES: chat,

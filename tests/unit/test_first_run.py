@@ -46,10 +46,10 @@ def write_questions(path: Path, start: int, n: int) -> Path:
 def test_an_edited_data_file_is_read_again(model_cache, tmp_path, capsys):
     data = write_questions(tmp_path / "q.jsonl", 0, 10)
     overrides = [f"output_dir={tmp_path / 'run'}", f"data.path={data}", "data.eval_fraction=0.2"]
-    first = Pipeline(load_spec(DEMO, overrides)).run(["prompts"])
+    first = Pipeline(load_spec(DEMO, ["rounds.count=1", *overrides])).run(["prompts"])
     assert sum(first["prompts"]["tables"][t] for t in ("train", "eval")) == 10
     write_questions(data, 100, 30)  # 30 other rows, same file name
-    again = Pipeline(load_spec(DEMO, overrides)).run(["prompts"])
+    again = Pipeline(load_spec(DEMO, ["rounds.count=1", *overrides])).run(["prompts"])
     log = capsys.readouterr().out
     assert "prompts: complete, skipped" not in log
     assert "holds the output of a different spec or input" in log and "replacing it" in log, "never replaced in silence"
@@ -71,7 +71,7 @@ def test_a_changed_input_moves_the_fingerprints_of_the_stages_it_feeds_and_no_ot
                  "score.reward={type: function, function: 'my_reward:score'}"]  # fmt: skip
 
     def fingerprints():
-        p = Pipeline(load_spec(DEMO, overrides))
+        p = Pipeline(load_spec(DEMO, ["rounds.count=1", *overrides]))
         return {s: p.fingerprint(s) for s in p.stages()}
 
     before = fingerprints()
@@ -89,11 +89,11 @@ def test_relative_paths_are_made_absolute_once(tmp_path, monkeypatch):
     write_questions(tmp_path / "data" / "q.jsonl", 0, 4)
     (tmp_path / "runs" / "old" / "export" / "model").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    spec = load_spec(DEMO, ["data.path=data/q.jsonl", "output_dir=runs/new", "policy.model=runs/old/export/model"])
+    spec = load_spec(DEMO, ["rounds.count=1", "data.path=data/q.jsonl", "output_dir=runs/new", "policy.model=runs/old/export/model"])
     assert spec.data.path == str(tmp_path / "data" / "q.jsonl")
     assert spec.output_dir == str(tmp_path / "runs" / "new")
     assert spec.policy.model == str(tmp_path / "runs" / "old" / "export" / "model")
-    assert load_spec(DEMO, ["policy.model=org/model"]).policy.model == "org/model", "a hub id stays a hub id"
+    assert load_spec(DEMO, ["rounds.count=1", "policy.model=org/model"]).policy.model == "org/model", "a hub id stays a hub id"
 
 
 # -- errors before any work ----------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_output_into_a_closed_pipe_ends_quietly():
 
 def scored_run(tmp_path: Path, rewards: list[float], loss: str = "sft") -> Pipeline:
     """A pipeline whose generate and score outputs are written by hand (one prompt per reward, 2 samples)."""
-    spec = load_spec(DEMO, [f"output_dir={tmp_path / 'run'}", f"train.loss={{name: {loss}}}",
+    spec = load_spec(DEMO, ["rounds.count=1", f"output_dir={tmp_path / 'run'}", f"train.loss={{name: {loss}}}",
                             "pairs.strategy=best_vs_worst"])  # fmt: skip
     pipeline = Pipeline(spec)
     rows = []
@@ -253,9 +253,9 @@ def test_progress_lines_say_rows_rate_and_time_left():
 def test_a_moved_or_renamed_data_file_with_the_same_content_reruns_nothing(model_cache, tmp_path, capsys):
     data = write_questions(tmp_path / "q.jsonl", 0, 10)
     run = f"output_dir={tmp_path / 'run'}"
-    Pipeline(load_spec(DEMO, [run, f"data.path={data}"])).run(["prompts"])
+    Pipeline(load_spec(DEMO, ["rounds.count=1", run, f"data.path={data}"])).run(["prompts"])
     (tmp_path / "moved").mkdir()
     moved = data.rename(tmp_path / "moved" / "questions.jsonl")
     capsys.readouterr()
-    Pipeline(load_spec(DEMO, [run, f"data.path={moved}"])).run(["prompts"])
+    Pipeline(load_spec(DEMO, ["rounds.count=1", run, f"data.path={moved}"])).run(["prompts"])
     assert "prompts: complete, skipped" in capsys.readouterr().out

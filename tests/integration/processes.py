@@ -1,0 +1,64 @@
+"""Helpers for tests that run `alignlib` in its own process group and kill it (or one of its workers) for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignlib.train.backends import _read_weights
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until Ray Train has registered a checkpoint under `run/train-ray` (every round's runs live there)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        # Registered, not merely being written: Ray Train lists a checkpoint in its snapshot once it is whole.
+        for snapshot in (run / "train-ray").glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                    return
+            except (OSError, ValueError):
+                pass  # being written
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.05)
+    pytest.fail("no checkpoint appeared")
+
+
+def marked_processes(marker: str, title: str) -> list[int]:
+    """Pids of live processes started for this test (by environment marker) whose command line has `title`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if f"ALIGNLIB_TEST_MARK={marker}".encode() in environ and title in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def weights_of(train_stage: Path) -> dict[str, torch.Tensor]:
+    """The final weights of a train stage's run (its manifest names the checkpoint)."""
+    checkpoint = json.loads((train_stage / "manifest.json").read_text())["stats"]["checkpoint"]
+    return _read_weights(Path(checkpoint) / "model")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-6, f"weights differ by up to {worst}"
