@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         if "train" in stage.flows:
             cmd = job_command(stage.name, f"run only this stage: {stage.help}")
             cmd.add_argument("--force", action="store_true")
-            cmd.add_argument("--round", type=int, metavar="K", help="a multi-round job: the round whose stage to run")
+            cmd.add_argument("--round", type=int, metavar="K",
+                             help="a multi-round job: the round whose stage to run (default 1)")  # fmt: skip
     bon = job_command("bon", "best-of-N answers for every prompt of the data: generate N, score, keep the best")
     bon.add_argument("--out", metavar="FILE", help="also write the best answers here (.jsonl or .parquet)")
     bon.add_argument("--force", action="store_true", help="redo every stage, even complete ones")
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     export = job_command("export-pairs", "write the pairs as prompt/chosen/rejected chat JSONL (TRL, Axolotl), "
                          "or with --table sft the best-of-N set as prompt/completion chat JSONL")  # fmt: skip
     export.add_argument("--out", required=True, help="JSONL file to write")
+    export.add_argument("--round", type=int, metavar="K", help="a multi-round job: the round whose pairs (default 1)")
     export.add_argument("--table", choices=["pairs", "sft"], default="pairs",
                         help="pairs (preference pairs, default) or sft (the best answer per prompt, for "
                              "rejection-sampling fine-tuning)")  # fmt: skip
@@ -140,6 +142,14 @@ def _main(argv: list[str] | None = None) -> int:
     from alignlib.report import print_summary
 
     if args.command == "export-pairs":
+        if spec.rounds.count > 1:
+            from alignlib.rounds import Rounds
+
+            k = args.round or 1
+            if not 1 <= k <= spec.rounds.count:
+                print(f"alignlib: error: --round {k}: this job has rounds 1 to {spec.rounds.count}", file=sys.stderr)
+                return 2
+            return _export_pairs(Rounds(spec).pipelines(k, complete=False)[-1], Path(args.out), args.table)
         return _export_pairs(Pipeline(spec), Path(args.out), args.table)
     if args.command == "bon":
         return _bon(spec, args, redact)
@@ -199,9 +209,6 @@ def _rounds(spec, args, redact) -> int:
         result = rounds.run(k or (1 if until else count), until)
     except SpecError as err:
         print(redact(str(err)), file=sys.stderr)
-        return 2
-    except ValueError as err:
-        print(redact(f"alignlib: error: {err}"), file=sys.stderr)
         return 2
     except Exception as err:
         root = _root_cause(err)

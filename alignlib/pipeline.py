@@ -85,6 +85,9 @@ class Pipeline:
         before = self.earlier[-1].fingerprint("export") if self.earlier else None
         return f"{self.round}|{prompts}|{rounds.train_on if self.earlier else ''}|{before}"
 
+    def _round_option(self) -> str:
+        return f" --round {self.round}" if self.round else ""
+
     def todo(self, names: list[str] | None = None) -> list[str]:
         """The stages (of `names`, by default all of this pipeline's) a run would do now."""
         return self._todo(names if names is not None else self.stages())
@@ -108,7 +111,7 @@ class Pipeline:
                 raise StageInputError(
                     f"stage {name!r} needs the output of {upstream!r} for this spec at "
                     f"{self.store.path(upstream)}, which is missing or was made from a different spec; "
-                    f"run `alignlib {upstream} JOB.yaml` (or `alignlib run JOB.yaml`) first"
+                    f"run `alignlib {upstream} JOB.yaml{self._round_option()}` (or `alignlib run JOB.yaml`) first"
                 )
         for where, columns in stage(name).reads(self.spec).items():
             source, table = where.split("/")
@@ -118,7 +121,7 @@ class Pipeline:
             if missing:
                 raise StageInputError(
                     f"stage {name!r} reads columns {missing} from {path}, which has only {sorted(present)}; "
-                    f"rerun `alignlib {source} JOB.yaml --force`"
+                    f"rerun `alignlib {source} JOB.yaml{self._round_option()} --force`"
                 )
 
     def _todo(self, names: list[str]) -> list[str]:
@@ -188,7 +191,7 @@ class Pipeline:
                     raise StageInputError(
                         f"stage {name!r} needs the output of {upstream!r} for this spec at "
                         f"{self.store.path(upstream)}, which is missing or was made from a different spec; "
-                        f"run `alignlib {upstream} JOB.yaml` (or `alignlib run JOB.yaml`) first"
+                        f"run `alignlib {upstream} JOB.yaml{self._round_option()}` (or `alignlib run JOB.yaml`) first"
                     )
 
     def run(self, only: list[str] | None = None) -> dict[str, dict[str, Any]]:

@@ -130,12 +130,10 @@ class Rounds:
         return Pipeline(round_spec(self.spec, k), self.force, round=k, shared=self.shared, earlier=list(earlier))
 
     def run_stage(self, name: str, k: int | None) -> dict[str, dict[str, Any]]:
-        """One stage (`alignlib pairs JOB.yaml --round 2`): a shared one, or one of round `k`."""
+        """One stage (`alignlib pairs JOB.yaml --round 2`): a shared one, or one of round `k` (default 1)."""
         if name in SHARED:
             return self.shared.run([name])
-        if k is None:
-            raise ValueError(f"this job has {self.count} rounds: say which round's {name} with --round K")
-        pipeline = self.pipelines(k)[-1]
+        pipeline = self.pipelines(k or 1)[-1]
         return pipeline.run([name])
 
 

@@ -470,7 +470,7 @@ def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
     write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.table("sft"))
     floor = min((r[S.REWARD] for r in completions if r.get(S.REWARD) is not None), default=None)
-    prompts = len(round_prompts(p)) if _generated(p.spec) else count_rows(p.table_path("prompts", "train"))
+    prompts = len(round_prompts(p)) if _fresh(p) else count_rows(p.table_path("prompts", "train"))
     warnings = degenerate(p.spec, pairs, sft, prompts, floor)
     for line in warnings:
         log(f"pairs: warning: {line}")
@@ -818,7 +818,7 @@ SELECT = Stage(
 )
 
 
-STAGES: list[Stage] = [PROMPTS, BASELINE, GENERATE, SCORE, PAIRS, REF_LOGPS, TRAIN, EXPORT, EVAL, SELECT]
+STAGES: list[Stage] = [PROMPTS, GENERATE, SCORE, PAIRS, REF_LOGPS, TRAIN, EXPORT, EVAL, BASELINE, SELECT]
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 NAMES: list[str] = [s.name for s in STAGES]
 

@@ -23,34 +23,13 @@ from pathlib import Path
 import pyarrow as pa
 
 from alignlib import schema as S
+from alignlib.generate.sampling import MAX_TOKENS, TEMPERATURE, TOP_P, Sampling
 from alignlib.raydata import LIGHT_CPUS
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int
-    temperature: float
-    top_p: float
 
 
 def sample_seed(job_seed: int, generator: str, prompt_id: str, sample_index: int) -> int:
     digest = hashlib.sha256(f"{job_seed}:{generator}:{prompt_id}:{sample_index}".encode()).hexdigest()
     return int(digest[:8], 16) & 0x7FFFFFFF
-
-
-# Request columns carrying each row's sampling settings, so one engine can serve requests sampled two ways
-# (`sample_parts`: held-out answers at the eval temperature and the next round's candidates). Dropped from
-# the output by `S.conform`.
-MAX_TOKENS, TEMPERATURE, TOP_P = "sampling_max_tokens", "sampling_temperature", "sampling_top_p"
-
-
-def row_sampling(batch: pa.Table, default: Sampling) -> list[Sampling]:
-    """Each request row's sampling settings (its columns where present, else `default`)."""
-    if MAX_TOKENS not in batch.column_names:
-        return [default] * batch.num_rows
-    columns = zip(batch[MAX_TOKENS].to_pylist(), batch[TEMPERATURE].to_pylist(), batch[TOP_P].to_pylist(),
-                  strict=True)  # fmt: skip
-    return [Sampling(int(m), float(t), float(p)) for m, t, p in columns]
 
 
 def expand_requests(batch: pa.Table, generator: str, num_samples: int, job_seed: int, seed_key: str,

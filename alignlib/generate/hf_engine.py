@@ -81,7 +81,7 @@ class HFGenerator:
         self.params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from alignlib.generate import Sampling, row_sampling
+        from alignlib.generate.sampling import Sampling, row_sampling
 
         default = Sampling(self.params["max_new_tokens"], self.params["temperature"], self.params["top_p"])
         groups: dict[Sampling, list[int]] = {}

@@ -55,7 +55,7 @@ class LLMGenerator:
         import pyarrow as pa
         import vllm
 
-        from alignlib.generate import Sampling, row_sampling
+        from alignlib.generate.sampling import Sampling, row_sampling
 
         prompts = [{"prompt_token_ids": ids} for ids in batch["prompt_token_ids"].to_pylist()]
         rows = row_sampling(batch, Sampling(self.sampling["max_tokens"], self.sampling["temperature"],
@@ -104,7 +104,7 @@ def vllm_generate(requests, model, sampling, settings):
     max_tokens = sampling.max_new_tokens
     stop_ids = {load_tokenizer(model.model, trust_remote_code=model.trust_remote_code).eos_token_id}
 
-    from alignlib.generate import MAX_TOKENS, TEMPERATURE, TOP_P
+    from alignlib.generate.sampling import MAX_TOKENS, TEMPERATURE, TOP_P
 
     def preprocess(row):
         params = dict(  # the row's own settings when it carries them (`sample_parts`)

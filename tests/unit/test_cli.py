@@ -26,7 +26,7 @@ def test_a_stage_without_its_inputs_says_which_command_to_run(tmp_path):
     done = run(sys.executable, "-m", "alignlib", "score", "jobs/demo.yaml", f"output_dir={tmp_path}")
     assert done.returncode == 1
     assert "stage 'score' needs the output of 'generate'" in done.stderr
-    assert "run `alignlib generate JOB.yaml`" in done.stderr
+    assert "run `alignlib generate JOB.yaml --round 1`" in done.stderr  # the demo has rounds: round 1 by default
 
 
 def test_bad_data_file_names_the_line(tmp_path):
@@ -65,7 +65,7 @@ def test_export_pairs_writes_trl_conversational_jsonl(tmp_path):
         out.commit(pipeline.fingerprint("pairs"), inputs={})
     target = tmp_path / "pairs.jsonl"
     done = run(sys.executable, "-m", "alignlib", "export-pairs", "jobs/demo.yaml", f"output_dir={tmp_path}/run",
-               "--out", str(target))  # fmt: skip
+               "rounds.count=1", "--out", str(target))  # fmt: skip
     assert done.returncode == 0, done.stderr
     (line,) = target.read_text().splitlines()
     assert json.loads(line) == {

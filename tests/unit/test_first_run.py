@@ -211,7 +211,7 @@ def test_a_degenerate_training_set_is_said_and_the_sft_set_exports(tmp_path, cap
     assert f"pairs: warning: {warning}" in capsys.readouterr().out
 
     target = tmp_path / "sft.jsonl"
-    done = cli("export-pairs", str(DEMO), f"output_dir={tmp_path / 'run'}", "train.loss={name: sft}",
+    done = cli("export-pairs", str(DEMO), f"output_dir={tmp_path / 'run'}", "rounds.count=1", "train.loss={name: sft}",
                "pairs.strategy=best_vs_worst", "--table", "sft", "--out", str(target))  # fmt: skip
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in target.read_text().splitlines()]

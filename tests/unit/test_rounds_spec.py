@@ -158,8 +158,9 @@ def test_round_options_are_checked_before_anything_runs(tmp_path):
     out = f"output_dir={tmp_path / 'run'}"
     wrong = cli("run", str(DEMO), out, "rounds.count=2", "--round", "3")
     assert wrong.returncode == 2 and "--round 3: this job has rounds 1 to 2" in wrong.stderr
-    unsaid = cli("pairs", str(DEMO), out, "rounds.count=2")
-    assert unsaid.returncode == 2 and "say which round's pairs with --round K" in unsaid.stderr
+    unsaid = cli("pairs", str(DEMO), out, "rounds.count=2")  # round 1 unless said otherwise
+    assert unsaid.returncode == 1 and "stage 'pairs' needs the output of 'score'" in unsaid.stderr
+    assert "run `alignlib score JOB.yaml --round 1`" in unsaid.stderr
     early = cli("pairs", str(DEMO), out, "rounds.count=2", "--round", "2")
     assert early.returncode == 1 and "round 1 is not complete" in early.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("round-*"))
