@@ -276,7 +276,7 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
             )
     check_completions(out.table("completions"), _expected_completions(p, jobs))
     shutil.rmtree(_ahead_dir(p).parent, ignore_errors=True)
-    return {"engine": g.engine, "engine_starts": started}
+    return {"engine": g.engine, "engine_starts": started, "policy": spec.policy.model}
 
 
 def _round_dataset(p: Pipeline):

@@ -125,11 +125,12 @@ def test_completions_have_every_sample_with_its_own_seed(demo_run):
     first = [r[S.COMPLETION] for r in policy if r[S.PROMPT_ID] == policy[0][S.PROMPT_ID]]
     assert len(set(first)) > 1
     assert all(r[S.COMPLETION] == r[S.GOLD] for r in by_generator["gold"])
-    # Later rounds (rounds.later) sample only the policy, on new seeds.
+    # Later rounds sample the policy on new seeds; the weak model's answers are round 1's, reused.
     later = table(run, "round-2/generate", "completions").to_pylist()
-    assert {r[S.GENERATOR] for r in later} == {"policy", "gold"}
-    assert len(later) == TRAIN_PROMPTS * (SAMPLES + 1)
+    assert len(later) == len(rows)
     assert {r[S.SEED] for r in policy}.isdisjoint(r[S.SEED] for r in later if r[S.GENERATOR] == "policy")
+    weak = sorted((r[S.PROMPT_ID], r[S.COMPLETION]) for r in later if r[S.GENERATOR] == "weak")
+    assert weak == sorted((r[S.PROMPT_ID], r[S.COMPLETION]) for r in by_generator["weak"])
 
 
 def test_scores_come_from_the_function_reward(demo_run):
@@ -153,9 +154,10 @@ def test_round_one_learns_from_gold_vs_weak_and_later_rounds_from_their_own_best
     assert all(r[S.CHOSEN_GENERATOR] == "gold" and r[S.REJECTED_GENERATOR] == "weak" for r in gold)
     for k in range(2, ROUNDS + 1):
         later = table(run, f"round-{k}/pairs", "pairs").to_pylist()
-        assert {r[S.STRATEGY] for r in later} == {"best_vs_worst"}
-        assert len(later) > TRAIN_PROMPTS / 2, "most prompts' samples are not tied any more"
-        assert all(r[S.CHOSEN_GENERATOR] == r[S.REJECTED_GENERATOR] == "policy" for r in later)
+        own = [r for r in later if r[S.STRATEGY] == "best_vs_worst"]
+        assert len(own) > len(later) / 2, "most pairs of rounds 2+ are the policy's own best vs worst"
+        assert len(own) > TRAIN_PROMPTS, "2 per prompt (rounds.later), most prompts' samples not tied any more"
+        assert all(r[S.CHOSEN_GENERATOR] == r[S.REJECTED_GENERATOR] == "policy" for r in own)
 
 
 def test_training_reported_checkpoints_and_metrics(demo_run):
@@ -178,10 +180,9 @@ def test_each_round_samples_with_the_export_of_the_round_before(demo_run):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.config.num_hidden_layers == 2 and AutoTokenizer.from_pretrained(model_dir).chat_template
     for k in (2, 3):
-        source = manifest(run, f"round-{k - 1}/export")["stats"]["model"]
-        assert source == str(run / f"round-{k - 1}" / "export" / "model")
-        train = manifest(run, f"round-{k}/train")
-        assert train["inputs"]["round"].endswith(manifest(run, f"round-{k - 1}/export")["fingerprint"])
+        exported = manifest(run, f"round-{k - 1}/export")["stats"]["model"]
+        assert exported == str(run / f"round-{k - 1}" / "export" / "model")
+        assert manifest(run, f"round-{k}/generate")["stats"]["policy"] == exported
 
 
 def test_stage_outputs_hold_no_pickle(demo_run):
