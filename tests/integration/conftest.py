@@ -2,7 +2,7 @@
 
 `small_job`: a small job (43 training prompts, 2 policy samples each plus the gold answer, the transformers
 engine, the builtin:tiny-reward model) run in this process up to `pairs`. test_faults compares every kill and
-rerun with it; test_train_resume trains on its pairs.
+rerun with it; test_rounds starts its two rounds from it (round 1 on all prompts is this single pass).
 """
 
 from __future__ import annotations

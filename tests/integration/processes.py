@@ -13,12 +13,6 @@ import torch
 from alignlib.train.backends import _read_weights
 
 
-def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
 def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
     """Until Ray Train has registered a checkpoint under `run/train-ray` (every round's runs live there)."""
     deadline = time.time() + timeout

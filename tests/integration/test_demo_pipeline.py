@@ -1,8 +1,8 @@
 """The demo job as a user runs it on a cluster: `ray job submit --working-dir <repo> -- python -m alignlib run
 jobs/demo.yaml` to a Ray head of its own on 127.0.0.1 (token auth, dashboard, free ports, its own temp dir),
 with HF_TOKEN, AWS_SECRET_ACCESS_KEY, WANDB_API_KEY and a password in the cluster's environment, as a
-cluster job would have them. Real Ray, vLLM and training: three rounds, the model each round trains
-sampling the next round's candidates.
+cluster job would have them. Real Ray, vLLM and training: two of the demo's three rounds (`rounds.count=2`,
+to keep CI short; round 3 repeats round 2's code path), the model round 1 trains sampling round 2's candidates.
 
 Asserts what a user would look at: the stage directories and manifests of every round, the tables' columns
 and row counts, the pairs (gold vs weak in round 1, the policy's own best vs worst after), the exported
@@ -32,7 +32,7 @@ from output_checks import unsafe_stage_files  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
-TRAIN_PROMPTS, EVAL_PROMPTS, SAMPLES, WEAK_SAMPLES, ROUNDS = 360, 40, 4, 1, 3
+TRAIN_PROMPTS, EVAL_PROMPTS, SAMPLES, WEAK_SAMPLES, ROUNDS = 360, 40, 4, 1, 2
 ROUND_STAGES = ["generate", "score", "pairs", "train", "export", "eval"]
 
 
@@ -76,7 +76,7 @@ def submit_demo(run: Path, overrides: list[str], cache: Path) -> str:
 def demo_run(model_cache, tmp_path_factory):
     """The demo, submitted with `ray job submit`: (spec, run dir, the job's log)."""
     run = tmp_path_factory.mktemp("demo")
-    overrides = [f"output_dir={run}"]
+    overrides = [f"output_dir={run}", f"rounds.count={ROUNDS}"]
     log = submit_demo(run, overrides, model_cache)
     return load_spec(ROOT / "jobs" / "demo.yaml", overrides), run, log
 
@@ -175,11 +175,11 @@ def test_each_round_samples_with_the_export_of_the_round_before(demo_run):
     _, run, _ = demo_run
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = run / "round-3" / "export" / "model"
-    assert manifest(run, "round-3/export")["stats"]["kind"] == "full"
+    model_dir = run / f"round-{ROUNDS}" / "export" / "model"
+    assert manifest(run, f"round-{ROUNDS}/export")["stats"]["kind"] == "full"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.config.num_hidden_layers == 2 and AutoTokenizer.from_pretrained(model_dir).chat_template
-    for k in (2, 3):
+    for k in range(2, ROUNDS + 1):
         exported = manifest(run, f"round-{k - 1}/export")["stats"]["model"]
         assert exported == str(run / f"round-{k - 1}" / "export" / "model")
         assert manifest(run, f"round-{k}/generate")["stats"]["policy"] == exported
@@ -195,8 +195,25 @@ def test_held_out_reward_rises_round_over_round(demo_run):
     saved = figures(run)
     rewards = [saved["start"]["held_out_reward"]] + [f["held_out_reward"] for f in saved["rounds"]]
     assert rewards[1] > rewards[0] + 0.3, rewards  # round 1: gold vs weak
-    assert rewards[2] > rewards[1] and rewards[3] > rewards[1], rewards  # then the policy's own best-of-N
+    assert rewards[2] > rewards[1], rewards  # then mostly the policy's own best-of-N
     assert all(f["win_rate_vs_start"] > 0.7 for f in saved["rounds"]), saved["rounds"]
+
+
+def test_held_out_figures_match_the_tables(demo_run):
+    _, run, _ = demo_run
+    saved = figures(run)
+    base = table(run, "baseline", "completions").to_pylist()
+    assert saved["start"]["held_out_reward"] == pytest.approx(sum(r[S.REWARD] for r in base) / len(base))
+    start = previous = {r[S.PROMPT_ID]: r[S.REWARD] for r in base}
+    for f in saved["rounds"]:
+        rows = table(run, f"round-{f['round']}/eval", "completions").to_pylist()
+        trained = {r[S.PROMPT_ID]: r[S.REWARD] for r in rows}
+        assert f["held_out_reward"] == pytest.approx(sum(trained.values()) / len(trained))
+        assert f["held_out_mean_tokens"] == pytest.approx(sum(r[S.NUM_TOKENS] for r in rows) / len(rows))
+        for key, other in (("win_rate_vs_start", start), ("win_rate_vs_previous", previous)):
+            wins = [1.0 if trained[p] > other[p] else 0.5 if trained[p] == other[p] else 0.0 for p in trained]
+            assert f[key] == pytest.approx(sum(wins) / len(wins)), key
+        previous = trained
     for k in range(1, ROUNDS + 1):
         completions = table(run, f"round-{k}/eval", "completions")
         assert completions.num_rows == EVAL_PROMPTS and set(completions[S.GENERATOR].to_pylist()) == {"trained"}
@@ -210,7 +227,7 @@ def test_one_engine_per_model(demo_run):
     # The starting policy's held-out answers and round 1's candidates: one engine; the weak model: one;
     # each round's export answers the held-out prompts and samples the next round's candidates: one.
     assert saved["start"]["engine_starts"] == 1
-    assert [f["engine_starts"] for f in saved["rounds"]] == [2, 1, 1]
+    assert [f["engine_starts"] for f in saved["rounds"]] == [2, 1]
 
 
 def test_rerun_has_nothing_to_do(demo_run):
@@ -236,10 +253,10 @@ def test_a_failing_reward_names_the_prompt_it_failed_on(demo_run):
 
 def test_the_submitted_job_streams_its_per_round_table(demo_run):
     _, run, log = demo_run
-    assert f"== alignlib job 'demo': 3 of 3 round(s) under {run}" in log
+    assert f"== alignlib job 'demo': 2 of 2 round(s) under {run}" in log
     table_lines = [line.split() for line in log.splitlines() if line.startswith("  ")]
-    assert [cells[0] for cells in table_lines if cells and cells[0] in ("round", "start", "1", "2", "3")][:5] == [
-        "round", "start", "1", "2", "3"]  # fmt: skip
+    assert [cells[0] for cells in table_lines if cells and cells[0] in ("round", "start", "1", "2")][:4] == [
+        "round", "start", "1", "2"]  # fmt: skip
     # The console a user reads: rows with rate for each engine stage, Ray's and vLLM's chatter off by default.
     for label, rows in (("generate (weak)", "360/360"), ("score", "2,160/2,160"), ("eval (trained)", "1,480/1,480")):
         assert f"[alignlib] {label}: {rows} rows (100%)" in log, label
