@@ -25,7 +25,9 @@ def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 600)
             except (OSError, ValueError):
                 pass  # being written
         if proc.poll() is not None:
-            pytest.fail(f"training ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}")
+            log = getattr(proc, "log", None)  # the process's output file, when it writes to one
+            text = log.read_text() if log is not None else proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"training ended before its first checkpoint:\n{text[-3000:]}")
         time.sleep(0.05)
     pytest.fail("no checkpoint appeared")
 

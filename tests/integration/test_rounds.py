@@ -121,18 +121,19 @@ def run_job(rounds_file: Path, run: Path, marker: str, *args: str) -> subprocess
     env = {**os.environ, "ALIGNLIB_TEST_MARK": marker}
     env.pop("RAY_ADDRESS", None)  # a local Ray of its own, as `alignlib run` on a laptop
     command = list(args) or ["run", str(rounds_file)]
-    log = open(run.parent / f"{run.name}-{marker}.log", "w+")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(
-        [sys.executable, "-m", "alignlib", *command, f"output_dir={run}"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    log = run.parent / f"{run.name}-{marker}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alignlib", *command, f"output_dir={run}"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+    proc.log = log
+    return proc
 
 
 def output(proc: subprocess.Popen, timeout: float = 600) -> str:
     proc.wait(timeout=timeout)
-    proc.stdout.seek(0)
-    text = proc.stdout.read()
-    proc.stdout.close()
+    text = proc.log.read_text()
     assert proc.returncode == 0, text[-3000:]
     return text
 
