@@ -167,16 +167,8 @@ def _main(argv: list[str] | None = None) -> int:
         only = stages[: stages.index(args.until) + 1]
     try:
         manifests = pipeline.run(only)
-    except SpecError as err:  # a source the stages read is missing or wrong: nothing ran
-        print(redact(str(err)), file=sys.stderr)
-        return 2
     except Exception as err:
-        root = _root_cause(err)
-        if not type(root).__module__.startswith("alignlib"):
-            raise  # not a problem alignlib diagnosed: keep the whole traceback
-        # First line only: Ray appends retry advice to errors raised inside Ray Data.
-        print(redact(f"alignlib: error: {str(root).splitlines()[0]}"), file=sys.stderr)
-        return 1
+        return _failed(err, redact)
     print_summary(spec, manifests)
     return 0
 
@@ -185,7 +177,6 @@ def _rounds(spec, args, redact) -> int:
     """A multi-round job: every round (`run`, `demo`), or one stage of one round (`alignlib pairs --round 2`)."""
     from alignlib.report import print_rounds, print_summary
     from alignlib.rounds import Rounds
-    from alignlib.spec import SpecError
     from alignlib.stages import enabled_stages
 
     count, k = spec.rounds.count, args.round
@@ -207,15 +198,8 @@ def _rounds(spec, args, redact) -> int:
             print_summary(spec, rounds.shared.run(shared[: shared.index(until) + 1]))
             return 0
         result = rounds.run(k or (1 if until else count), until)
-    except SpecError as err:
-        print(redact(str(err)), file=sys.stderr)
-        return 2
     except Exception as err:
-        root = _root_cause(err)
-        if not type(root).__module__.startswith("alignlib"):
-            raise
-        print(redact(f"alignlib: error: {str(root).splitlines()[0]}"), file=sys.stderr)
-        return 1
+        return _failed(err, redact)
     print_rounds(spec, result["start"], result["figures"])
     return 0
 
@@ -225,7 +209,6 @@ def _bon(spec, args, redact) -> int:
     from alignlib.bon import bon_spec, write_out
     from alignlib.pipeline import Pipeline
     from alignlib.report import print_summary
-    from alignlib.spec import SpecError
     from alignlib.store import read_table
 
     out = Path(args.out) if args.out else None
@@ -236,20 +219,29 @@ def _bon(spec, args, redact) -> int:
     pipeline = Pipeline(bon_spec(spec), force=args.force, flow="bon")
     try:
         manifests = pipeline.run()
-    except SpecError as err:
-        print(redact(str(err)), file=sys.stderr)
-        return 2
     except Exception as err:
-        root = _root_cause(err)
-        if not type(root).__module__.startswith("alignlib"):
-            raise
-        print(redact(f"alignlib: error: {str(root).splitlines()[0]}"), file=sys.stderr)
-        return 1
+        return _failed(err, redact)
     print_summary(pipeline.spec, manifests)
     if out is not None:
         write_out(read_table(pipeline.table_path("select", "best")), out)
         print(f"wrote {manifests['select']['tables']['best']} best answers to {out}")
     return 0
+
+
+def _failed(err: Exception, redact) -> int:
+    """Print an error a run stopped on and return its exit code: 2 for a spec whose sources are missing or
+    wrong (nothing ran), 1 for a problem alignlib diagnosed; anything else is re-raised with its traceback."""
+    from alignlib.spec import SpecError
+
+    if isinstance(err, SpecError):
+        print(redact(str(err)), file=sys.stderr)
+        return 2
+    root = _root_cause(err)
+    if not type(root).__module__.startswith("alignlib"):
+        raise err  # not a problem alignlib diagnosed: keep the whole traceback
+    # First line only: Ray appends retry advice to errors raised inside Ray Data.
+    print(redact(f"alignlib: error: {str(root).splitlines()[0]}"), file=sys.stderr)
+    return 1
 
 
 def _root_cause(err: BaseException) -> BaseException:
