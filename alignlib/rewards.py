@@ -36,6 +36,20 @@ def numeric_closeness(prompt: str, completion: str, gold: str | None) -> float:
     return max(0.0, 1.0 - abs(int(text) - target) / (abs(target) + 1))
 
 
+def stated_number(prompt: str, completion: str, gold: str | None) -> float:
+    """1.0 when the answer states the gold number, else 0.0: an instruct model's answer to an arithmetic question.
+
+    The stated number is the last integer on the completion's first non-empty line, so "73", "41 + 32 = 73"
+    and "41 + 32 is 73." all state 73, while "41 + 32 = 74\n\nSo the sum is 73" states 74 (an answer is its
+    first line; what follows is explanation), and a completion with no integer there states nothing.
+    """
+    if gold is None:
+        raise ValueError("stated_number needs a gold answer (set data.gold_field)")
+    line = next((part for part in completion.splitlines() if part.strip()), "")
+    numbers = _INTEGER.findall(line.replace(",", ""))
+    return float(bool(numbers) and int(numbers[-1]) == int(gold))
+
+
 def length_penalty(prompt: str, completion: str, gold: str | None) -> float:
     """-(characters / 100): prefers short answers; an example reward that needs no gold answer."""
     return -len(completion) / 100.0
@@ -43,4 +57,5 @@ def length_penalty(prompt: str, completion: str, gold: str | None) -> float:
 
 exact_match.needs_gold = True
 numeric_closeness.needs_gold = True
+stated_number.needs_gold = True
 length_penalty.needs_gold = False

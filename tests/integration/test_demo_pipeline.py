@@ -235,10 +235,10 @@ def test_rerun_has_nothing_to_do(demo_run):
     assert Rounds(spec).plan() == {"shared": [], **{f"round-{k}": [] for k in range(1, ROUNDS + 1)}}
 
 
-def test_a_failing_reward_names_the_prompt_it_failed_on(demo_run):
-    # Through the CLI in its own process, as a user runs it: one stage of one round.
+def test_a_failing_reward_names_the_prompt_it_failed_on(demo_run, ray_session):
+    # Through the CLI in its own process, as a user runs it: one stage of one round (on the session's Ray).
     _, run, _ = demo_run
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     done = subprocess.run(
         [sys.executable, "-m", "alignlib", "score", "jobs/demo.yaml", "--round", "1", f"output_dir={run}",
          "score.reward.function=math:log"],

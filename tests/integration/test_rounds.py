@@ -8,7 +8,8 @@ round 1 (another directory: round 2's fingerprints take round 1's export by cont
 SIGKILLed as a process group after round 2's first training checkpoint (as when a pod is evicted), and
 is run again: it resumes training from that checkpoint. Its round 2 was made in another process on
 another Ray, so its tables must equal the uninterrupted run's: same spec and seed, same outputs. Then
-`alignlib train --round 2 --force` trains again from the start instead of resuming, to the same weights.
+round 2's training is forced (`alignlib train --round 2 --force`, in this process): it starts again from
+epoch 1 instead of resuming, to the same weights.
 The held-out figures (eval) are checked on the demo's rounds (test_demo_pipeline).
 """
 
@@ -188,9 +189,14 @@ def test_same_spec_and_seed_give_identical_outputs(two_rounds, killed):
                 == (done / "round-2" / "pairs" / table / "part-00000.parquet").read_bytes()), table  # fmt: skip
 
 
-def test_force_trains_from_the_start_instead_of_resuming(two_rounds, killed, rounds_file):
+def test_force_trains_from_the_start_instead_of_resuming(two_rounds, killed, rounds_file, capfd):
+    """`alignlib train JOB.yaml --round 2 --force`, in this process on the session's Ray: the run it resumed from
+    is set aside, training starts at epoch 1, same weights."""
+    from alignlib.cli import main
+
     done, _, _ = two_rounds
     run, _ = killed
-    out = output(run_job(rounds_file, run, uuid.uuid4().hex, "train", str(rounds_file), "--round", "2", "--force"))
+    assert main(["train", str(rounds_file), "--round", "2", "--force", f"output_dir={run}"]) == 0
+    out = capfd.readouterr().out
     assert "resuming" not in out and "epoch 1/6" in out, out[-3000:]
     assert_same_weights(weights_of(run / "round-2" / "train"), weights_of(done / "round-2" / "train"))

@@ -2,9 +2,10 @@
 
 Each case trains the built-in tiny policy for a few steps on a small pairs set through Ray Train,
 then exports it; the checks are what a user would see: a finished run, a checkpoint, a loss that
-moved the right way, and an exported model `from_pretrained` loads. A DeepSpeed run whose worker is
-killed after its first checkpoint ends on the same weights as an uninterrupted one (Ray Train restarts
-the worker group and DeepSpeed restores its optimizer state). The training arithmetic itself (micro-batch
+moved the right way, and an exported model `from_pretrained` loads. ZeRO-2 with the optimizer offloaded
+(SFT) is the kill test's uninterrupted run: a run whose worker is killed after its first checkpoint ends
+on the same weights as that one (Ray Train restarts the worker group and DeepSpeed restores its optimizer
+state), and each run costs a Ray Train start-up. The training arithmetic itself (micro-batch
 split, reference log-probs) is checked in-process in tests/unit/test_trainer.py.
 """
 
@@ -46,10 +47,6 @@ CASES = {
         "lora": {"r": 4, "alpha": 8},
     },
     "deepspeed-zero3-orpo": {"loss": {"name": "orpo"}, "backend": {"name": "deepspeed", "zero_stage": 3, "num_workers": 2, "use_gpu": False}},
-    "deepspeed-zero2-offload-sft": {
-        "loss": {"name": "sft"},
-        "backend": {"name": "deepspeed", "zero_stage": 2, "offload_optimizer": True, "num_workers": 2, "use_gpu": False},
-    },
     "qlora-orpo": {"loss": {"name": "orpo"}, "backend": {"name": "qlora", "use_gpu": False}, "lora": {"r": 4, "alpha": 8}},
 }  # fmt: skip
 
@@ -66,19 +63,8 @@ def test_backend_trains_and_exports(case, ray_session, tmp_path):
     })  # fmt: skip
     rows = pairs_rows()
     result = run_training(spec, ray.data.from_items(rows).materialize(), len(rows), run_name=case)
-    assert result.error is None
+    model = assert_trained_and_exported(spec, case, result, tmp_path, lora="lora" in CASES[case])
     checkpoint = Path(result.checkpoint.path) / "model"
-    epochs, steps = read_metrics(metrics_path(spec, case))
-    assert [e["epoch"] for e in epochs] == [1, 2] and steps
-    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"], epochs
-
-    if "lora" in CASES[case]:
-        assert (checkpoint / "adapter_config.json").exists()
-    kind = export_model(str(checkpoint), str(tmp_path / "export"), "builtin:tiny-policy", merge_lora=True)
-    assert kind == ("merged-lora" if "lora" in CASES[case] else "full")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
-    assert not (tmp_path / "export" / "adapter_config.json").exists()
-    assert model.config.hidden_size == 64
 
     if "lora" in CASES[case]:
         # export.merge_lora: false keeps the adapter, which loads on its base with peft.
@@ -92,6 +78,25 @@ def test_backend_trains_and_exports(case, ray_session, tmp_path):
         assert all(torch.allclose(p, exported[n], atol=1e-5) for n, p in merged.named_parameters())
     if case == "qlora-orpo":
         assert_generates_in_vllm(tmp_path / "export")
+
+
+def assert_trained_and_exported(spec, name: str, result, tmp_path: Path, lora: bool):
+    """A finished run with a checkpoint, a loss that fell from the first epoch to the last, and an export that
+    `from_pretrained` loads (LoRA merged); the loaded model."""
+    from transformers import AutoModelForCausalLM
+
+    assert result.error is None
+    checkpoint = Path(result.checkpoint.path) / "model"
+    epochs, steps = read_metrics(metrics_path(spec, name))
+    assert [e["epoch"] for e in epochs] == list(range(1, spec.train.epochs + 1)) and steps
+    assert epochs[-1]["train/loss"] < epochs[0]["train/loss"], epochs
+    assert (checkpoint / "adapter_config.json").exists() == lora
+    kind = export_model(str(checkpoint), str(tmp_path / "export"), "builtin:tiny-policy", merge_lora=True)
+    assert kind == ("merged-lora" if lora else "full")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert not (tmp_path / "export" / "adapter_config.json").exists()
+    assert model.config.hidden_size == 64
+    return model
 
 
 def assert_generates_in_vllm(model_dir: Path) -> None:
@@ -112,9 +117,10 @@ def assert_generates_in_vllm(model_dir: Path) -> None:
 
 
 def test_killed_deepspeed_worker_resumes_to_the_same_weights(ray_session, tmp_path):
-    """A DeepSpeed run whose worker is SIGKILLed after its first checkpoint: Ray Train restarts the worker group
-    from that checkpoint (train.max_failures 1), DeepSpeed restores Adam's moments and the schedule, and the run
-    ends on the weights of an uninterrupted one."""
+    """A DeepSpeed ZeRO-2 run (optimizer offloaded, SFT) whose worker is SIGKILLed after its first checkpoint:
+    Ray Train restarts the worker group from that checkpoint (train.max_failures 1), DeepSpeed restores Adam's
+    moments and the schedule, and the run ends on the weights of an uninterrupted one. The uninterrupted run
+    is also this backend's train-and-export check."""
     import threading
 
     import psutil
@@ -125,8 +131,9 @@ def test_killed_deepspeed_worker_resumes_to_the_same_weights(ray_session, tmp_pa
 
     rows = pairs_rows(48)
     train = {"epochs": 3, "lr": 1e-3, "schedule": "constant", "batch_size": 2, "max_length": 48, "log_every": 1,
-             "max_failures": 1, "loss": {"name": "orpo"},
-             "backend": {"name": "deepspeed", "zero_stage": 2, "num_workers": 1, "use_gpu": False}}  # fmt: skip
+             "max_failures": 1, "loss": {"name": "sft"},
+             "backend": {"name": "deepspeed", "zero_stage": 2, "offload_optimizer": True, "num_workers": 1,
+                         "use_gpu": False}}  # fmt: skip
 
     def fit(name: str):
         spec = parse_spec({
@@ -136,7 +143,7 @@ def test_killed_deepspeed_worker_resumes_to_the_same_weights(ray_session, tmp_pa
         return spec, run_training(spec, ray.data.from_items(rows).materialize(), len(rows), run_name=name)
 
     spec, full = fit("ds-full")
-    assert full.error is None
+    assert_trained_and_exported(spec, "ds-full", full, tmp_path, lora=False)
 
     me = psutil.Process()
     earlier = {p.pid for p in me.children(recursive=True)}
