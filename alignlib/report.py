@@ -87,6 +87,7 @@ ROUND_COLUMNS = [
     ("best_of_n_mean_reward", "best-of-N", "{:.3f}"),
     ("final_train_loss", "loss", "{:.3f}"),
     ("engine_starts", "engines", "{}"),
+    ("seconds", "seconds", "{:.0f}"),
 ]
 
 
@@ -101,8 +102,7 @@ def print_rounds(spec, start: dict, figures: list[dict]) -> None:
     root = Path(spec.output_dir).expanduser().resolve()
     _print(f"\n== alignlib job {spec.name!r}: {len(figures)} of {spec.rounds.count} round(s) under {shown(root)}")
     header = ["round", *[h for _, h, _ in ROUND_COLUMNS], "pairs kept"]
-    rows = [["start", _cell(start.get("held_out_reward"), "{:.3f}"), *["-"] * (len(ROUND_COLUMNS) - 2),
-             str(start.get("engine_starts", 0)), "-"]]  # fmt: skip
+    rows = [["start", *[_cell(start.get(k), form) for k, _, form in ROUND_COLUMNS], "-"]]
     for f in figures:
         pairs = " ".join(f"{k}={v}" for k, v in (f.get("pairs") or {}).items()) or "-"
         rows.append([str(f["round"]), *[_cell(f.get(k), form) for k, _, form in ROUND_COLUMNS], pairs])

