@@ -40,6 +40,9 @@ def pool_size(concurrency: int | tuple[int, int]) -> tuple[int, int]:
     return (concurrency, concurrency) if isinstance(concurrency, int) else tuple(concurrency)
 
 
+CPU_BLOCK_SIZE = 32  # tokens per KV-cache block on CPU (vLLM prefers multiples of 32 there)
+
+
 def engine_arguments(dtype: str, on_gpu: bool, engine_kwargs: dict[str, Any], trust_remote_code: bool) -> dict:
     """vLLM engine arguments for either runner: alignlib's defaults, the spec's engine_kwargs over them.
 
@@ -50,10 +53,14 @@ def engine_arguments(dtype: str, on_gpu: bool, engine_kwargs: dict[str, Any], tr
     On CPU, chunked prefill is off: when it splits a prompt, vLLM discards that step's sampled token and
     rewinds the request's seeded generator, which CPU generators cannot do (`RuntimeError: CPU Generator does
     not use offset`); 256 seeded requests on SmolLM2-135M crashed with it and finished in 31 s without it.
+    And the KV-cache block is 32 tokens instead of vLLM's CPU default of 128: prefix caching reuses only whole
+    blocks, so with 128 a chat prompt of 46 tokens shared nothing, while with 32 its system prompt and the
+    prompt of its other samples are computed once. 256 seeded requests (32 prompts x 8 samples, 16 new tokens,
+    SmolLM2-135M, 2 cores) took 18-19 s instead of 30-33 s, same tokens.
     """
     from alignlib.models import dtype_name
 
-    cpu = {} if on_gpu else {"enable_chunked_prefill": False}
+    cpu = {} if on_gpu else {"enable_chunked_prefill": False, "block_size": CPU_BLOCK_SIZE}
     return {
         "dtype": dtype_name(dtype, on_gpu=on_gpu),
         "disable_log_stats": True,

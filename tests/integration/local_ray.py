@@ -44,7 +44,7 @@ class LocalHead:
     def __init__(self, num_cpus: int, dashboard: bool = False, autoscaling_config: str | None = None,
                  env: dict[str, str] | None = None, temp_dir: str | None = None):  # fmt: skip
         ports = free_ports(10)
-        self.port, self.dashboard_port = ports[0], ports[1]
+        self.port, self.dashboard_port, self.client_port = ports[0], ports[1], ports[2]
         self.gcs_address = f"{HOST}:{self.port}"
         self.dashboard_url = f"http://{HOST}:{self.dashboard_port}"
         # Unix socket paths under the temp dir are limited to ~107 bytes: keep it short.
@@ -56,7 +56,7 @@ class LocalHead:
         self.args = [
             ray_executable(), "start", "--head", "--node-ip-address", HOST, "--port", str(self.port),
             "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",
-            "--ray-client-server-port", str(ports[2]), "--dashboard-agent-listen-port", str(ports[3]),
+            "--ray-client-server-port", str(self.client_port), "--dashboard-agent-listen-port", str(ports[3]),
             "--dashboard-agent-grpc-port", str(ports[4]), "--metrics-export-port", str(ports[5]),
             "--runtime-env-agent-port", str(ports[6]), "--node-manager-port", str(ports[7]),
             "--object-manager-port", str(ports[8]), "--object-store-memory", str(300 * 1024**2),
@@ -75,14 +75,20 @@ class LocalHead:
             res = subprocess.run(self.args, env=self.env, capture_output=True, text=True, timeout=180)
             if res.returncode == 0:
                 return self
-            stop_processes([self.temp_dir, self.gcs_address, f"--gcs_server_port={self.port}"])
+            stop_processes(self.markers)
             if attempt == attempts or "timed out during startup" not in res.stderr + res.stdout:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
                 raise RuntimeError(f"ray start failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return self
 
+    @property
+    def markers(self) -> list[str]:
+        """What the command line of each of this head's processes holds. The Ray client server names the GCS
+        by the machine's address, not HOST: it is found by its own port."""
+        return [self.temp_dir, self.gcs_address, f"--gcs_server_port={self.port}", f"--port={self.client_port}"]
+
     def stop(self) -> None:
-        stop_processes([self.temp_dir, self.gcs_address, f"--gcs_server_port={self.port}"])
+        stop_processes(self.markers)
         if not os.environ.get("ALIGNLIB_KEEP_RAY_LOGS"):
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 

@@ -68,7 +68,13 @@ def test_cpu_engines_get_the_small_machine_settings_and_float32():
     assert config.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
     # Chunked prefill would rewind a seeded request's CPU generator when it splits a prompt, which crashes.
     assert config.engine_kwargs["enable_chunked_prefill"] is False
-    assert "enable_chunked_prefill" not in generate_config(gpu_spec().policy, gpu_spec().generate).engine_kwargs
+    # Blocks of 32 tokens: a chat prompt's whole blocks are shared by its other samples (prefix caching).
+    assert config.engine_kwargs["block_size"] == 32
+    on_gpu = generate_config(gpu_spec().policy, gpu_spec().generate).engine_kwargs
+    assert "enable_chunked_prefill" not in on_gpu and "block_size" not in on_gpu
+    # engine_kwargs set in the spec win over these defaults.
+    mine = gpu_spec(resources={"CPU": 1}, engine_kwargs={"block_size": 64})
+    assert generate_config(mine.policy, mine.generate).engine_kwargs["block_size"] == 64
 
 
 def test_a_fixed_concurrency_is_a_fixed_pool_not_ray_data_llms_one_to_n():
