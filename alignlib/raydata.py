@@ -17,9 +17,95 @@ LIGHT_CPUS = 0.25
 
 # A killed engine or reward actor (OOM kill, lost node, preemption): Ray Data's actor pools restart it
 # and retry the batches that were in flight on it (their defaults, max_restarts and max_task_retries
-# -1; Ray 2.60 deprecates setting them through map_batches). Whatever the retries did, a stage then
-# checks that no row was lost or written twice before it commits (`alignlib.verify`), and
-# tests/integration/test_faults.py kills those actors for real.
+# -1, without a limit; Ray 2.60 deprecates setting them through map_batches). A batch that kills its
+# actor every time (a prompt that crashes the engine) would be retried for ever, so alignlib's own actors
+# and tasks count each batch's starts (`batch_started`): one whose process died under it MAX_BATCH_DEATHS
+# times is not tried again and the stage fails, naming it. Whatever the retries did, a stage then checks that no row
+# was lost or written twice before it commits (`alignlib.verify`), and tests/integration/test_faults.py
+# kills those actors for real.
+MAX_BATCH_DEATHS = 3
+
+
+class BatchKilledError(RuntimeError):
+    """A batch whose process died under it MAX_BATCH_DEATHS times: the stage stops instead of retrying it."""
+
+
+class _BatchStarts:
+    """A Ray actor of the driver's job: how many times each unfinished batch was started."""
+
+    def __init__(self):
+        self.starts: dict[str, int] = {}
+
+    def start(self, key: str) -> int:
+        self.starts[key] = self.starts.get(key, 0) + 1
+        return self.starts[key]
+
+    def done(self, key: str) -> None:
+        self.starts.pop(key, None)
+
+
+_batch_starts = None  # the driver's handle: the counter lives as long as the driver
+
+
+def _batch_starts_name() -> str:
+    import ray
+
+    return f"alignlib-batch-starts-{ray.get_runtime_context().get_job_id()}"
+
+
+def count_batch_starts() -> None:
+    """In the driver, before an engine or reward actor pool runs: start this job's batch counter (once)."""
+    global _batch_starts
+    import ray
+
+    if _batch_starts is None or _batch_starts[0] != _batch_starts_name():
+        actor = ray.remote(num_cpus=0)(_BatchStarts).options(name=_batch_starts_name(), get_if_exists=True)
+        _batch_starts = (_batch_starts_name(), actor.remote())
+
+
+def _counter():
+    import ray
+
+    try:
+        return ray.get_actor(_batch_starts_name())
+    except ValueError:
+        return None  # an actor class used outside a stage (tests, notebooks): no counting
+
+
+def batch_started(batch, what: str) -> tuple | None:
+    """In an engine or reward actor (or a function reward's task), before it works on `batch` (a pyarrow table):
+    count this start, and refuse the batch (BatchKilledError) if its process already died under it
+    MAX_BATCH_DEATHS times. A batch that finishes (`batch_done`) starts from zero if it comes again."""
+    import hashlib
+
+    import ray
+
+    from alignlib import schema as S
+
+    counter = _counter()
+    if counter is None:
+        return None
+    keys = [c for c in (S.PROMPT_ID, S.GENERATOR, S.SAMPLE_INDEX, S.SEED, S.COMPLETION) if c in batch.column_names]
+    key = f"{what}:" + hashlib.blake2b(repr(batch.select(keys).to_pydict()).encode(), digest_size=16).hexdigest()
+    starts = ray.get(counter.start.remote(key))
+    if starts > MAX_BATCH_DEATHS:
+        where = ""
+        if S.SOURCE in batch.column_names and batch.num_rows:
+            sources = batch[S.SOURCE].to_pylist()
+            where = f" (prompts {sources[0]} to {sources[-1]})"
+        raise BatchKilledError(
+            f"{what}: a batch of {batch.num_rows} rows{where} was started {starts - 1} times and the process running "
+            f"it died each time (killed, out of memory, or a crash in native code such as the engine's: the Ray "
+            f"worker logs have its last lines); not tried again"
+        )
+    return counter, key
+
+
+def batch_done(started: tuple | None) -> None:
+    """After the batch `batch_started` returned `started` for is done: it starts from zero if it comes again."""
+    if started is not None:
+        counter, key = started
+        counter.done.remote(key)
 
 
 def log(message: str) -> None:

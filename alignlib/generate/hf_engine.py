@@ -79,8 +79,17 @@ class HFGenerator:
         self.tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
         self.model = load_causal_lm(model, dtype, on_gpu, trust_remote_code).eval().to("cuda" if on_gpu else "cpu")
         self.params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.name = f"transformers engine ({model})"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from alignlib.raydata import batch_done, batch_started
+
+        started = batch_started(batch, self.name)
+        out = self._generate(batch)
+        batch_done(started)
+        return out
+
+    def _generate(self, batch: pa.Table) -> pa.Table:
         from alignlib.generate.sampling import Sampling, row_sampling
 
         default = Sampling(self.params["max_new_tokens"], self.params["temperature"], self.params["top_p"])
@@ -88,7 +97,7 @@ class HFGenerator:
         for i, sampling in enumerate(row_sampling(batch, default)):
             groups.setdefault(sampling, []).append(i)
         if len(groups) > 1:  # rows sampled two ways (`sample_parts`): each way on its own, back in row order
-            parts = [self(batch.take(pa.array(rows))) for rows in groups.values()]
+            parts = [self._generate(batch.take(pa.array(rows))) for rows in groups.values()]
             order = [i for rows in groups.values() for i in rows]
             joined = pa.concat_tables(parts)
             return joined.take(pa.array(sorted(range(len(order)), key=order.__getitem__)))
@@ -112,6 +121,9 @@ class HFGenerator:
 
 
 def hf_generate(requests, model, sampling, settings):
+    from alignlib.raydata import count_batch_starts
+
+    count_batch_starts()
     return one_batch_per_block(requests, settings.batch_size).map_batches(
         HFGenerator,
         fn_constructor_kwargs=dict(

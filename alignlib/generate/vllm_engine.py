@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from alignlib import schema as S
-from alignlib.raydata import actor_pool, actor_resources, one_batch_per_block
+from alignlib.raydata import (
+    actor_pool,
+    actor_resources,
+    batch_done,
+    batch_started,
+    count_batch_starts,
+    one_batch_per_block,
+)
 from alignlib.vllm_processor import engine_arguments, engine_env, processor_config, require_vllm, run_processor
 
 
@@ -50,8 +57,15 @@ class LLMGenerator:
                                                                             trust_remote_code))  # fmt: skip
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.stop_ids = {load_tokenizer(model, trust_remote_code=trust_remote_code).eos_token_id}
+        self.name = f"vLLM engine ({model})"
 
     def __call__(self, batch):
+        started = batch_started(batch, self.name)
+        out = self._generate(batch)
+        batch_done(started)
+        return out
+
+    def _generate(self, batch):
         import pyarrow as pa
         import vllm
 
@@ -78,6 +92,7 @@ class LLMGenerator:
 def llm_generate(requests, model, sampling, settings):
     on_gpu = settings.resources.get("GPU", 0) > 0
     extra = {"accelerator_type": settings.accelerator_type} if settings.accelerator_type else {}
+    count_batch_starts()
     return one_batch_per_block(requests, settings.batch_size).map_batches(
         LLMGenerator,
         fn_constructor_kwargs=dict(

@@ -17,7 +17,14 @@ import math
 import pyarrow as pa
 
 from alignlib import schema as S
-from alignlib.raydata import LIGHT_CPUS, actor_pool, actor_resources, fixed_batches, one_batch_per_block
+from alignlib.raydata import (
+    LIGHT_CPUS,
+    actor_pool,
+    actor_resources,
+    count_batch_starts,
+    fixed_batches,
+    one_batch_per_block,
+)
 
 
 class RewardError(ValueError):
@@ -46,7 +53,12 @@ class FunctionScorer:
 
 
 def _function_scores(batch: pa.Table, function: str, column: str) -> pa.Table:
-    return FunctionScorer(function, column)(batch)
+    from alignlib.raydata import batch_done, batch_started
+
+    started = batch_started(batch, f"reward {function}")
+    out = FunctionScorer(function, column)(batch)
+    batch_done(started)
+    return out
 
 
 # A micro-batch grows while its padded tokens stay within this factor of its real tokens.
@@ -98,12 +110,15 @@ class ModelScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from alignlib.models import reward_sequence
+        from alignlib.raydata import batch_done, batch_started
 
+        started = batch_started(batch, f"reward model {self.name}")
         sequences = [
             reward_sequence(self.tokenizer, m, c, self.max_length)
             for m, c in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True)
         ]
         rewards = self.rewards(sequences)
+        batch_done(started)
         return batch.append_column(self.column, pa.array(rewards, pa.float64()))
 
     def rewards(self, sequences: list[list[int]]) -> list[float]:
@@ -170,6 +185,7 @@ def score(completions, score_spec, num_rows: int | None = None):
 def _scored_by(completions, reward, column: str, num_rows: int | None = None):
     if reward.type == "function":
         # Plain tasks in Ray's warm workers: a function needs no model loaded once per actor.
+        count_batch_starts()
         return completions.map_batches(
             _function_scores, fn_args=(reward.function, column), batch_format="pyarrow", num_cpus=0.5
         )
@@ -177,6 +193,7 @@ def _scored_by(completions, reward, column: str, num_rows: int | None = None):
         from alignlib.score.vllm_scorer import vllm_score
 
         return vllm_score(completions, reward, column)
+    count_batch_starts()
     batched = (
         one_batch_per_block(completions, reward.batch_size)
         if num_rows is None

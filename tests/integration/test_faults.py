@@ -198,13 +198,13 @@ class ActorWatcher(threading.Thread):
         self.join()
 
 
-def start_job(spec_file: Path, run: Path) -> subprocess.Popen:
+def start_job(spec_file: Path, run: Path, *overrides: str) -> subprocess.Popen:
     """`alignlib run JOB.yaml --until pairs` in its own process group, as a driver of the session's Ray."""
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     return subprocess.Popen(
-        [sys.executable, "-m", "alignlib", "run", str(spec_file), f"output_dir={run}", "--until", "pairs"],
+        [sys.executable, "-m", "alignlib", "run", str(spec_file), f"output_dir={run}", *overrides, "--until", "pairs"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
 
@@ -289,3 +289,27 @@ def test_killed_job_reruns_only_what_was_not_finished(killed_runs, reference):
     assert "score: running" in seen["log_3"] and "pairs: running" in seen["log_3"]
     assert not list(run.glob(".*")), sorted(p.name for p in run.glob(".*"))
     assert_same_outputs(run, reference)
+
+
+def test_a_batch_that_kills_its_worker_every_time_fails_the_stage_instead_of_retrying_for_ever(second, spec_file,
+                                                                                                 tmp_path):  # fmt: skip
+    """Ray Data restarts a dead actor or worker and retries its batch without a limit. A reward function that
+    kills its process on some prompts (as a crash in native code would) stops the job after 3 deaths of one
+    batch, naming the batch's prompts; the score stage commits nothing."""
+    run = tmp_path / "deadly"
+    shutil.copytree(second, run)
+    reward = "score.reward={type: function, function: 'tests.integration.crashing_reward:dies_on_plus_one'}"
+    proc = start_job(spec_file, run, reward)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 1, out[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("alignlib: error:")]
+    assert len(errors) == 1, out[-3000:]
+    assert errors[0].startswith("alignlib: error: reward tests.integration.crashing_reward:dies_on_plus_one: a batch of "), errors
+    assert " rows (prompts " in errors[0] and "addition.jsonl:" in errors[0], errors
+    assert "was started 3 times and the process running it died each time" in errors[0], errors
+    assert errors[0].endswith("not tried again"), errors
+    assert "generate: complete, skipped" in out and "score: running" in out
+    assert json.loads((run / "score" / "manifest.json").read_text()) == json.loads(
+        (second / "score" / "manifest.json").read_text()
+    ), "the finished score stage of the working reward is kept"
+
