@@ -25,9 +25,10 @@ def prompt_rows(n: int) -> list[dict]:
     ]  # fmt: skip
 
 
-# engine name -> GenerateSpec settings: vLLM through ray.data.llm's processor, vLLM as `vllm.LLM` per batch, HF.
+# engine name -> GenerateSpec settings: vLLM through ray.data.llm's processor, vLLM as `vllm.LLM` per batch (what
+# `vllm_runner: auto` picks here), HF.
 ENGINES = {
-    "vllm": dict(engine="vllm", engine_kwargs=CPU_VLLM),
+    "vllm": dict(engine="vllm", engine_kwargs=CPU_VLLM, vllm_runner="processor"),
     "vllm-llm": dict(engine="vllm", engine_kwargs=CPU_VLLM, vllm_runner="llm"),
     "transformers": dict(engine="transformers"),
 }
