@@ -19,7 +19,7 @@ LIGHT_CPUS = 0.25
 # and retry the batches that were in flight on it (their defaults, max_restarts and max_task_retries
 # -1, without a limit; Ray 2.60 deprecates setting them through map_batches). A batch that kills its
 # actor every time (a prompt that crashes the engine) would be retried for ever, so alignlib's own actors
-# and tasks count each batch's starts (`batch_started`): one whose process died under it MAX_BATCH_DEATHS
+# and tasks count each batch's starts (`counted_batch`): one whose process died under it MAX_BATCH_DEATHS
 # times is not tried again and the stage fails, naming it. Whatever the retries did, a stage then checks that no row
 # was lost or written twice before it commits (`alignlib.verify`), and tests/integration/test_faults.py
 # kills those actors for real.
@@ -63,19 +63,26 @@ def count_batch_starts() -> None:
         _batch_starts = (_batch_starts_name(), actor.remote())
 
 
+_counters: dict = {}  # in an actor or task's process: the counter's handle, looked up once per job
+
+
 def _counter():
     import ray
 
-    try:
-        return ray.get_actor(_batch_starts_name())
-    except ValueError:
-        return None  # an actor class used outside a stage (tests, notebooks): no counting
+    name = _batch_starts_name()
+    if name not in _counters:
+        try:
+            _counters[name] = ray.get_actor(name)
+        except ValueError:
+            return None  # an actor class used outside a stage (tests, notebooks): no counting
+    return _counters[name]
 
 
-def batch_started(batch, what: str) -> tuple | None:
-    """In an engine or reward actor (or a function reward's task), before it works on `batch` (a pyarrow table):
+@contextmanager
+def counted_batch(batch, what: str) -> Iterator[None]:
+    """Around an engine or reward actor's (or a function reward's task's) work on `batch` (a pyarrow table):
     count this start, and refuse the batch (BatchKilledError) if its process already died under it
-    MAX_BATCH_DEATHS times. A batch that finishes (`batch_done`) starts from zero if it comes again."""
+    MAX_BATCH_DEATHS times. A batch that finishes starts from zero if it comes again."""
     import hashlib
 
     import ray
@@ -84,7 +91,8 @@ def batch_started(batch, what: str) -> tuple | None:
 
     counter = _counter()
     if counter is None:
-        return None
+        yield
+        return
     keys = [c for c in (S.PROMPT_ID, S.GENERATOR, S.SAMPLE_INDEX, S.SEED, S.COMPLETION) if c in batch.column_names]
     key = f"{what}:" + hashlib.blake2b(repr(batch.select(keys).to_pydict()).encode(), digest_size=16).hexdigest()
     starts = ray.get(counter.start.remote(key))
@@ -98,14 +106,8 @@ def batch_started(batch, what: str) -> tuple | None:
             f"it died each time (killed, out of memory, or a crash in native code such as the engine's: the Ray "
             f"worker logs have its last lines); not tried again"
         )
-    return counter, key
-
-
-def batch_done(started: tuple | None) -> None:
-    """After the batch `batch_started` returned `started` for is done: it starts from zero if it comes again."""
-    if started is not None:
-        counter, key = started
-        counter.done.remote(key)
+    yield
+    counter.done.remote(key)
 
 
 def log(message: str) -> None:

@@ -82,12 +82,10 @@ class HFGenerator:
         self.name = f"transformers engine ({model})"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from alignlib.raydata import batch_done, batch_started
+        from alignlib.raydata import counted_batch
 
-        started = batch_started(batch, self.name)
-        out = self._generate(batch)
-        batch_done(started)
-        return out
+        with counted_batch(batch, self.name):
+            return self._generate(batch)
 
     def _generate(self, batch: pa.Table) -> pa.Table:
         from alignlib.generate.sampling import Sampling, row_sampling

@@ -14,9 +14,8 @@ from alignlib import schema as S
 from alignlib.raydata import (
     actor_pool,
     actor_resources,
-    batch_done,
-    batch_started,
     count_batch_starts,
+    counted_batch,
     one_batch_per_block,
 )
 from alignlib.vllm_processor import engine_arguments, engine_env, processor_config, require_vllm, run_processor
@@ -60,10 +59,8 @@ class LLMGenerator:
         self.name = f"vLLM engine ({model})"
 
     def __call__(self, batch):
-        started = batch_started(batch, self.name)
-        out = self._generate(batch)
-        batch_done(started)
-        return out
+        with counted_batch(batch, self.name):
+            return self._generate(batch)
 
     def _generate(self, batch):
         import pyarrow as pa

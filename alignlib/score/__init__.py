@@ -53,12 +53,10 @@ class FunctionScorer:
 
 
 def _function_scores(batch: pa.Table, function: str, column: str) -> pa.Table:
-    from alignlib.raydata import batch_done, batch_started
+    from alignlib.raydata import counted_batch
 
-    started = batch_started(batch, f"reward {function}")
-    out = FunctionScorer(function, column)(batch)
-    batch_done(started)
-    return out
+    with counted_batch(batch, f"reward {function}"):
+        return FunctionScorer(function, column)(batch)
 
 
 # A micro-batch grows while its padded tokens stay within this factor of its real tokens.
@@ -110,15 +108,14 @@ class ModelScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from alignlib.models import reward_sequence
-        from alignlib.raydata import batch_done, batch_started
+        from alignlib.raydata import counted_batch
 
-        started = batch_started(batch, f"reward model {self.name}")
-        sequences = [
-            reward_sequence(self.tokenizer, m, c, self.max_length)
-            for m, c in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True)
-        ]
-        rewards = self.rewards(sequences)
-        batch_done(started)
+        with counted_batch(batch, f"reward model {self.name}"):
+            sequences = [
+                reward_sequence(self.tokenizer, m, c, self.max_length)
+                for m, c in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True)
+            ]
+            rewards = self.rewards(sequences)
         return batch.append_column(self.column, pa.array(rewards, pa.float64()))
 
     def rewards(self, sequences: list[list[int]]) -> list[float]:
