@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     bon = job_command("bon", "best-of-N answers for every prompt of the data: generate N, score, keep the best")
     bon.add_argument("--out", metavar="FILE", help="also write the best answers here (.jsonl or .parquet)")
     bon.add_argument("--force", action="store_true", help="redo every stage, even complete ones")
+    served = job_command("serve", "serve best-of-N answers behind an OpenAI-compatible API (Ray Serve): n samples "
+                         "per request, the reward picks the one returned")  # fmt: skip
+    served.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                        "only; 0.0.0.0 for every interface)")  # fmt: skip
+    served.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     job_command("validate", "check a job spec without running it")
     demo = commands.add_parser("demo", help=f"run the CPU demo job ({DEMO_SPEC}) from any directory, into ./runs/demo")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
@@ -153,6 +158,8 @@ def _main(argv: list[str] | None = None) -> int:
         return _export_pairs(Pipeline(spec), Path(args.out), args.table)
     if args.command == "bon":
         return _bon(spec, args, redact)
+    if args.command == "serve":
+        return _serve(spec, args, redact)
 
     if spec.rounds.count > 1 or getattr(args, "round", None) is not None:
         return _rounds(spec, args, redact)
@@ -226,6 +233,23 @@ def _bon(spec, args, redact) -> int:
         write_out(read_table(pipeline.table_path("select", "best")), out)
         print(f"wrote {manifests['select']['tables']['best']} best answers to {out}")
     return 0
+
+
+def _serve(spec, args, redact) -> int:
+    """`alignlib serve`: checks what it can before starting anything, then serves until stopped."""
+    from alignlib.serving import preflight, serve_forever
+    from alignlib.spec import SpecError
+
+    found = preflight(spec)
+    if not 0 < args.port < 65536:
+        found.append(f"--port: {args.port} is not a TCP port (1-65535)")
+    if found:
+        print(redact(str(SpecError(str(args.spec), found))), file=sys.stderr)
+        return 2
+    try:
+        return serve_forever(spec, args.host, args.port)
+    except Exception as err:
+        return _failed(err, redact)
 
 
 def _failed(err: Exception, redact) -> int:

@@ -22,6 +22,7 @@ from alignlib.spec.job import (
     PairsSpec,
     RoundsSpec,
     ScoreSpec,
+    ServeSpec,
     TrainSpec,
     WeakModelSpec,
     cross_check,
@@ -45,7 +46,7 @@ from alignlib.spec.loading import (
 __all__ = [
     "DEFAULT_REWARD", "LOSSES_NEEDING_PAIRS", "LOSSES_NEEDING_REFERENCE", "POLICY_STRATEGIES", "DataSpec", "EvalSpec", "ExportSpec",
     "FunctionRewardSpec", "GenerateSpec", "JobSpec", "ModelRewardSpec", "ModelSpec", "PairsSpec", "ScoreSpec",
-    "SpecError", "TrainSpec", "WeakModelSpec", "apply_overrides", "cross_check", "eval_temperature",
+    "ServeSpec", "SpecError", "TrainSpec", "WeakModelSpec", "apply_overrides", "cross_check", "eval_temperature",
     "expanded_size", "json_schema", "later_spec", "load_raw", "load_spec", "parse_spec", "reference_model", "reference_source",
     "remote_code_models", "resolve_function", "resolve_reward", "reward_name", "RoundsSpec",
 ]  # fmt: skip

@@ -499,6 +499,52 @@ class RoundsSpec(_Spec):
     )
 
 
+class ReplicaSpec(_Spec):
+    replicas: int | tuple[int, int] = Field(
+        1, description="Ray Serve replicas: a fixed count, or [min, max] for Serve's request-based autoscaling."
+    )
+    resources: dict[str, float] | None = Field(
+        None,
+        description="Resources of one replica, e.g. {GPU: 1} or {CPU: 1}; null: the matching pipeline setting "
+        "(generate.resources for the engine, the reward model's resources, or 0.5 CPU for reward functions).",
+    )
+
+    @field_validator("replicas")
+    @classmethod
+    def _bounds(cls, value):
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < (1 if isinstance(value, int) else 0) or high < max(low, 1):
+            raise ValueError(f"{value!r}: a count >= 1, or [min, max] with 0 <= min <= max and max >= 1")
+        return value
+
+
+class ServeSpec(_Spec):
+    """`alignlib serve`: best-of-N answers behind an OpenAI-compatible API (Ray Serve)."""
+
+    model_name: str | None = Field(
+        None, description="The model id clients send and GET /v1/models lists (default: the job's name)."
+    )
+    num_samples: int | None = Field(
+        None, ge=1, description="Candidates per request when the request gives no `n` (default: generate.num_samples)."
+    )
+    max_num_samples: int = Field(16, ge=1, description="The largest `n` a request may ask for.")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Tokens per answer when the request gives no max_tokens (default: generate's)."
+    )
+    temperature: float | None = Field(
+        None, ge=0.0, description="Sampling temperature when the request gives none (default: generate's)."
+    )
+    engine: ReplicaSpec = Field(default_factory=ReplicaSpec, description="The vLLM engine deployment (the policy).")
+    reward: ReplicaSpec = Field(default_factory=ReplicaSpec, description="The reward deployment (score's reward(s)).")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0.0, description="Autoscaling: requests in flight per replica Serve aims for."
+    )
+    reward_batch_size: int = Field(32, ge=1, description="Candidates one reward call scores at most (Serve batching).")
+    reward_batch_wait_s: float = Field(
+        0.005, ge=0.0, description="How long a reward batch waits to fill before it is scored."
+    )
+
+
 # A name that becomes part of a path (the Ray Train run directory): no separators, no `..`, no leading dot.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -520,6 +566,7 @@ class JobSpec(_Spec):
     export: ExportSpec = Field(default_factory=ExportSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     rounds: RoundsSpec = Field(default_factory=RoundsSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
 
     @field_validator("name")
     @classmethod
@@ -613,6 +660,12 @@ def cross_check(spec: JobSpec) -> list[str]:
             problems.append("rounds.reference: earlier rounds' precomputed reference log-probs are of their own "
                             "reference, not this round's; with rounds.train_on=accumulated use reference=initial "
                             "or train.precompute_reference=false")  # fmt: skip
+    serve = spec.serve
+    if serve.num_samples is not None and serve.num_samples > serve.max_num_samples:
+        problems.append(f"serve.num_samples: {serve.num_samples} is over serve.max_num_samples {serve.max_num_samples}")
+    elif serve.num_samples is None and spec.generate.num_samples > serve.max_num_samples:
+        problems.append(f"serve.max_num_samples: {serve.max_num_samples} is under generate.num_samples "
+                        f"{spec.generate.num_samples}, the default n; raise it or set serve.num_samples")  # fmt: skip
     if spec.eval.enabled and spec.data.eval_fraction == 0:
         problems.append(
             "data.eval_fraction: eval is enabled but no prompts are held out (set > 0 or eval.enabled=false)"
