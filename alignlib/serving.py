@@ -241,6 +241,12 @@ class PolicyEngine:
             for c in sorted(final.outputs, key=lambda c: c.index)
         ]  # fmt: skip
 
+    def __del__(self):
+        # Serve calls this when it stops the replica: the engine core is a process of its own, stopped with it.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
     async def check_health(self) -> None:
         """Serve's health check: a dead engine core makes Serve replace this replica."""
         if self.engine.errored:
@@ -418,7 +424,7 @@ def preflight(spec) -> list[str]:
             where = f"score.rewards ({column})" if spec.score.rewards else "score.reward"
             found.append(f"{where}: {reward.function} compares answers with the data's gold answer, which a served "
                          "request does not have; serve with a reward model or a function that needs no gold answer, "
-                         "e.g. score.reward.type=model score.reward.model=MODEL")  # fmt: skip
+                         "e.g. 'score.reward={type: model, model: MODEL}'")  # fmt: skip
     if importlib.util.find_spec("vllm") is None:
         found.append("generate.engine: alignlib serve runs the policy on vLLM, which is not installed "
                      "(pip install 'alignlib[cpu]' or 'alignlib[gpu]')")  # fmt: skip
