@@ -70,11 +70,14 @@ class WorkerGroup:
     reasons: list[str] = field(default_factory=list)
 
 
-def plan_groups(spec: JobSpec, source: str = "<spec>") -> list[WorkerGroup]:
-    """Worker groups and their maxReplicas; raises SpecError when an actor fits no pod shape."""
+def plan_groups(spec: JobSpec, source: str = "<spec>", wanted: list | None = None) -> list[WorkerGroup]:
+    """Worker groups and their maxReplicas; raises SpecError when an actor fits no pod shape.
+
+    `wanted`: the requests to size for; by default every enabled stage's peak request (alignlib.stages).
+    """
     groups = {s.group: WorkerGroup(s) for s in SHAPES}
     problems: dict[str, str] = {}  # field -> problem: eval's engines repeat generate's and score's settings
-    for d in demands(spec):  # every enabled stage's peak request, as declared in alignlib.stages
+    for d in demands(spec) if wanted is None else wanted:
         gpus, cpus = d.per_actor.get("GPU", 0.0), d.per_actor.get("CPU", 0.0)
         custom = sorted(set(d.per_actor) - {"CPU", "GPU", "memory"})
         if custom:
@@ -187,7 +190,7 @@ def worker_group(group: WorkerGroup, image: str) -> dict[str, Any]:
     }
 
 
-def head_group(image: str, spec_configmap: str | None) -> dict[str, Any]:
+def head_group(image: str, spec_configmap: str | None, serve_port: int | None = None) -> dict[str, Any]:
     mounts = [{"name": "shared", "mountPath": SHARED}]
     volumes: list[dict[str, Any]] = [{"name": "shared", "persistentVolumeClaim": {"claimName": PVC}}]
     if spec_configmap:
@@ -211,6 +214,8 @@ def head_group(image: str, spec_configmap: str | None) -> dict[str, Any]:
                         "ports": [
                             {"containerPort": 6379, "name": "gcs"},
                             {"containerPort": 8265, "name": "dashboard"},
+                            # Serve's HTTP proxy runs on the head; KubeRay's serve Service targets this port.
+                            *([{"containerPort": serve_port, "name": "serve"}] if serve_port else []),
                         ],
                         "resources": _resources(4, 16),
                         "env": ray_env(),
@@ -224,7 +229,8 @@ def head_group(image: str, spec_configmap: str | None) -> dict[str, Any]:
     }
 
 
-def cluster_spec(groups: list[WorkerGroup], image: str, spec_configmap: str | None = None) -> dict[str, Any]:
+def cluster_spec(groups: list[WorkerGroup], image: str, spec_configmap: str | None = None,
+                 serve_port: int | None = None) -> dict[str, Any]:  # fmt: skip
     return {
         "rayVersion": RAY_VERSION,
         # Token auth from a Secret the user creates once (KubeRay >= 1.5.1 sets RAY_AUTH_MODE and
@@ -237,7 +243,7 @@ def cluster_spec(groups: list[WorkerGroup], image: str, spec_configmap: str | No
             "idleTimeoutSeconds": 600,
             "securityContext": CONTAINER_SECURITY,
         },
-        "headGroupSpec": head_group(image, spec_configmap),
+        "headGroupSpec": head_group(image, spec_configmap, serve_port),
         "workerGroupSpecs": [worker_group(g, image) for g in groups],
     }
 
@@ -273,9 +279,10 @@ def submitter_pod(image: str) -> dict[str, Any]:
     }
 
 
-def network_policy() -> dict[str, Any]:
-    """Ray's ports open to alignlib pods only, plus the operator polling job status on 8265."""
-    return {
+def network_policy(serve_port: int | None = None) -> dict[str, Any]:
+    """Ray's ports open to alignlib pods only, plus the operator polling job status on 8265; with `serve_port`,
+    the serving port also to pods of the namespace that carry the label `alignlib/client: "true"`."""
+    policy = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": {"name": "alignlib-ray", "labels": dict(PART_OF)},
@@ -296,6 +303,10 @@ def network_policy() -> dict[str, Any]:
             ],
         },
     }
+    if serve_port:
+        policy["spec"]["ingress"].append({"from": [{"podSelector": {"matchLabels": {"alignlib/client": "true"}}}],
+                                          "ports": [{"protocol": "TCP", "port": serve_port}]})  # fmt: skip
+    return policy
 
 
 # -- the job -----------------------------------------------------------------------------------
@@ -354,10 +365,15 @@ class Rendered:
     spec: JobSpec
     groups: list[WorkerGroup]
     documents: list[dict[str, Any]]
+    kind: str = "RayJob"
 
     def to_yaml(self) -> str:
-        head = [f"# alignlib k8s: job {self.spec.name!r} -> RayJob {self.name}",
-                f"# output_dir {self.spec.output_dir}; worker groups (max pods, from the stages' requests):"]  # fmt: skip
+        if self.kind == "RayService":
+            head = [f"# alignlib k8s --serve: job {self.spec.name!r} -> RayService {self.name} (best-of-N on port "
+                    f"{SERVE_PORT}, Service {self.name}-serve-svc); worker groups (max pods, from serve's replicas):"]  # fmt: skip
+        else:
+            head = [f"# alignlib k8s: job {self.spec.name!r} -> RayJob {self.name}",
+                    f"# output_dir {self.spec.output_dir}; worker groups (max pods, from the stages' requests):"]  # fmt: skip
         head += [f"#   {g.shape.group} x{g.max_replicas}: {'; '.join(g.reasons) or 'CPU-only steps'}" for g in self.groups]
         if self.spec.generate.engine == "vllm" and not any(g.shape.gpu for g in self.groups):
             head += ["# Note: the image's vLLM is the CUDA build; a CPU-only job needs generate.engine=transformers"]
@@ -415,6 +431,67 @@ def render(raw: dict[str, Any], source: str = "<spec>", *, image: str = IMAGE, d
     return Rendered(name, spec, groups, documents)
 
 
+SERVE_PORT = 8000
+
+
+def serve_demands(spec: JobSpec) -> list:
+    """What `alignlib serve` asks Ray for at most: the engine and reward replicas (their upper bounds)."""
+    from alignlib.serving import GATEWAY_CPUS, reward_resources
+    from alignlib.stages import Demand
+
+    def most(replicas) -> int:
+        return replicas if isinstance(replicas, int) else replicas[1]
+
+    serve = spec.serve
+    return [
+        Demand("serve", "serve.engine.resources", most(serve.engine.replicas),
+               dict(serve.engine.resources or spec.generate.resources)),
+        Demand("serve", "serve.reward.resources", most(serve.reward.replicas), dict(reward_resources(spec))),
+        Demand("serve", "serve (gateway)", 1, {"CPU": GATEWAY_CPUS}),
+    ]  # fmt: skip
+
+
+def render_service(raw: dict[str, Any], source: str = "<spec>", *, image: str = IMAGE) -> Rendered:
+    """A raw spec mapping (overrides applied) -> NetworkPolicy + RayService running `alignlib serve`'s
+    application (alignlib.serving:app_builder) with the spec inline in serveConfigV2."""
+    if not isinstance(raw, dict):
+        raise SpecError(source, ["the job spec must be a YAML mapping"])
+    raw, problems = cluster_paths(raw)
+    try:
+        spec = parse_spec(raw, source)
+    except SpecError as err:
+        raise SpecError(source, problems + err.problems) from None
+    from alignlib.serving import preflight_spec
+
+    problems += preflight_spec(spec)
+    if problems:
+        raise SpecError(source, problems)
+    name = k8s_name(spec.name, source)
+    groups = plan_groups(spec, source, serve_demands(spec))
+    labels = {**PART_OF, "app.kubernetes.io/name": "alignlib", "alignlib/job": name.removeprefix("alignlib-")}
+    serve_config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "0.0.0.0", "port": SERVE_PORT},
+        "applications": [{
+            "name": "alignlib",
+            "route_prefix": "/",
+            "import_path": "alignlib.serving:app_builder",
+            "args": {"spec_yaml": f"# {source} as submitted by `alignlib k8s --serve`\n"
+                                  + yaml.safe_dump(raw, sort_keys=False)},
+        }],
+    }  # fmt: skip
+    service = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "serveConfigV2": yaml.dump(serve_config, Dumper=_BlockDumper, sort_keys=False, width=120),
+            "rayClusterConfig": cluster_spec(groups, image, serve_port=SERVE_PORT),
+        },
+    }
+    return Rendered(name, spec, groups, [network_policy(SERVE_PORT), service], kind="RayService")
+
+
 def render_file(path: str, overrides: list[str], **options: Any) -> Rendered:
     from pathlib import Path
 
@@ -423,6 +500,8 @@ def render_file(path: str, overrides: list[str], **options: Any) -> Rendered:
     raw = load_raw(Path(path))
     if not isinstance(raw, dict):
         raise SpecError(str(path), ["the job spec must be a YAML mapping"])
+    if options.pop("serve", False):
+        return render_service(apply_overrides(raw, overrides), str(path), image=options.get("image", IMAGE))
     return render(apply_overrides(raw, overrides), str(path), **options)
 
 
@@ -435,6 +514,9 @@ def add_arguments(cmd) -> None:
     cmd.add_argument("--image", default=IMAGE, help=f"container image of every pod (default {IMAGE})")
     cmd.add_argument("--deadline", type=int, default=DEFAULT_DEADLINE_S, metavar="SECONDS",
                      help=f"activeDeadlineSeconds of the RayJob (default {DEFAULT_DEADLINE_S})")  # fmt: skip
+    cmd.add_argument("--serve", action="store_true",
+                     help=f"render a RayService serving best-of-N answers (`alignlib serve`) on port {SERVE_PORT} "
+                          "instead of the RayJob")  # fmt: skip
     cmd.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
                      help=f"retries, each on a fresh cluster, resuming from complete stages (default {DEFAULT_RETRIES})")  # fmt: skip
 
@@ -448,7 +530,7 @@ def command(args) -> int:
         return 2
     try:
         rendered = render_file(args.spec, args.overrides, image=args.image, deadline_s=args.deadline,
-                               retries=args.retries)  # fmt: skip
+                               retries=args.retries, serve=args.serve)  # fmt: skip
     except SpecError as err:
         print(err, file=sys.stderr)
         return 2
@@ -456,7 +538,7 @@ def command(args) -> int:
     if args.output:
         Path(args.output).write_text(text)
         groups = ", ".join(f"{g.shape.group} x{g.max_replicas}" for g in rendered.groups)
-        print(f"wrote RayJob {rendered.name} ({groups}) to {args.output}", file=sys.stderr)
+        print(f"wrote {rendered.kind} {rendered.name} ({groups}) to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0

@@ -399,32 +399,55 @@ def build_app(spec):
 
 
 def app_builder(args: dict[str, Any]):
-    """Serve's application builder (`serve run alignlib.serving:app_builder spec=JOB.yaml`, and a RayService's
-    serveConfigV2): `spec` is the job spec's path, `overrides` an optional list of key=value strings."""
-    from alignlib.spec import load_spec
+    """Serve's application builder (`serve run alignlib.serving:app_builder spec=JOB.yaml`, and the RayService
+    `alignlib k8s --serve` renders): `spec` is a job spec's path, or `spec_yaml` the spec itself; `overrides`
+    an optional list of key=value strings."""
+    import yaml
 
+    from alignlib.spec import SpecError, apply_overrides, load_raw, parse_spec
+
+    if "spec_yaml" in args:
+        raw, source = yaml.safe_load(args["spec_yaml"]), "serveConfigV2 args.spec_yaml"
+    elif "spec" in args:
+        from pathlib import Path
+
+        raw, source = load_raw(Path(args["spec"])), str(args["spec"])
+    else:
+        raise ValueError("alignlib.serving:app_builder needs the argument spec (a job spec's path) or spec_yaml")
     overrides = args.get("overrides") or []
-    return build_app(load_spec(args["spec"], list(overrides) if isinstance(overrides, list) else [overrides]))
+    spec = parse_spec(apply_overrides(raw, overrides if isinstance(overrides, list) else [overrides]), source)
+    found = preflight_spec(spec)
+    if found:
+        raise SpecError(source, found)
+    return build_app(spec)
 
 
 # -- the command ---------------------------------------------------------------------------------------------
 
 
-def preflight(spec) -> list[str]:
-    """What would stop the server from starting, found before Ray or any model starts."""
-    import importlib.util
-
-    from alignlib.sources import model_problem, models_read
+def preflight_spec(spec) -> list[str]:
+    """Settings that cannot serve, found from the spec alone (also checked when rendering a RayService)."""
     from alignlib.spec import resolve_function
 
-    found = [p for field, model in [("policy.model", spec.policy.model), *models_read(spec, ["score"])]
-             for p in [model_problem(field, model)] if p]  # fmt: skip
+    found = []
     for column, reward, _ in spec.score.components():
         if reward.type == "function" and getattr(resolve_function(reward.function), "needs_gold", False):
             where = f"score.rewards ({column})" if spec.score.rewards else "score.reward"
             found.append(f"{where}: {reward.function} compares answers with the data's gold answer, which a served "
                          "request does not have; serve with a reward model or a function that needs no gold answer, "
                          "e.g. 'score.reward={type: model, model: MODEL}'")  # fmt: skip
+    return found
+
+
+def preflight(spec) -> list[str]:
+    """What would stop the server from starting here, found before Ray or any model starts."""
+    import importlib.util
+
+    from alignlib.sources import model_problem, models_read
+
+    found = [p for field, model in [("policy.model", spec.policy.model), *models_read(spec, ["score"])]
+             for p in [model_problem(field, model)] if p]  # fmt: skip
+    found += preflight_spec(spec)
     if importlib.util.find_spec("vllm") is None:
         found.append("generate.engine: alignlib serve runs the policy on vLLM, which is not installed "
                      "(pip install 'alignlib[cpu]' or 'alignlib[gpu]')")  # fmt: skip

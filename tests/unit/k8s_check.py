@@ -25,13 +25,15 @@ def _kuberay_validator(kind: str) -> jsonschema.Draft202012Validator:
 
 
 def pod_templates(obj: dict) -> list[tuple[str, dict]]:
-    """(where, template) of every pod a RayCluster or RayJob would create."""
+    """(where, template) of every pod a RayCluster, RayJob or RayService would create."""
     spec = obj.get("spec", {})
     out = []
     if obj["kind"] == "RayJob":
         if "submitterPodTemplate" in spec:
             out.append(("spec.submitterPodTemplate", spec["submitterPodTemplate"]))
         cluster, prefix = spec.get("rayClusterSpec"), "spec.rayClusterSpec"
+    elif obj["kind"] == "RayService":
+        cluster, prefix = spec.get("rayClusterConfig"), "spec.rayClusterConfig"
     else:
         cluster, prefix = spec, "spec"
     if cluster:
@@ -45,7 +47,7 @@ def validation_errors(obj: dict) -> list[str]:
     """Every schema problem of one object, as "Kind/name path: message"."""
     name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
     errors = []
-    if obj.get("kind") in ("RayCluster", "RayJob"):
+    if obj.get("kind") in ("RayCluster", "RayJob", "RayService"):
         for err in _kuberay_validator(obj["kind"]).iter_errors(obj):
             errors.append(f"{name} {'.'.join(map(str, err.absolute_path))}: {err.message}")
         for where, template in pod_templates(obj):
@@ -70,11 +72,12 @@ def security_problems(objs: list[dict]) -> list[str]:
     problems = []
     policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
     for obj in objs:
-        if obj["kind"] not in ("RayCluster", "RayJob"):
+        if obj["kind"] not in ("RayCluster", "RayJob", "RayService"):
             continue
         name = f"{obj['kind']}/{obj['metadata']['name']}"
-        cluster = obj["spec"].get("rayClusterSpec") if obj["kind"] == "RayJob" else obj["spec"]
-        if obj["kind"] == "RayCluster" or (obj["kind"] == "RayJob" and cluster):
+        cluster = {"RayJob": obj["spec"].get("rayClusterSpec"), "RayService": obj["spec"].get("rayClusterConfig")}.get(
+            obj["kind"], obj["spec"])  # fmt: skip
+        if cluster:
             if cluster.get("authOptions", {}).get("mode") != "token":
                 problems.append(f"{name}: Ray token authentication is not on (authOptions.mode: token)")
             if cluster["headGroupSpec"].get("serviceType", "ClusterIP") != "ClusterIP":

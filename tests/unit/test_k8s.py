@@ -256,3 +256,45 @@ def test_cli_missing_spec_file(tmp_path, capsys):
 def test_cli_refuses_nonsense_options(option, capsys):
     assert main(["k8s", str(JOBS / "demo.yaml"), *option]) == 2
     assert "alignlib k8s: --deadline must be >= 1 and --retries >= 0" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------- --serve: a RayService
+
+
+SERVED = ["score.reward={type: model, model: 'builtin:tiny-reward', resources: {CPU: 1}}", "generate.resources={GPU: 1}",
+          "serve.engine.replicas=[0, 4]", "serve.num_samples=8"]  # fmt: skip
+
+
+def test_serve_renders_a_rayservice_sized_from_the_replicas_that_serves_the_same_spec(tmp_path, capsys):
+    from ray.serve import Application
+
+    from alignlib.serving import app_builder, serve_settings
+
+    out = tmp_path / "serve.yaml"
+    assert main(["k8s", str(JOBS / "demo.yaml"), "--serve", *SERVED, "-o", str(out)]) == 0
+    assert f"wrote RayService alignlib-demo (cpu x1, gpu-1 x4) to {out}" in capsys.readouterr().err
+    text = out.read_text()
+    assert "#   gpu-1 x4: serve: 4 x {GPU: 1}" in text
+    network, service = yaml.safe_load_all(text)
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    assert (groups["gpu-1"]["minReplicas"], groups["gpu-1"]["maxReplicas"]) == (0, 4), "GPU pods scale from 0"
+    head_ports = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    assert {"containerPort": 8000, "name": "serve"} in head_ports
+    assert {"from": [{"podSelector": {"matchLabels": {"alignlib/client": "true"}}}],
+            "ports": [{"protocol": "TCP", "port": 8000}]} in network["spec"]["ingress"]  # fmt: skip
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    assert app["import_path"] == "alignlib.serving:app_builder"
+    # The application is built from the spec carried inline: the same settings as `alignlib serve` with the overrides.
+    served = load_spec(JOBS / "demo.yaml", SERVED)
+    assert serve_settings(served)["num_samples"] == 8
+    assert isinstance(app_builder(app["args"]), Application)
+    rebuilt = yaml.safe_load(app["args"]["spec_yaml"])
+    assert rebuilt["serve"] == {"engine": {"replicas": [0, 4]}, "num_samples": 8}
+    assert rebuilt["output_dir"] == "/mnt/shared/runs/demo"
+
+
+def test_serve_refuses_a_gold_answer_reward_when_rendering(capsys):
+    assert main(["k8s", str(JOBS / "demo.yaml"), "--serve"]) == 2
+    assert "score.reward: alignlib.rewards:numeric_closeness compares answers with the data's gold answer" in (
+        capsys.readouterr().err)  # fmt: skip

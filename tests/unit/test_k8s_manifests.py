@@ -135,3 +135,22 @@ def test_security_check_catches_regressions(mutate, expected):
     objs = copy.deepcopy(rendered("orpo-qlora-7b.yaml"))
     mutate(objs[2])
     assert any(expected in p for p in security_problems(objs)), security_problems(objs)
+
+
+SERVED = ["score.reward={type: model, model: 'builtin:tiny-reward', resources: {CPU: 1}}", "generate.resources={GPU: 1}",
+          "serve.engine.replicas=[0, 4]"]  # fmt: skip
+
+
+def test_rendered_rayservice_is_valid_kubernetes_and_its_serve_config_is_valid_for_ray_serve():
+    from ray.serve.schema import ServeDeploySchema
+
+    from alignlib.k8s import render_service
+    from alignlib.spec import apply_overrides
+
+    objs = render_service(apply_overrides(load_raw(ROOT / "jobs" / "demo.yaml"), SERVED), "demo.yaml").documents
+    assert [o["kind"] for o in objs] == ["NetworkPolicy", "RayService"]
+    assert [e for o in objs for e in validation_errors(o)] == []
+    assert security_problems(objs) == []
+    config = ServeDeploySchema.model_validate(yaml.safe_load(objs[1]["spec"]["serveConfigV2"]))
+    assert [a.import_path for a in config.applications] == ["alignlib.serving:app_builder"]
+    assert config.http_options.port == 8000
