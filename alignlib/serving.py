@@ -16,7 +16,8 @@ no candidate could be scored the request fails with status 500 and the reward's 
 
 Request extensions (send them with the `openai` client's `extra_body`):
 - `return_candidates: true` adds `alignlib.candidates`: every candidate with its reward, rank, token count and
-  finish reason, best first. `alignlib.reward` (the chosen answer's reward) is always there.
+  finish reason, best first. `alignlib.reward` is the chosen answer's reward; with `n: 1` there is nothing to
+  choose, so the one sample is not scored (`reward: null`) unless `return_candidates` asks for it.
 - `seed` (the OpenAI field) makes the candidates reproducible: candidate i samples with seed + i.
 
 `stream: true` is refused: the best answer is known only after every candidate is scored.
@@ -300,9 +301,16 @@ class RewardScorer:
                     totals[i] += value * (1.0 if weight is None else weight)
         return list(zip(totals, errors, strict=True))
 
-    async def score(self, items: list[tuple]) -> list[tuple[float | None, str | None]]:
-        # Decorated with serve.batch in `deployments()`: `items` is every candidate waiting, from any request.
-        return await asyncio.get_running_loop().run_in_executor(None, self._score_all, items)
+    async def score(self, requests: list[list[tuple]]) -> list[list[tuple[float | None, str | None]]]:
+        # Batched by serve.batch in `build_app`: one call per request with all its candidates; the candidates
+        # of every request waiting are scored together, then handed back per request.
+        flat = [item for items in requests for item in items]
+        scores = await asyncio.get_running_loop().run_in_executor(None, self._score_all, flat)
+        out, start = [], 0
+        for items in requests:
+            out.append(scores[start : start + len(items)])
+            start += len(items)
+        return out
 
 
 def gateway_class():
@@ -354,9 +362,12 @@ def gateway_class():
                     "messages", code="context_length_exceeded")  # fmt: skip
             candidates = await self.engine.sample.remote(ids, request["n"], request["max_tokens"],
                                                          request["temperature"], request["top_p"], request["seed"])  # fmt: skip
+            if len(candidates) == 1 and not request["return_candidates"]:
+                # n = 1: the one sample is the answer whatever its reward; it is scored only when asked for.
+                candidates[0][S.REWARD], candidates[0]["error"] = None, None
+                return response(request, rank(candidates), len(ids), self.settings["model_name"])
             prompt = _prompt_text(request["messages"])
-            scores = await asyncio.gather(*[self.reward.score.remote((request["messages"], prompt, c[S.COMPLETION]))
-                                            for c in candidates])  # fmt: skip
+            scores = await self.reward.score.remote([(request["messages"], prompt, c[S.COMPLETION]) for c in candidates])
             for candidate, (value, error) in zip(candidates, scores, strict=True):
                 candidate[S.REWARD], candidate["error"] = value, error
             ranked = rank(candidates)

@@ -539,7 +539,9 @@ class ServeSpec(_Spec):
     target_ongoing_requests: float = Field(
         8.0, gt=0.0, description="Autoscaling: requests in flight per replica Serve aims for."
     )
-    reward_batch_size: int = Field(32, ge=1, description="Candidates one reward call scores at most (Serve batching).")
+    reward_batch_size: int = Field(
+        8, ge=1, description="Requests whose candidates one reward call scores together, at most (Serve batching)."
+    )
     reward_batch_wait_s: float = Field(
         0.005, ge=0.0, description="How long a reward batch waits to fill before it is scored."
     )

@@ -121,6 +121,11 @@ def test_choice_zero_is_the_highest_reward_candidate(client):
     small = ask(client, n=2, max_tokens=3)
     assert small.model_extra["alignlib"]["num_candidates"] == 2 and "candidates" not in small.model_extra["alignlib"]
     assert 2 <= small.usage.completion_tokens <= 6
+    # n = 1: nothing to choose, so nothing is scored unless the candidates are asked for.
+    single = ask(client, n=1).model_extra["alignlib"]
+    assert (single["num_candidates"], single["reward"]) == (1, None)
+    (scored,) = ask(client, n=1, extra_body={"return_candidates": True}).model_extra["alignlib"]["candidates"]
+    assert scored["reward"] == pytest.approx(offline_rewards([scored["content"]])[0], abs=1e-4)
 
 
 def test_32_concurrent_requests_for_4_rounds(server):
