@@ -26,6 +26,7 @@ def test_every_spec_field_is_documented():
     sections = {
         "": S.JobSpec, "data.": S.DataSpec, "policy.": S.ModelSpec, "generate.": S.GenerateSpec,
         "pairs.": S.PairsSpec, "train.": S.TrainSpec, "export.": S.ExportSpec, "eval.": S.EvalSpec, "rounds.": S.RoundsSpec,
+        "serve.": S.ServeSpec, "serve.engine.": S.ReplicaSpec,
     }  # fmt: skip
     missing = [prefix + name for prefix, model in sections.items() for name in fields(model)
                if name not in SPEC_REFERENCE]  # fmt: skip
