@@ -382,9 +382,8 @@ class Rendered:
         return "\n".join(head) + "\n" + body
 
 
-def render(raw: dict[str, Any], source: str = "<spec>", *, image: str = IMAGE, deadline_s: int = DEFAULT_DEADLINE_S,
-           retries: int = DEFAULT_RETRIES, ttl_s: int = DEFAULT_TTL_S) -> Rendered:  # fmt: skip
-    """A raw spec mapping (overrides applied) -> ConfigMap + NetworkPolicy + RayJob."""
+def cluster_spec_of(raw: Any, source: str, more_checks=None) -> tuple[dict[str, Any], JobSpec]:
+    """The raw spec as the cluster sees it and the parsed spec; SpecError with every problem found."""
     if not isinstance(raw, dict):
         raise SpecError(source, ["the job spec must be a YAML mapping"])
     raw, problems = cluster_paths(raw)
@@ -392,8 +391,16 @@ def render(raw: dict[str, Any], source: str = "<spec>", *, image: str = IMAGE, d
         spec = parse_spec(raw, source)
     except SpecError as err:
         raise SpecError(source, problems + err.problems) from None
+    problems += more_checks(spec) if more_checks else []
     if problems:
         raise SpecError(source, problems)
+    return raw, spec
+
+
+def render(raw: dict[str, Any], source: str = "<spec>", *, image: str = IMAGE, deadline_s: int = DEFAULT_DEADLINE_S,
+           retries: int = DEFAULT_RETRIES, ttl_s: int = DEFAULT_TTL_S) -> Rendered:  # fmt: skip
+    """A raw spec mapping (overrides applied) -> ConfigMap + NetworkPolicy + RayJob."""
+    raw, spec = cluster_spec_of(raw, source)
     name = k8s_name(spec.name, source)
     groups = plan_groups(spec, source)
     configmap = f"{name}-spec"
@@ -454,18 +461,9 @@ def serve_demands(spec: JobSpec) -> list:
 def render_service(raw: dict[str, Any], source: str = "<spec>", *, image: str = IMAGE) -> Rendered:
     """A raw spec mapping (overrides applied) -> NetworkPolicy + RayService running `alignlib serve`'s
     application (alignlib.serving:app_builder) with the spec inline in serveConfigV2."""
-    if not isinstance(raw, dict):
-        raise SpecError(source, ["the job spec must be a YAML mapping"])
-    raw, problems = cluster_paths(raw)
-    try:
-        spec = parse_spec(raw, source)
-    except SpecError as err:
-        raise SpecError(source, problems + err.problems) from None
     from alignlib.serving import preflight_spec
 
-    problems += preflight_spec(spec)
-    if problems:
-        raise SpecError(source, problems)
+    raw, spec = cluster_spec_of(raw, source, preflight_spec)
     name = k8s_name(spec.name, source)
     groups = plan_groups(spec, source, serve_demands(spec))
     labels = {**PART_OF, "app.kubernetes.io/name": "alignlib", "alignlib/job": name.removeprefix("alignlib-")}
