@@ -466,14 +466,23 @@ def preflight(spec) -> list[str]:
 
 
 def serve_forever(spec, host: str, port: int) -> int:
-    """Start the application on Ray Serve at host:port and serve until SIGTERM or Ctrl-C; then take it down."""
+    """Start the application on Ray Serve at host:port and serve until SIGTERM or Ctrl-C; then take it down.
+
+    Taking it down is bounded: the application is deleted (and Serve shut down when nothing else is left)
+    within STOP_TIMEOUT_S. When this command started Ray itself, every process that Ray ran for it (replicas,
+    vLLM's engine core) and that still lives after Ray's shutdown is ended too: a SIGTERM sent to the whole
+    process group (`timeout`, some supervisors) stops the raylet first, and its workers would be left behind.
+    """
+    import os
     import signal
     import threading
 
+    import ray
     from ray import serve
 
     from alignlib.raydata import ensure_ray, log, verbose
 
+    own_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     ensure_ray()
     started = time.monotonic()
     # Serve's per-request and replica INFO lines stay off unless --verbose; warnings and errors still show.
@@ -487,10 +496,55 @@ def serve_forever(spec, host: str, port: int) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    ours: dict[int, float] = {}  # pid -> start time of the processes Ray runs for this command
+    while not stop.wait(2.0):
+        if own_ray:
+            ours.update(_descendants())
+    if own_ray:
+        ours.update(_descendants())
     log("stopping the server")
-    serve.delete(APP_NAME)
-    if not serve.status().applications:
-        serve.shutdown()
+
+    def take_down():
+        serve.delete(APP_NAME)
+        if not serve.status().applications:
+            serve.shutdown()
+        if own_ray:
+            ray.shutdown()
+
+    down = threading.Thread(target=take_down, daemon=True)
+    down.start()
+    down.join(STOP_TIMEOUT_S)
+    if own_ray:
+        _end(ours)
+    if down.is_alive():
+        log(f"Serve did not stop within {STOP_TIMEOUT_S} s (its Ray was stopped under it?); its processes were ended")
+        os._exit(1)  # Ray's client threads would otherwise wait on a cluster that is gone
     return 0
 
+
+STOP_TIMEOUT_S = 60
+
+
+def _descendants() -> dict[int, float]:
+    import psutil
+
+    out = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            out[child.pid] = child.create_time()
+        except psutil.Error:
+            pass
+    return out
+
+
+def _end(processes: dict[int, float]) -> None:
+    """SIGKILL the processes (pid -> start time) still alive; a pid reused by another process is left alone."""
+    import psutil
+
+    for pid, created in processes.items():
+        try:
+            process = psutil.Process(pid)
+            if process.create_time() == created:
+                process.kill()
+        except psutil.Error:
+            pass
