@@ -260,21 +260,21 @@ class RewardScorer:
     def __init__(self, plan: list[dict[str, Any]]):
         from alignlib.spec import resolve_reward
 
-        self.parts = []
+        self.parts = []  # (name, a function or a ModelScorer, weight)
         for part in plan:
             if part["type"] == "function":
                 self.parts.append((part["function"], resolve_reward(part["function"]), part["weight"]))
             else:
-                from alignlib.models import load_tokenizer
                 from alignlib.score import ModelScorer
 
                 scorer = ModelScorer(part["model"], part["dtype"], part["max_length"],
                                      trust_remote_code=part["trust_remote_code"])  # fmt: skip
-                tokenizer = load_tokenizer(part["model"], trust_remote_code=part["trust_remote_code"])
-                self.parts.append((part["model"], (scorer, tokenizer, part["max_length"]), part["weight"]))
+                self.parts.append((part["model"], scorer, part["weight"]))
 
     def _component(self, name: str, reward, items: list[tuple]) -> list[tuple[float | None, str | None]]:
-        if callable(reward):
+        from alignlib.score import ModelScorer
+
+        if not isinstance(reward, ModelScorer):
             out = []
             for _, prompt, completion in items:
                 try:
@@ -286,9 +286,9 @@ class RewardScorer:
             return out
         from alignlib.models import reward_sequence
 
-        scorer, tokenizer, max_length = reward
-        sequences = [reward_sequence(tokenizer, messages, completion, max_length) for messages, _, completion in items]
-        return [(value, None) for value in scorer.rewards(sequences)]
+        sequences = [reward_sequence(reward.tokenizer, messages, completion, reward.max_length)
+                     for messages, _, completion in items]  # fmt: skip
+        return [(value, None) for value in reward.rewards(sequences)]
 
     def _score_all(self, items: list[tuple]) -> list[tuple[float | None, str | None]]:
         totals: list[float | None] = [0.0] * len(items)
