@@ -443,7 +443,7 @@ SERVE_PORT = 8000
 
 def serve_demands(spec: JobSpec) -> list:
     """What `alignlib serve` asks Ray for at most: the engine and reward replicas (their upper bounds)."""
-    from alignlib.serving import GATEWAY_CPUS, reward_resources
+    from alignlib.serving import GATEWAY_CPUS, engine_resources, reward_resources
     from alignlib.stages import Demand
 
     def most(replicas) -> int:
@@ -451,8 +451,7 @@ def serve_demands(spec: JobSpec) -> list:
 
     serve = spec.serve
     return [
-        Demand("serve", "serve.engine.resources", most(serve.engine.replicas),
-               dict(serve.engine.resources or spec.generate.resources)),
+        Demand("serve", "serve.engine.resources", most(serve.engine.replicas), dict(engine_resources(spec))),
         Demand("serve", "serve.reward.resources", most(serve.reward.replicas), dict(reward_resources(spec))),
         Demand("serve", "serve (gateway)", 1, {"CPU": GATEWAY_CPUS}),
     ]  # fmt: skip

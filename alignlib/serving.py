@@ -183,6 +183,11 @@ def replica_options(replicas: Any, resources: dict[str, float], target: float) -
     return options
 
 
+def engine_resources(spec) -> dict[str, float]:
+    """The engine deployment's resources: serve.engine.resources, else generate.resources."""
+    return spec.serve.engine.resources or spec.generate.resources
+
+
 def reward_resources(spec) -> dict[str, float]:
     """The reward deployment's resources: serve.reward.resources, else the reward models' (the largest), else
     DEFAULT_FUNCTION_CPUS for function rewards."""
@@ -387,10 +392,10 @@ def build_app(spec):
 
     settings = serve_settings(spec)
     target = spec.serve.target_ongoing_requests
-    engine_resources = spec.serve.engine.resources or spec.generate.resources
-    on_gpu = engine_resources.get("GPU", 0) > 0
-    engine_options = replica_options(spec.serve.engine.replicas, engine_resources, target)
-    engine_options["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(engine_resources)}
+    resources = engine_resources(spec)
+    on_gpu = resources.get("GPU", 0) > 0
+    engine_options = replica_options(spec.serve.engine.replicas, resources, target)
+    engine_options["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(resources)}
     engine = serve.deployment(PolicyEngine, name="PolicyEngine").options(
         max_ongoing_requests=max(64, int(4 * target)), health_check_period_s=5, **engine_options
     ).bind(spec.policy.model, spec.policy.dtype, spec.generate.engine_kwargs, spec.policy.trust_remote_code, on_gpu)  # fmt: skip

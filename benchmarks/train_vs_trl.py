@@ -1182,16 +1182,15 @@ def main() -> None:
     print("| loss | alignlib call (s) | TRL call (s) | (a) whole-call speed alignlib/TRL (TRL s / alignlib s) "
           "| (b) steady-state tokens/s alignlib/TRL | (c) start-up to first step: alignlib (s) | TRL (s) |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for loss in losses:
-        a, t = summaries[loss][head_key], summaries[loss]["trl"]
+    sides = {loss: (summaries[loss][head_key], summaries[loss]["trl"]) for loss in losses}
+    for loss, (a, t) in sides.items():
         print(
             f"| {loss.upper()} | {fmt(median_of(a, 'total_s'), 1)} | {fmt(median_of(t, 'total_s'), 1)} | "
             f"{med_range(ratios(t, a, 'total_s'))} | {med_range(ratios(a, t, 'tokens_per_s'))} | "
             f"{fmt(median_of(a, 'startup_s'), 1)} | {fmt(median_of(t, 'startup_s'), 1)} |"
         )
     print()
-    for loss in losses:
-        a, t = summaries[loss][head_key], summaries[loss]["trl"]
+    for loss, (a, t) in sides.items():
         shortest = min(x["total_s"] for x in a + t)
         speed = [x for x in ratios(t, a, "total_s") if x is not None]
         startup = median_of(a, "startup_s")
@@ -1203,8 +1202,7 @@ def main() -> None:
             f"Reference log-probs: alignlib {a[0].get('reference')}, TRL {t[0].get('reference')}."
         )
     print()
-    for loss in losses:
-        a, t = summaries[loss][head_key], summaries[loss]["trl"]
+    for loss, (a, t) in sides.items():
         b = a[0].get("breakdown")
         if b:
             print(f"#### {loss.upper()}: alignlib start-up, call start -> end of first optimizer step "
