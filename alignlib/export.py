@@ -18,8 +18,28 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 def export_model(checkpoint_model: str, target: str, base_model: str, merge_lora: bool,
                  trust_remote_code: bool = False) -> str:  # fmt: skip
-    """Returns the kind of model written: `full`, `merged-lora` or `lora-adapter`; weights are safetensors."""
-    source, target_path = Path(checkpoint_model), Path(target)
+    """Returns the kind of model written: `full`, `merged-lora` or `lora-adapter`; weights are safetensors.
+
+    Either side may be in an object store (a URI): the checkpoint is read from a local copy, and the model
+    is written on local disk, checked, then uploaded.
+    """
+    import tempfile
+
+    from alignlib.store import RemotePath, copytree, location
+
+    source, destination = location(checkpoint_model), location(target)
+    with tempfile.TemporaryDirectory(prefix="alignlib-export-") as tmp:
+        if isinstance(source, RemotePath):
+            copytree(source, Path(tmp) / "checkpoint")
+            source = Path(tmp) / "checkpoint"
+        if not isinstance(destination, RemotePath):
+            return _export(source, destination, base_model, merge_lora, trust_remote_code)
+        kind = _export(source, Path(tmp) / "model", base_model, merge_lora, trust_remote_code)
+        copytree(Path(tmp) / "model", destination)
+    return kind
+
+
+def _export(source: Path, target_path: Path, base_model: str, merge_lora: bool, trust_remote_code: bool) -> str:
     is_adapter = (source / "adapter_config.json").exists()
     if not is_adapter or not merge_lora:
         shutil.copytree(source, target_path)

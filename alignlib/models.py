@@ -84,6 +84,12 @@ def packaged_gguf(name: str) -> Path:
 def resolve_model(source: str) -> str:
     """A model source -> what `from_pretrained` takes: a built (cached) builtin dir, a path, or a hub id."""
     if not is_builtin(source):
+        from alignlib.uri import is_uri
+
+        if is_uri(source):  # a model a run exported to an object store: loaded from a local copy
+            from alignlib.locations import local_copy, location
+
+            return str(local_copy(location(source), cache_dir() / "models"))
         path = Path(source).expanduser()
         if path.suffix == ".gguf":
             return from_gguf(path)
@@ -247,7 +253,9 @@ def ships_code(source: str) -> bool:
     """
     if is_builtin(source):
         return False
-    path = Path(source).expanduser()
+    from alignlib.uri import is_uri
+
+    path = Path(resolve_model(source)) if is_uri(source) else Path(source).expanduser()
     for name in ("config.json", "tokenizer_config.json"):
         try:
             if "auto_map" in json.loads((path / name).read_text()):

@@ -12,13 +12,12 @@ columns the stage reads, and names the file and the command to run otherwise.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from alignlib.raydata import ensure_ray, log
 from alignlib.spec import JobSpec, remote_code_models
 from alignlib.stages import SHARED, StageInputError, enabled_stages, stage
-from alignlib.store import StageStore, fingerprint
+from alignlib.store import StageStore, StorePath, fingerprint
 
 __all__ = ["Pipeline", "StageInputError"]
 
@@ -106,6 +105,8 @@ class Pipeline:
         """The stage's inputs are complete for this spec and hold every column it reads."""
         import pyarrow.dataset as pads
 
+        from alignlib.store import fs_path
+
         for upstream in self.upstream(name):
             if not self.store.is_complete(upstream, self.fingerprint(upstream)):
                 raise StageInputError(
@@ -116,7 +117,8 @@ class Pipeline:
         for where, columns in stage(name).reads(self.spec).items():
             source, table = where.split("/")
             path = self.store.path(source) / table
-            present = pads.dataset(str(path), format="parquet").schema.names
+            filesystem, where = fs_path(path)
+            present = pads.dataset(where, format="parquet", filesystem=filesystem).schema.names
             missing = [c for c in columns if c not in present]
             if missing:
                 raise StageInputError(
@@ -228,7 +230,7 @@ class Pipeline:
             log(f"{name}: done in {time.time() - started:.1f}s -> {self.store.path(name)}  {_brief(manifests[name])}")
         return manifests
 
-    def table_path(self, name: str, table: str) -> Path:
+    def table_path(self, name: str, table: str) -> StorePath:
         return self.store.path(name) / table
 
 
@@ -241,4 +243,3 @@ _RESOURCE_HINTS = {
 
 def _brief(manifest: dict[str, Any]) -> str:
     return " ".join(f"{name}={rows}" for name, rows in manifest["tables"].items())
-

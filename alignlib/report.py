@@ -17,6 +17,10 @@ def shown(path) -> str:
     """A path as the user would type it: relative to the current directory when it is under it."""
     from pathlib import Path
 
+    from alignlib.uri import is_uri
+
+    if is_uri(str(path)):
+        return str(path)
     path = Path(path)
     try:
         return str(path.relative_to(Path.cwd()))
@@ -97,9 +101,9 @@ def _cell(value, form: str) -> str:
 
 def print_rounds(spec, start: dict, figures: list[dict]) -> None:
     """The per-round table the CLI ends a multi-round run with."""
-    from pathlib import Path
+    from alignlib.store import location
 
-    root = Path(spec.output_dir).expanduser().resolve()
+    root = location(spec.output_dir)
     _print(f"\n== alignlib job {spec.name!r}: {len(figures)} of {spec.rounds.count} round(s) under {shown(root)}")
     header = ["round", *[h for _, h, _ in ROUND_COLUMNS], "pairs kept"]
     rows = [["start", *[_cell(start.get(k), form) for k, _, form in ROUND_COLUMNS], "-"]]

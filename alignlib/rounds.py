@@ -16,7 +16,6 @@ where it stopped. A job with `rounds.count: 1` is a single pass laid out exactly
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from alignlib import schema as S
@@ -24,7 +23,7 @@ from alignlib.pipeline import Pipeline
 from alignlib.raydata import log
 from alignlib.spec import JobSpec
 from alignlib.stages import SHARED
-from alignlib.store import read_table
+from alignlib.store import StageStore, location, read_table
 
 
 def round_spec(spec: JobSpec, k: int) -> JobSpec:
@@ -38,7 +37,8 @@ def round_spec(spec: JobSpec, k: int) -> JobSpec:
     later = absolute_paths(later_spec(spec)) if rounds.later else spec
     if rounds.start_from == "base":
         return later
-    previous = Path(spec.output_dir).expanduser().resolve() / f"round-{k - 1}" / "export" / "model"
+    # In an object store the export sits in the attempt its manifest names: resolved once it is committed.
+    previous = StageStore(spec.output_dir, f"round-{k - 1}").path("export") / "model"
     policy = later.policy.model_copy(update={"model": str(previous)})
     initial = spec.train.reference_model or spec.policy.model  # the first round's
     train = later.train.model_copy(update={"reference_model": initial if rounds.reference == "initial" else None})
@@ -231,7 +231,7 @@ def write_outputs(spec: JobSpec, figures: list[dict[str, Any]], rounds: list[Pip
     """Write rounds.json and report.html; returns the figures of the start (round 0)."""
     from alignlib.report import render_rounds
 
-    root = Path(spec.output_dir).expanduser().resolve()
+    root = location(spec.output_dir)
     baseline = shared.store.manifest("baseline") or {}
     base_path = shared.table_path("baseline", "completions")
     tokens = [r[S.NUM_TOKENS] for r in read_table(base_path).to_pylist()] if base_path.exists() else []

@@ -31,13 +31,19 @@ HASHED_FILE_BYTES = 64 * 2**20
 
 def looks_like_path(value: str) -> bool:
     """A model field naming a local path rather than a hub id (`org/name`) or a builtin."""
-    if value.startswith("builtin:"):
+    from alignlib.uri import is_uri
+
+    if value.startswith("builtin:") or is_uri(value):
         return False
     return (value.startswith(("/", "./", "../", "~")) or value.count("/") >= 2 or value.endswith(".gguf")
             or Path(value).expanduser().exists())  # fmt: skip
 
 
 def _absolute(value: str, base: Path) -> str:
+    from alignlib.uri import is_uri
+
+    if is_uri(value):
+        return value
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base / path).resolve())
 
@@ -84,6 +90,12 @@ def model_problem(field: str, value: str) -> str | None:
         close = difflib.get_close_matches(name, [*BUILTINS, *PACKAGED], n=1)
         hint = f"did you mean {BUILTIN_PREFIX}{close[0]}? " if close else ""
         return f"{field}: unknown built-in model {value!r}; {hint}the built-ins are {', '.join(builtin_names())}"
+    from alignlib.uri import is_uri
+
+    if is_uri(value):  # a model a run wrote to an object store (an export): it must hold a config
+        from alignlib.locations import RemotePath
+
+        return None if (RemotePath(value) / "config.json").exists() else f"{field}: no model at {value}"
     if not looks_like_path(value):
         return None  # a hub id: from_pretrained fetches (or finds in its cache) what exists
     path = Path(value).expanduser()
@@ -123,6 +135,10 @@ def problems(spec, stages: list[str]) -> list[str]:
     found += [f"{field}: {model} is a GGUF causal LM; a reward model is a sequence classifier (num_labels=1)"
               for field, model in models_read(spec, stages)
               if field.startswith("score.") and (model.endswith(".gguf") or model == "builtin:smollm2-135m-instruct")]
+    from alignlib.uri import is_uri
+
+    if is_uri(spec.output_dir):
+        return found + output_store_problems(spec.output_dir)
     output = Path(spec.output_dir)
     existing = next((p for p in [output, *output.parents] if p.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -130,6 +146,27 @@ def problems(spec, stages: list[str]) -> list[str]:
     elif existing is not None and not os.access(existing, os.W_OK):
         found.append(f"output_dir: {existing} is not writable")
     return found
+
+
+def output_store_problems(uri: str) -> list[str]:
+    """Whether this process can reach and write the object store `uri` names: one small object, written
+    and deleted, so bad credentials or a wrong endpoint fail before any work, naming output_dir."""
+    import uuid
+
+    from alignlib.locations import RemotePath
+    from alignlib.redaction import redact
+
+    try:
+        probe = RemotePath(uri) / f".alignlib-write-check-{uuid.uuid4().hex[:8]}"
+        probe.write_text("")
+        probe.unlink()
+    except Exception as err:  # noqa: BLE001 - any failure to reach the store is the user's to fix
+        first = redact(str(err)).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return [
+            f"output_dir: cannot write to {uri} ({first}); check the bucket, the endpoint (AWS_ENDPOINT_URL) "
+            "and the credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+        ]
+    return []
 
 
 # -- fingerprints -------------------------------------------------------------------------------
@@ -159,6 +196,15 @@ def model_digest(source: str) -> str:
             module = PACKAGED[source.removeprefix("builtin:")][0]
             return f"{source}@{version(module.replace('_', '-'))}"
         return f"{source}@v{BUILTIN_VERSION}"
+    from alignlib.uri import is_uri
+
+    if is_uri(source):  # by its files' names, sizes and times (an object store keeps no cheap content hash)
+        from alignlib.locations import RemotePath, listing_key
+
+        try:
+            return "store:" + listing_key(RemotePath(source))
+        except FileNotFoundError:
+            return source
     root = Path(source).expanduser()
     if root.suffix == ".gguf" and root.is_file():
         return "gguf:" + file_digest(root)[:16]

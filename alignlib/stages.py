@@ -15,10 +15,8 @@ stays light.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from alignlib import schema as S
@@ -26,7 +24,19 @@ from alignlib.progress import Progress, counted
 from alignlib.raydata import ensure_ray, log, ordered_data
 from alignlib.sources import data_digest, model_digest, reward_digests
 from alignlib.spec import LOSSES_NEEDING_PAIRS, JobSpec, eval_temperature, reference_source
-from alignlib.store import ROWS_PER_FILE, StageStore, StageWriter, count_rows, read_table, write_table
+from alignlib.store import (
+    ROWS_PER_FILE,
+    StageStore,
+    StageWriter,
+    StorePath,
+    copytree,
+    count_rows,
+    location,
+    move,
+    read_table,
+    rmtree,
+    write_table,
+)
 from alignlib.verify import KEY, check_completions, check_scored
 
 
@@ -42,7 +52,7 @@ class Pipeline(Protocol):
 
     def fingerprint(self, name: str) -> str: ...
 
-    def table_path(self, name: str, table: str) -> Path: ...
+    def table_path(self, name: str, table: str) -> StorePath: ...
 
 
 class StageInputError(RuntimeError):
@@ -185,8 +195,6 @@ def _context_settings(spec: JobSpec) -> dict[str, Any] | None:
 
 
 def run_prompts(p: Pipeline, out: StageWriter) -> dict[str, Any]:
-    import shutil
-
     from alignlib.prompts import all_rejected, load_data, split, to_table
 
     data = p.spec.data
@@ -197,7 +205,7 @@ def run_prompts(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         fits = ContextCheck(p.spec)
     # Where the rejected rows of a run that kept none go: the stage itself is not committed then.
     failed = p.store.root / "prompts.failed"
-    shutil.rmtree(failed, ignore_errors=True)
+    rmtree(failed)
     loaded = load_data(data, fits)
     rejected = to_table(loaded.rejected, S.REJECTED_ROW_COLUMNS)
     if not loaded.prompts:
@@ -275,7 +283,7 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
                 str(out.table("completions") / S.GENERATOR_GOLD), min_rows_per_file=ROWS_PER_FILE
             )
     check_completions(out.table("completions"), _expected_completions(p, jobs))
-    shutil.rmtree(_ahead_dir(p).parent, ignore_errors=True)
+    rmtree(_ahead_dir(p).parent)
     return {"engine": g.engine, "engine_starts": started, "policy": spec.policy.model}
 
 
@@ -305,9 +313,9 @@ def _seed_key(p: Pipeline, generator: str) -> str:
 DONE = "_complete"
 
 
-def _ahead_dir(p: Pipeline) -> Path:
+def _ahead_dir(p: Pipeline) -> StorePath:
     """Where candidates sampled ahead for this round's generate stage wait, keyed by its fingerprint."""
-    return p.store.path("generate").parent / ".ahead" / p.fingerprint("generate")
+    return p.store.parent("generate") / ".ahead" / p.fingerprint("generate")
 
 
 def _same_engine(a, b) -> bool:
@@ -333,29 +341,27 @@ def sample_ahead(p: Pipeline, model) -> Any:
                 _seed_key(nxt, S.GENERATOR_POLICY))  # fmt: skip
 
 
-def _adopt_ahead(p: Pipeline, target: Path) -> bool:
+def _adopt_ahead(p: Pipeline, target: StorePath) -> bool:
     ahead = _ahead_dir(p) / S.GENERATOR_POLICY
     if (p.force and not getattr(p, "ahead_fresh", False)) or not (ahead / DONE).exists():
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
-    ahead.rename(target)
-    (target / DONE).unlink()
+    (ahead / DONE).unlink()
+    move(ahead, target)
     log(f"generate: the policy's {count_rows(target)} candidates were sampled ahead by the engine that "
         "answered the held-out prompts (no engine started)")  # fmt: skip
     return True
 
 
-def _reuse_weak(p: Pipeline, target: Path) -> bool:
+def _reuse_weak(p: Pipeline, target: StorePath) -> bool:
     """Rounds 2+ sampling the same prompts copy round 1's weak-model answers: same model, prompts and seeds,
     so the same answers, without starting its engine again."""
-    import shutil
-
     if p.round is None or p.round == 1 or p.spec.rounds.prompts != "same":
         return False
     first = p.earlier[0].table_path("generate", "completions") / S.GENERATOR_WEAK
     if not first.is_dir():
         return False
-    shutil.copytree(first, target)
+    copytree(first, target)
     log(f"generate: weak model's answers reused from round 1 ({count_rows(target)} rows, no engine started)")
     return True
 
@@ -507,8 +513,11 @@ PAIRS = Stage(
     help="turn scores into preference pairs and a best-of-N set (or import a preference file's pairs)",
     run=run_pairs,
     # The loss is in too: it decides which of the two sets must not come out empty.
-    sections=lambda spec: {"pairs": spec.pairs.model_dump(mode="json"), "seed": spec.seed,
-                           "training_table": _training_table(spec)},  # fmt: skip
+    sections=lambda spec: {
+        "pairs": spec.pairs.model_dump(mode="json"),
+        "seed": spec.seed,
+        "training_table": _training_table(spec),
+    },  # fmt: skip
     # An imported preference set skips generate and score.
     inputs=lambda spec: ["score"] if _generated(spec) else ["prompts"],
     reads=lambda spec: (
@@ -586,11 +595,9 @@ def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     log(f"train: {p.spec.train.loss.name} on {n} {table} rows{rounds}, backend {backend.name} x{backend.num_workers}")
     run_name = f"{p.spec.name}-{p.fingerprint('train')}"
     if p.force:  # resuming is for the same run after a crash; --force trains from the start
-        import shutil
-
         from alignlib.train.launch import storage_path
 
-        shutil.rmtree(storage_path(p.spec) / run_name, ignore_errors=True)
+        rmtree(storage_path(p.spec) / run_name)
     result = run_training(p.spec, dataset, n, run_name=run_name)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
@@ -598,7 +605,22 @@ def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     write_table(pa.Table.from_pylist(epochs), out.table("metrics"))
     if steps:
         write_table(pa.Table.from_pylist(steps), out.table("steps"))
-    return {"checkpoint": result.checkpoint.path, "examples": n, "final_metrics": _jsonable(result.metrics)}
+    return {
+        "checkpoint": checkpoint_location(result.checkpoint),
+        "examples": n,
+        "final_metrics": _jsonable(result.metrics),
+    }
+
+
+def checkpoint_location(checkpoint) -> str:
+    """A Ray Train checkpoint's directory as a path or URI (in an object store, Ray gives a bucket path)."""
+    import pyarrow.fs as pafs
+
+    fs = checkpoint.filesystem
+    if fs is None or isinstance(fs, pafs.LocalFileSystem):
+        return checkpoint.path
+    scheme = "gs" if fs.type_name == "gcs" else fs.type_name
+    return f"{scheme}://{checkpoint.path}"
 
 
 def _train_reads(spec: JobSpec) -> dict[str, list[str]]:
@@ -632,7 +654,7 @@ def run_export(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     from alignlib.export import export_model
 
     ensure_ray()
-    checkpoint = Path(p.store.manifest("train")["stats"]["checkpoint"])
+    checkpoint = location(p.store.manifest("train")["stats"]["checkpoint"])
     if not (checkpoint / "model").exists():
         raise StageInputError(f"export: the training checkpoint {checkpoint} is gone; rerun `alignlib train`")
     target = out.path / "model"
@@ -640,7 +662,7 @@ def run_export(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     policy = p.spec.policy
     kind = ray.get(task.remote(str(checkpoint / "model"), str(target), policy.model, p.spec.export.merge_lora,
                                policy.trust_remote_code))  # fmt: skip
-    return {"kind": kind, "source": str(checkpoint / "model"), "model": str(p.store.path("export") / "model")}
+    return {"kind": kind, "source": str(checkpoint / "model"), "model": str(out.location / "model")}
 
 
 EXPORT = Stage(
@@ -690,7 +712,7 @@ def _held_out_answers(p: Pipeline, out: StageWriter, models: list[tuple[str, Any
             score(held_out, spec.score).write_parquet(str(out.table("completions") / generator))
             if ahead is not None:
                 target = _ahead_dir(p.ahead) / S.GENERATOR_POLICY
-                shutil.rmtree(target, ignore_errors=True)
+                rmtree(target)
                 completions.filter(lambda r: r[S.GENERATOR] == S.GENERATOR_POLICY).write_parquet(
                     str(target), min_rows_per_file=ROWS_PER_FILE
                 )

@@ -1,9 +1,19 @@
-"""Stage outputs on disk: `<output_dir>/<stage>/` holds Parquet tables plus `manifest.json`.
+"""Stage outputs: `<output_dir>/<stage>/` holds Parquet tables plus `manifest.json`.
 
-A stage writes into a temporary sibling directory and renames it into place only after its
-manifest is written, so a stage directory either is complete or does not exist. A rerun trusts an
-existing output only if its manifest's fingerprint (the spec sections and upstream fingerprints
-it was made from) matches and every table still holds the rows the manifest counted.
+`output_dir` is a local (or shared POSIX) path, or an object-store URI (`s3://bucket/prefix`,
+`gs://bucket/prefix`) read and written through pyarrow's filesystems, with credentials and endpoint
+from the standard environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, ...;
+never logged or written). The commit protocol differs because object stores cannot rename a directory:
+
+- local: a stage writes into a temporary sibling directory and renames it into place only after its
+  manifest is written, so a stage directory either is complete or does not exist.
+- object store: a stage writes under an attempt prefix, `<stage>/attempt-<id>/`, and commits by writing
+  `<stage>/manifest.json` last (one PUT, atomic), naming that attempt. Readers go through the manifest,
+  so they see only a committed attempt; a killed attempt's leftovers are never read and are deleted by
+  the next attempt, and the attempt a new commit replaces is deleted after it.
+
+A rerun trusts an existing output only if its manifest's fingerprint (the spec sections and upstream
+fingerprints it was made from) matches and every table still holds the rows the manifest counted.
 
     store = StageStore("runs/demo")
     if not store.is_complete("pairs", fingerprint):
@@ -21,14 +31,16 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from alignlib.locations import RemotePath, StorePath, copytree, fs_path, location, move, rmtree
 from alignlib.redaction import redact
+
+__all__ = ["RemotePath", "StorePath", "copytree", "fs_path", "location", "move", "rmtree"]
 
 MANIFEST = "manifest.json"
 # Rows per Parquet file Ray Data writes at least (the last file may hold fewer). Engines work in
@@ -55,36 +67,47 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_table(table: pa.Table, directory: Path) -> None:
+def write_table(table: pa.Table, directory: StorePath) -> None:
     """One Parquet file in a dataset directory (the layout Ray Data writes too)."""
     directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, directory / "part-00000.parquet")
+    fs, path = fs_path(directory / "part-00000.parquet")
+    pq.write_table(table, path, filesystem=fs)
 
 
-def read_table(directory: Path) -> pa.Table:
-    return pads.dataset(str(directory), format="parquet").to_table()
+def _dataset(directory: StorePath) -> pads.Dataset:
+    fs, path = fs_path(directory)
+    return pads.dataset(path, format="parquet", filesystem=fs)
 
 
-def count_rows(directory: Path) -> int:
-    return pads.dataset(str(directory), format="parquet").count_rows() if directory.exists() else -1
+def read_table(directory: StorePath, columns: list[str] | None = None) -> pa.Table:
+    return _dataset(directory).to_table(columns=columns)
+
+
+def count_rows(directory: StorePath) -> int:
+    return _dataset(directory).count_rows() if directory.exists() else -1
 
 
 @dataclass
 class StageWriter:
     stage: str
-    path: Path
-    final: Path
+    path: StorePath
+    final: StorePath  # local: the directory `path` is renamed to; object store: the stage's manifest
     started: float = field(default_factory=time.time)
     committed: bool = False
     tables: list[str] = field(default_factory=list)
 
-    def table(self, name: str) -> Path:
+    @property
+    def location(self) -> StorePath:
+        """Where this stage's files are once it is committed."""
+        return self.path if isinstance(self.path, RemotePath) else self.final
+
+    def table(self, name: str) -> StorePath:
         """The directory of one Parquet table of this stage; its rows are counted at commit."""
         self.tables.append(name)
         return self.path / name
 
     def commit(self, fingerprint: str, inputs: dict[str, str], stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Count each table's rows, write the manifest, and move the stage into place."""
+        """Count each table's rows, write the manifest, and make the stage the committed one."""
         names = sorted(set(self.tables))
         manifest = {
             "stage": self.stage,
@@ -96,8 +119,18 @@ class StageWriter:
             "seconds": round(time.time() - self.started, 2),
             "versions": versions(),
         }
+        if isinstance(self.path, RemotePath):
+            manifest["attempt"] = self.path.name
         # Stats can quote paths and messages; a secret from the environment is masked, never written.
-        (self.path / MANIFEST).write_text(redact(json.dumps(manifest, indent=2, sort_keys=True)) + "\n")
+        text = redact(json.dumps(manifest, indent=2, sort_keys=True)) + "\n"
+        if isinstance(self.path, RemotePath):
+            self.final.write_text(text)  # the commit: one object, written last
+            self.committed = True
+            for stale in self.final.parent.glob("attempt-*"):
+                if stale.name != self.path.name:
+                    rmtree(stale)
+            return manifest
+        (self.path / MANIFEST).write_text(text)
         if self.final.exists():
             trash = self.final.with_name(f".{self.stage}.old-{uuid.uuid4().hex[:8]}")
             self.final.rename(trash)
@@ -114,22 +147,40 @@ class StageStore:
     at the top level whichever round asks for them.
     """
 
-    def __init__(self, output_dir: str | Path, subdir: str | None = None, shared: tuple[str, ...] = ()):
-        self.root = Path(output_dir).expanduser().resolve()
+    def __init__(self, output_dir: str | StorePath, subdir: str | None = None, shared: tuple[str, ...] = ()):
+        self.root = location(output_dir)
+        self.remote = isinstance(self.root, RemotePath)
         self.subdir, self.shared = subdir, shared
 
-    def path(self, stage: str) -> Path:
+    def base(self, stage: str) -> StorePath:
+        """The stage's own directory: the output itself locally, its manifest and attempts in an object store."""
         if self.subdir is None or stage in self.shared:
             return self.root / stage
         return self.root / self.subdir / stage
 
+    def parent(self, stage: str) -> StorePath:
+        """The directory holding the stage's directory (the run's, or its round's)."""
+        return self.base(stage).parent
+
+    def _manifest_file(self, stage: str) -> StorePath:
+        return self.base(stage) / MANIFEST
+
+    def path(self, stage: str) -> StorePath:
+        """Where the stage's committed tables are (in an object store: the attempt its manifest names)."""
+        if not self.remote:
+            return self.base(stage)
+        manifest = self.manifest(stage)
+        return self.base(stage) / str((manifest or {}).get("attempt", "attempt-none"))
+
     def manifest(self, stage: str) -> dict[str, Any] | None:
-        path = self.path(stage) / MANIFEST
-        if not path.exists():
-            return None
+        path = self._manifest_file(stage)
         try:
             return json.loads(path.read_text())
-        except json.JSONDecodeError:
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        except OSError:
+            if path.exists():
+                raise
             return None
 
     def is_complete(self, stage: str, fingerprint: str) -> bool:
@@ -137,7 +188,8 @@ class StageStore:
         if manifest is None or manifest.get("fingerprint") != fingerprint:
             return False
         tables = manifest.get("tables", {})
-        return all(count_rows(self.path(stage) / name) == rows for name, rows in tables.items())
+        where = self.path(stage)
+        return all(count_rows(where / name) == rows for name, rows in tables.items())
 
     def writer(self, stage: str) -> _WriterContext:
         return _WriterContext(self, stage)
@@ -148,16 +200,27 @@ class _WriterContext:
         self.store, self.stage = store, stage
 
     def __enter__(self) -> StageWriter:
-        parent = self.store.path(self.stage).parent
+        store, stage = self.store, self.stage
+        if store.remote:
+            base = store.base(stage)
+            committed = (store.manifest(stage) or {}).get("attempt")
+            # Leftovers of killed attempts are never read (no manifest names them); clear them.
+            for stale in base.glob("attempt-*"):
+                if stale.name != committed:
+                    rmtree(stale)
+            attempt = base / f"attempt-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            self.writer = StageWriter(stage, attempt, store._manifest_file(stage))
+            return self.writer
+        parent = store.parent(stage)
         parent.mkdir(parents=True, exist_ok=True)
         # Leftovers of killed runs are never read; clear them so they do not pile up.
-        for stale in parent.glob(f".{self.stage}.tmp-*"):
+        for stale in parent.glob(f".{stage}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = parent / f".{self.stage}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = parent / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
-        self.writer = StageWriter(self.stage, tmp, self.store.path(self.stage))
+        self.writer = StageWriter(stage, tmp, store.path(stage))
         return self.writer
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.writer.committed:
-            shutil.rmtree(self.writer.path, ignore_errors=True)
+            rmtree(self.writer.path)

@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.dataset as pads
-
 from alignlib import schema as S
 
 KEY = (S.PROMPT_ID, S.GENERATOR, S.SAMPLE_INDEX)
@@ -28,7 +26,9 @@ class StageOutputError(RuntimeError):
 
 def read_keys(directory: Path) -> list[Key]:
     """The (prompt_id, generator, sample_index) of every row of a Parquet dataset directory."""
-    table = pads.dataset(str(directory), format="parquet").to_table(columns=list(KEY))
+    from alignlib.store import read_table
+
+    table = read_table(directory, columns=list(KEY))
     return list(zip(*(table[c].to_pylist() for c in KEY), strict=True))
 
 

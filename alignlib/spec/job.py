@@ -557,7 +557,10 @@ class JobSpec(_Spec):
         "separators or `..`.",
         json_schema_extra={"pattern": SAFE_NAME.pattern},
     )
-    output_dir: str = Field(description="Where every stage writes; on a cluster, a path all nodes share.")
+    output_dir: str = Field(
+        description="Where every stage writes: a local path (on a cluster, one every node shares) or an object-store "
+        "URI, `s3://bucket/prefix` or `gs://bucket/prefix`, with credentials from the standard environment."
+    )
     seed: int = 0
     data: DataSpec
     policy: ModelSpec
@@ -582,10 +585,18 @@ class JobSpec(_Spec):
 
     @field_validator("output_dir")
     @classmethod
-    def _local_output(cls, value: str) -> str:
+    def _output_location(cls, value: str) -> str:
+        from alignlib.uri import REMOTE_SCHEMES, is_uri
+
+        if is_uri(value):
+            bucket = value.partition("://")[2].split("/", 1)[0]
+            if not bucket:
+                raise ValueError(f"{value!r} names no bucket; write it as s3://bucket/prefix")
+            return value.rstrip("/")
         if "://" in value and not value.startswith("file://"):
             raise ValueError(
-                "remote URIs are not supported yet; use a path every node can read (local disk, NFS, a PVC)"
+                f"{value!r}: output_dir takes a local path or a URI with scheme "
+                f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}"
             )
         return value.removeprefix("file://")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 from alignlib.spec import JobSpec
 
@@ -24,15 +23,18 @@ def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
     return max(1, per_epoch) * spec.train.epochs
 
 
-def storage_path(spec: JobSpec) -> Path:
-    return Path(spec.output_dir).expanduser().resolve() / "train-ray"
+def storage_path(spec: JobSpec):
+    """Ray Train's storage: a local directory, or a prefix in the object store output_dir names."""
+    from alignlib.store import location
+
+    return location(spec.output_dir) / "train-ray"
 
 
-def metrics_path(spec: JobSpec, run_name: str) -> Path:
+def metrics_path(spec: JobSpec, run_name: str):
     return storage_path(spec) / run_name / "alignlib-metrics.jsonl"
 
 
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+def read_metrics(path) -> tuple[list[dict], list[dict]]:
     """(per-epoch rows, per-step rows) from the loop's metrics log; a resumed step keeps its last line."""
     entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     epochs = {e["epoch"]: e for e in entries if e.pop("kind") == "epoch"}

@@ -75,10 +75,21 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _record(path: str, entry: dict) -> None:
-    """Append one metrics line; the file lives in Ray Train's storage, so it survives a resume."""
+    """Append one metrics line; the file lives in Ray Train's storage, so it survives a resume.
+
+    An object store cannot append: there the file is rewritten whole (a few KB per step)."""
+    from alignlib.uri import is_uri
+
+    line = json.dumps(entry) + "\n"
+    if is_uri(path):
+        from alignlib.store import RemotePath
+
+        remote = RemotePath(path)
+        remote.write_text((remote.read_text() if remote.exists() else "") + line)
+        return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+        f.write(line)
 
 
 class Trainer:
