@@ -26,6 +26,7 @@ import yaml
 
 from alignlib.spec import JobSpec, SpecError, apply_overrides, parse_spec
 from alignlib.stages import demands
+from alignlib.uri import is_uri
 
 RAY_VERSION = "2.60.0"  # the ray in cluster/Dockerfile's base image
 IMAGE = "alignlib:latest"
@@ -34,6 +35,9 @@ APP_DIR = "/app"  # the repository inside the image: relative data paths resolve
 SPEC_DIR = "/etc/alignlib"
 SPEC_FILE = "job.yaml"
 PVC = "alignlib-shared"
+# With an object-store output_dir there is no shared volume: each pod caches models (hub downloads, exports it
+# loads) on a volume of its own.
+CACHE = "/cache"
 HF_SECRET = "alignlib-hf"  # key `token`: Hugging Face token for gated models (optional)
 STORAGE_SECRET = "alignlib-storage"  # object-store credentials as env vars, e.g. AWS_ACCESS_KEY_ID (optional)
 RAY_AUTH_SECRET = "alignlib-ray-auth"  # key `auth_token`: Ray's token; required, so Ray never runs open
@@ -131,16 +135,28 @@ CONTAINER_SECURITY = {
 }
 
 
-def ray_env() -> list[dict[str, Any]]:
-    """Environment of every Ray container: model cache on the shared volume, the hub token by reference."""
-    return [
-        {"name": "HF_HOME", "value": f"{SHARED}/hf"},
+def ray_env(object_store: bool = False) -> list[dict[str, Any]]:
+    """Environment of every Ray container: model cache on the shared volume (or the pod's own cache volume),
+    the hub token by reference."""
+    env = [
+        {"name": "HF_HOME", "value": f"{CACHE if object_store else SHARED}/hf"},
         {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": HF_SECRET, "key": "token", "optional": True}}},
     ]
+    if object_store:
+        env.append({"name": "ALIGNLIB_CACHE", "value": f"{CACHE}/alignlib"})
+    return env
 
 
-def ray_env_from() -> list[dict[str, Any]]:
-    return [{"secretRef": {"name": STORAGE_SECRET, "optional": True}}]
+def ray_env_from(object_store: bool = False) -> list[dict[str, Any]]:
+    """The object store's credentials, only ever by reference; required when output_dir is in the store."""
+    return [{"secretRef": {"name": STORAGE_SECRET, "optional": not object_store}}]
+
+
+def _data_volume(object_store: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(mount, volume): the shared volume, or, with an object-store output_dir, the pod's own model cache."""
+    if object_store:
+        return {"name": "cache", "mountPath": CACHE}, {"name": "cache", "emptyDir": {}}
+    return {"name": "shared", "mountPath": SHARED}, {"name": "shared", "persistentVolumeClaim": {"claimName": PVC}}
 
 
 def _resources(cpu: int, memory_gi: int, gpu: int = 0) -> dict[str, Any]:
@@ -150,8 +166,9 @@ def _resources(cpu: int, memory_gi: int, gpu: int = 0) -> dict[str, Any]:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def worker_group(group: WorkerGroup, image: str) -> dict[str, Any]:
+def worker_group(group: WorkerGroup, image: str, object_store: bool = False) -> dict[str, Any]:
     s = group.shape
+    mount, volume = _data_volume(object_store)
     pod: dict[str, Any] = {
         # Autoscaler v2 replaces a failed worker pod itself; a restarted container would rejoin stale.
         "restartPolicy": "Never",
@@ -164,18 +181,12 @@ def worker_group(group: WorkerGroup, image: str) -> dict[str, Any]:
                 "imagePullPolicy": "IfNotPresent",
                 "securityContext": CONTAINER_SECURITY,
                 "resources": _resources(s.cpu, s.memory_gi, s.gpu),
-                "env": ray_env(),
-                "envFrom": ray_env_from(),
-                "volumeMounts": [
-                    {"name": "shared", "mountPath": SHARED},
-                    {"name": "dshm", "mountPath": "/dev/shm"},
-                ],
+                "env": ray_env(object_store),
+                "envFrom": ray_env_from(object_store),
+                "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}],
             }
         ],
-        "volumes": [
-            {"name": "shared", "persistentVolumeClaim": {"claimName": PVC}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{s.shm_gi}Gi"}},
-        ],
+        "volumes": [volume, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{s.shm_gi}Gi"}}],
     }
     if s.gpu:
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -190,9 +201,10 @@ def worker_group(group: WorkerGroup, image: str) -> dict[str, Any]:
     }
 
 
-def head_group(image: str, spec_configmap: str | None, serve_port: int | None = None) -> dict[str, Any]:
-    mounts = [{"name": "shared", "mountPath": SHARED}]
-    volumes: list[dict[str, Any]] = [{"name": "shared", "persistentVolumeClaim": {"claimName": PVC}}]
+def head_group(image: str, spec_configmap: str | None, serve_port: int | None = None,
+               object_store: bool = False) -> dict[str, Any]:  # fmt: skip
+    mount, volume = _data_volume(object_store)
+    mounts, volumes = [mount], [volume]
     if spec_configmap:
         mounts.append({"name": "job-spec", "mountPath": SPEC_DIR, "readOnly": True})
         volumes.append({"name": "job-spec", "configMap": {"name": spec_configmap}})
@@ -218,8 +230,8 @@ def head_group(image: str, spec_configmap: str | None, serve_port: int | None = 
                             *([{"containerPort": serve_port, "name": "serve"}] if serve_port else []),
                         ],
                         "resources": _resources(4, 16),
-                        "env": ray_env(),
-                        "envFrom": ray_env_from(),
+                        "env": ray_env(object_store),
+                        "envFrom": ray_env_from(object_store),
                         "volumeMounts": mounts,
                     }
                 ],
@@ -230,7 +242,7 @@ def head_group(image: str, spec_configmap: str | None, serve_port: int | None = 
 
 
 def cluster_spec(groups: list[WorkerGroup], image: str, spec_configmap: str | None = None,
-                 serve_port: int | None = None) -> dict[str, Any]:  # fmt: skip
+                 serve_port: int | None = None, object_store: bool = False) -> dict[str, Any]:  # fmt: skip
     return {
         "rayVersion": RAY_VERSION,
         # Token auth from a Secret the user creates once (KubeRay >= 1.5.1 sets RAY_AUTH_MODE and
@@ -243,8 +255,8 @@ def cluster_spec(groups: list[WorkerGroup], image: str, spec_configmap: str | No
             "idleTimeoutSeconds": 600,
             "securityContext": CONTAINER_SECURITY,
         },
-        "headGroupSpec": head_group(image, spec_configmap, serve_port),
-        "workerGroupSpecs": [worker_group(g, image) for g in groups],
+        "headGroupSpec": head_group(image, spec_configmap, serve_port, object_store),
+        "workerGroupSpecs": [worker_group(g, image, object_store) for g in groups],
     }
 
 
@@ -321,20 +333,26 @@ def k8s_name(job_name: str, source: str = "<spec>") -> str:
 
 
 def cluster_paths(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The spec as the cluster sees it (output_dir on the shared volume), and path problems."""
+    """The spec as the cluster sees it (output_dir on the shared volume, or in an object store), and path problems."""
     raw = dict(raw)
     problems = []
     out = str(raw.get("output_dir", ""))
     if out.startswith("file://"):
         out = out.removeprefix("file://")
-    if out and not out.startswith("/"):
+    object_store = is_uri(out)
+    if object_store:
+        pass  # every pod reaches it with the credentials of Secret STORAGE_SECRET
+    elif out and not out.startswith("/"):
         raw["output_dir"] = posixpath.join(SHARED, out)  # runs/demo -> /mnt/shared/runs/demo
     elif out and not _under(out, SHARED):
         problems.append(f"output_dir: {out} is not on the shared volume every pod mounts ({SHARED}); "
                         f"set output_dir={SHARED}/runs/{raw.get('name', 'NAME')}")  # fmt: skip
     data = raw.get("data")
     path = str(data.get("path", "")) if isinstance(data, dict) else ""
-    if path.startswith("/") and not (_under(path, SHARED) or _under(path, APP_DIR)):
+    if object_store and path.startswith("/") and not _under(path, APP_DIR):
+        problems.append(f"data.path: {path} is not in the image ({APP_DIR}); with output_dir in an object store "
+                        "the pods share no volume, so the prompts must be in the image")  # fmt: skip
+    elif path.startswith("/") and not (_under(path, SHARED) or _under(path, APP_DIR)):
         problems.append(f"data.path: {path} is not in the image ({APP_DIR}) nor on the shared volume ({SHARED}); "
                         f"copy the prompts to {SHARED}/data/ and point data.path there")  # fmt: skip
     return raw, problems
@@ -367,6 +385,10 @@ class Rendered:
     documents: list[dict[str, Any]]
     kind: str = "RayJob"
 
+    @property
+    def object_store(self) -> bool:
+        return is_uri(self.spec.output_dir)
+
     def to_yaml(self) -> str:
         if self.kind == "RayService":
             head = [f"# alignlib k8s --serve: job {self.spec.name!r} -> RayService {self.name} (best-of-N on port "
@@ -377,7 +399,12 @@ class Rendered:
         head += [f"#   {g.shape.group} x{g.max_replicas}: {'; '.join(g.reasons) or 'CPU-only steps'}" for g in self.groups]
         if self.spec.generate.engine == "vllm" and not any(g.shape.gpu for g in self.groups):
             head += ["# Note: the image's vLLM is the CUDA build; a CPU-only job needs generate.engine=transformers"]
-        head += [f"# Needs: KubeRay >= 1.5.1, PVC {PVC} (k8s/base/pvc.yaml), Secret {RAY_AUTH_SECRET} (key auth_token)."]
+        if self.object_store:
+            head += [f"# Needs: KubeRay >= 1.5.1, Secret {STORAGE_SECRET} (the object store's credentials as env vars: "
+                     "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, and AWS_ENDPOINT_URL for a store other than AWS), "
+                     f"Secret {RAY_AUTH_SECRET} (key auth_token); no shared volume."]  # fmt: skip
+        else:
+            head += [f"# Needs: KubeRay >= 1.5.1, PVC {PVC} (k8s/base/pvc.yaml), Secret {RAY_AUTH_SECRET} (key auth_token)."]
         body = yaml.dump_all(self.documents, Dumper=_BlockDumper, sort_keys=False, default_flow_style=False, width=120)
         return "\n".join(head) + "\n" + body
 
@@ -423,7 +450,7 @@ def render(raw: dict[str, Any], source: str = "<spec>", *, image: str = IMAGE, d
                 "runtimeEnvYAML": f"working_dir: {APP_DIR}\n",
                 "submissionMode": "K8sJobMode",
                 # Deadline for the whole job, retries with a fresh cluster: complete stages are skipped and
-                # training resumes from its last checkpoint, both on the shared volume.
+                # training resumes from its last checkpoint, both on the shared volume (or in the object store).
                 "activeDeadlineSeconds": deadline_s,
                 "backoffLimit": retries,
                 "submitterConfig": {"backoffLimit": retries},
@@ -431,7 +458,7 @@ def render(raw: dict[str, Any], source: str = "<spec>", *, image: str = IMAGE, d
                 # The cluster goes when the job ends (success or failure), ttl_s later (time to read logs).
                 "shutdownAfterJobFinishes": True,
                 "ttlSecondsAfterFinished": ttl_s,
-                "rayClusterSpec": cluster_spec(groups, image, configmap),
+                "rayClusterSpec": cluster_spec(groups, image, configmap, object_store=is_uri(spec.output_dir)),
             },
         },
     ]
@@ -483,7 +510,7 @@ def render_service(raw: dict[str, Any], source: str = "<spec>", *, image: str = 
         "metadata": {"name": name, "labels": labels},
         "spec": {
             "serveConfigV2": yaml.dump(serve_config, Dumper=_BlockDumper, sort_keys=False, width=120),
-            "rayClusterConfig": cluster_spec(groups, image, serve_port=SERVE_PORT),
+            "rayClusterConfig": cluster_spec(groups, image, serve_port=SERVE_PORT, object_store=is_uri(spec.output_dir)),
         },
     }
     return Rendered(name, spec, groups, [network_policy(SERVE_PORT), service], kind="RayService")

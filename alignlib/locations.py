@@ -84,7 +84,7 @@ class RemotePath:
             f.write(text.encode())
 
     def mkdir(self, parents: bool = True, exist_ok: bool = True) -> None:
-        self.fs.create_dir(self.path, recursive=True)
+        """Nothing to do: an object store's directories are the keys' prefixes (markers only get in the way)."""
 
     def iterdir(self) -> list[RemotePath]:
         if not self.is_dir():
@@ -142,7 +142,11 @@ def rmtree(where: StorePath) -> None:
     if isinstance(where, RemotePath):
         info = where._info()
         if info.type == pafs.FileType.Directory:
-            where.fs.delete_dir(where.path)
+            where.fs.delete_dir_contents(where.path, missing_dir_ok=True)
+            try:  # the directory itself: in S3 only a marker object, which a store may not have kept
+                where.fs.delete_dir(where.path)
+            except FileNotFoundError:
+                pass
         elif info.type == pafs.FileType.File:
             where.fs.delete_file(where.path)
     else:

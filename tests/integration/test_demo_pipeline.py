@@ -1,14 +1,16 @@
 """The demo job as a user runs it on a cluster: `ray job submit --working-dir <repo> -- python -m alignlib run
-jobs/demo.yaml` to a Ray head of its own on 127.0.0.1 (token auth, dashboard, free ports, its own temp dir),
-with HF_TOKEN, AWS_SECRET_ACCESS_KEY, WANDB_API_KEY and a password in the cluster's environment, as a
-cluster job would have them. Real Ray, vLLM and training: two of the demo's three rounds (`rounds.count=2`,
-to keep CI short; round 3 repeats round 2's code path), the model round 1 trains sampling round 2's candidates.
+jobs/demo.yaml output_dir=s3://...` to a Ray head of its own on 127.0.0.1 (token auth, dashboard, free ports,
+its own temp dir), writing everything to a real S3 server (SeaweedFS, tests/s3_server.py) with the credentials
+in the cluster's environment, next to HF_TOKEN, WANDB_API_KEY and a password, as a cluster job would have them.
+Real Ray, vLLM and training: two of the demo's three rounds (`rounds.count=2`, to keep CI short; round 3
+repeats round 2's code path), the model round 1 trains sampling round 2's candidates from the store.
 
 Asserts what a user would look at: the stage directories and manifests of every round, the tables' columns
 and row counts, the pairs (gold vs weak in round 1, the policy's own best vs worst after), the exported
 model, the per-round figures and the table the job ends with, that the held-out reward rises, the engine
 starts per round, and that none of the secret values appears in what the job printed or in any file under
-its output. The head is always stopped, by pid, so other Ray instances on the machine are untouched.
+its output (a copy of the whole prefix, checkpoints included). The head is always stopped, by pid, so other
+Ray instances on the machine are untouched. Local output directories are what the other integration tests use.
 """
 
 import json
@@ -16,18 +18,21 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import pytest
 
 from alignlib import schema as S
+from alignlib.locations import RemotePath, copytree, local_copy
 from alignlib.rounds import Rounds
 from alignlib.spec import load_spec
+from alignlib.store import StageStore, read_table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from local_ray import LocalHead, ray_executable  # noqa: E402
 from output_checks import unsafe_stage_files  # noqa: E402
+from s3_server import BUCKET, SECRET_KEY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
@@ -36,13 +41,19 @@ TRAIN_PROMPTS, EVAL_PROMPTS, SAMPLES, WEAK_SAMPLES, ROUNDS = 360, 40, 4, 1, 2
 ROUND_STAGES = ["generate", "score", "pairs", "train", "export", "eval"]
 
 
-def table(run: Path, stage: str, name: str):
-    return pads.dataset(str(run / stage / name), format="parquet").to_table()
+def stage_dir(run: RemotePath, where: str):
+    """Where a stage's committed tables are: `round-1/score` -> the attempt its manifest names."""
+    subdir, _, stage = where.rpartition("/")
+    return StageStore(str(run), subdir or None).path(stage)
+
+
+def table(run: RemotePath, where: str, name: str):
+    return read_table(stage_dir(run, where) / name)
 
 
 SECRETS = {
     "HF_TOKEN": "hf_integrationFAKEtoken0042",
-    "AWS_SECRET_ACCESS_KEY": "aws-integration-FAKE-secret-0042",
+    "AWS_SECRET_ACCESS_KEY": SECRET_KEY,  # the S3 server's: the job really uses this one
     "WANDB_API_KEY": "wandb-integration-FAKE-key-0042",
     "ALIGNLIB_DB_PASSWORD": "integration-FAKE-password-0042",
 }
@@ -73,19 +84,27 @@ def submit_demo(run: Path, overrides: list[str], cache: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def demo_run(model_cache, tmp_path_factory):
-    """The demo, submitted with `ray job submit`: (spec, run dir, the job's log)."""
-    run = tmp_path_factory.mktemp("demo")
+def demo_run(model_cache, s3_server):
+    """The demo, submitted with `ray job submit`, writing to S3: (spec, its output_dir, the job's log)."""
+    run = RemotePath(f"s3://{BUCKET}/demo-{uuid.uuid4().hex[:8]}")
     overrides = [f"output_dir={run}", f"rounds.count={ROUNDS}"]
     log = submit_demo(run, overrides, model_cache)
     return load_spec(ROOT / "jobs" / "demo.yaml", overrides), run, log
 
 
-def manifest(run: Path, where: str) -> dict:
+@pytest.fixture(scope="module")
+def downloaded(demo_run, tmp_path_factory) -> Path:
+    """Every object under the run's prefix, copied to local disk (for scans of every file)."""
+    local = tmp_path_factory.mktemp("demo-download") / "run"
+    copytree(demo_run[1], local)
+    return local
+
+
+def manifest(run: RemotePath, where: str) -> dict:
     return json.loads((run / where / "manifest.json").read_text())
 
 
-def figures(run: Path) -> dict:
+def figures(run: RemotePath) -> dict:
     return json.loads((run / "rounds.json").read_text())
 
 
@@ -95,9 +114,14 @@ def test_every_round_wrote_every_stage_once(demo_run):
         assert manifest(run, shared)["versions"]["ray"].startswith("2.60")
     for k in range(1, ROUNDS + 1):
         assert sorted(p.name for p in (run / f"round-{k}").iterdir()) == sorted(ROUND_STAGES), k
-        assert all(manifest(run, f"round-{k}/{s}")["fingerprint"] for s in ROUND_STAGES)
+        for stage in ROUND_STAGES:
+            committed = manifest(run, f"round-{k}/{stage}")
+            assert committed["fingerprint"]
+            # Each stage directory: its manifest and the one attempt it names; no leftover of another.
+            names = sorted(p.name for p in (run / f"round-{k}" / stage).iterdir())
+            assert names == sorted(["manifest.json", committed["attempt"]]), (k, stage, names)
     leftovers = [p for p in run.rglob(".*") if p.name.startswith((".generate", ".ahead", ".train", ".eval"))]
-    assert not leftovers, "no temporary stage directories or candidates sampled ahead are left behind"
+    assert not leftovers, "no candidates sampled ahead are left behind"
 
 
 def test_prompts_are_split_once_for_every_round(demo_run):
@@ -164,30 +188,30 @@ def test_training_reported_checkpoints_and_metrics(demo_run):
     spec, run, _ = demo_run
     for k in range(1, ROUNDS + 1):
         stats = manifest(run, f"round-{k}/train")["stats"]
-        assert Path(stats["checkpoint"], "model", "config.json").exists()
+        assert stats["checkpoint"].startswith(f"{run}/train-ray/")
+        assert (RemotePath(stats["checkpoint"]) / "model" / "config.json").exists()
         assert stats["final_metrics"]["epoch"] == spec.train.epochs
     metrics = table(run, "round-1/train", "metrics").to_pylist()
     assert [m["epoch"] for m in metrics] == list(range(1, spec.train.epochs + 1))
     assert metrics[-1]["train/sft_loss"] < metrics[0]["train/sft_loss"]
 
 
-def test_each_round_samples_with_the_export_of_the_round_before(demo_run):
+def test_each_round_samples_with_the_export_of_the_round_before(demo_run, model_cache):
     _, run, _ = demo_run
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = run / f"round-{ROUNDS}" / "export" / "model"
+    model_dir = local_copy(stage_dir(run, f"round-{ROUNDS}/export") / "model", model_cache / "models")
     assert manifest(run, f"round-{ROUNDS}/export")["stats"]["kind"] == "full"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.config.num_hidden_layers == 2 and AutoTokenizer.from_pretrained(model_dir).chat_template
     for k in range(2, ROUNDS + 1):
         exported = manifest(run, f"round-{k - 1}/export")["stats"]["model"]
-        assert exported == str(run / f"round-{k - 1}" / "export" / "model")
+        assert exported == str(stage_dir(run, f"round-{k - 1}/export") / "model")
         assert manifest(run, f"round-{k}/generate")["stats"]["policy"] == exported
 
 
-def test_stage_outputs_hold_no_pickle(demo_run):
-    _, run, _ = demo_run
-    assert unsafe_stage_files(run) == [], "stage outputs are Parquet, JSON, HTML, safetensors and tokenizer text"
+def test_stage_outputs_hold_no_pickle(downloaded):
+    assert unsafe_stage_files(downloaded) == [], "stage outputs are Parquet, JSON, HTML, safetensors and tokenizer text"
 
 
 def test_held_out_reward_rises_round_over_round(demo_run):
@@ -248,7 +272,7 @@ def test_a_failing_reward_names_the_prompt_it_failed_on(demo_run, ray_session):
     errors = [line for line in done.stderr.splitlines() if line.startswith("alignlib: error:")]
     assert len(errors) == 1, done.stderr[-2000:]
     assert errors[0].startswith("alignlib: error: reward math:log failed on prompt ") and "addition.jsonl:" in errors[0]
-    assert (run / "round-1" / "score" / "manifest.json").exists(), "the complete score output of the working spec is kept"
+    assert manifest(run, "round-1/score")["fingerprint"], "the complete score output of the working spec is kept"
 
 
 def test_the_submitted_job_streams_its_per_round_table(demo_run):
@@ -263,8 +287,9 @@ def test_the_submitted_job_streams_its_per_round_table(demo_run):
     assert len(log.splitlines()) < 600, len(log.splitlines())
 
 
-def test_a_run_writes_no_secret(demo_run):
-    _, run, log = demo_run
+def test_a_run_writes_no_secret(demo_run, downloaded):
+    _, _, log = demo_run
+    run = downloaded
     leaks = [name for name, value in SECRETS.items() if value in log]
     files = [p for p in run.rglob("*") if p.is_file()]
     assert len(files) > 20, "the scan covers the stage outputs and Ray Train's checkpoints"

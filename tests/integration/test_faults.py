@@ -6,12 +6,14 @@ local Ray:
 
 - reference: uninterrupted, in this process (the session's `small_job` run); a rerun of the same spec in
   another process on another Ray gives equal tables (test_rounds, round 2 of its killed run);
-- `alignlib run JOB.yaml --until pairs` in its own process group, three times:
-  1. the whole job SIGKILLed while generate is mid-way (its temporary directory already holds Parquet);
+- `alignlib run JOB.yaml --until pairs` in its own process group, writing to a real S3 server (SeaweedFS;
+  the commit protocol there is attempt prefixes and a manifest written last), three times:
+  1. the whole job SIGKILLed while generate is mid-way (its attempt already holds Parquet, uncommitted);
   2. rerun: the engine actor SIGKILLed after it started 3 batches (Ray restarts it), generate finishes;
      then the whole job SIGKILLed while the reward actor is mid-way through the score stage;
   3. rerun: the reward actor SIGKILLed after 3 batches (Ray restarts it), the job finishes;
-  after which completions, scores and pairs must equal the reference: no row lost, none twice;
+  after which completions, scores and pairs must equal the local reference (the pairs byte for byte): no
+  row lost, none twice, and no half-written attempt ever read;
 - a finished run tampered with (a Parquet file deleted, a manifest cut short): the rerun redoes those stages.
 
 Actors are found by their process title (`ray::MapWorker(MapBatches(HFGenerator)).submit` while a batch
@@ -26,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -33,11 +36,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from alignlib import schema as S
-from alignlib.store import read_table
+from alignlib.locations import RemotePath
+from alignlib.store import StageStore, read_table
 from alignlib.verify import KEY
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import SAMPLES, TRAIN_PROMPTS, UPSTREAM, run_in_process  # noqa: E402
+from s3_server import BUCKET  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -63,8 +68,8 @@ def second(reference, tmp_path_factory):
     return run
 
 
-def rows(run: Path, stage: str, table: str) -> list[dict]:
-    return read_table(run / stage / table).to_pylist()
+def rows(run: Path | RemotePath, stage: str, table: str) -> list[dict]:
+    return read_table(StageStore(run).path(stage) / table).to_pylist()
 
 
 def by_key(table_rows: list[dict]) -> dict[tuple, dict]:
@@ -89,7 +94,7 @@ def assert_same_outputs(run: Path, reference: Path) -> None:
     reads completions sorted by key, and pairs are built in key order, so neither depends on it.
     """
     for stage, table in SINGLE_FILE_TABLES:
-        assert (run / stage / table / "part-00000.parquet").read_bytes() == (
+        assert (StageStore(run).path(stage) / table / "part-00000.parquet").read_bytes() == (
             reference / stage / table / "part-00000.parquet"
         ).read_bytes(), f"{stage}/{table} differs"
     for stage, table in (("generate", "completions"), ("score", "scored")):
@@ -230,15 +235,25 @@ def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
     return out
 
 
+def in_store(run: RemotePath) -> dict[str, tuple[bool, int]]:
+    """stage -> (committed: its manifest exists, how many attempt prefixes hold Parquet files).
+
+    Files, not prefixes: SeaweedFS keeps listing a directory whose objects were all deleted (S3 does not)."""
+    def attempts(stage: RemotePath) -> int:
+        return sum(any(f.suffix == ".parquet" for f in a.rglob("*")) for a in stage.glob("attempt-*"))
+
+    return {d.name: ((d / "manifest.json").exists(), attempts(d)) for d in run.iterdir()}
+
+
 @pytest.fixture(scope="module")
-def killed_runs(reference, spec_file, tmp_path_factory):
-    """The three runs of one output directory described at the top; what each one left and printed."""
-    run, seen = tmp_path_factory.mktemp("killed") / "run", {}
+def killed_runs(reference, spec_file, s3_server):
+    """The three runs of one output_dir in S3 described at the top; what each one left and printed."""
+    run, seen = RemotePath(f"s3://{BUCKET}/killed-{uuid.uuid4().hex[:8]}"), {}
 
     # 1. Killed while generate is mid-way: the policy completions are written, the gold answers not yet.
     proc = start_job(spec_file, run)
-    kill_job_when(proc, lambda: any(run.glob(".generate.tmp-*/completions/policy/*.parquet")), "generate output")
-    seen["after_kill_1"] = sorted(p.name for p in run.iterdir())
+    kill_job_when(proc, lambda: bool((run / "generate").rglob("*.parquet")), "generate output")
+    seen["after_kill_1"] = in_store(run)
 
     # 2. Rerun; the engine actor killed mid-stage; then the whole job killed while the reward actor works.
     engine, scorer = ActorWatcher("HFGenerator"), ActorWatcher("ModelScorer", kill=False)
@@ -248,7 +263,7 @@ def killed_runs(reference, spec_file, tmp_path_factory):
     seen["log_2"] = kill_job_when(proc, lambda: scorer.hit is not None, "the reward actor at work")
     engine.stop()
     scorer.stop()
-    seen["engine"], seen["after_kill_2"] = engine, sorted(p.name for p in run.iterdir())
+    seen["engine"], seen["after_kill_2"] = engine, in_store(run)
 
     # 3. Rerun; the reward actor killed mid-stage; the job finishes.
     scorer = ActorWatcher("ModelScorer")
@@ -277,17 +292,18 @@ def test_killed_reward_actor_is_restarted_and_no_score_is_lost_or_repeated(kille
 
 def test_killed_job_reruns_only_what_was_not_finished(killed_runs, reference):
     run, seen = killed_runs
-    # Killed in generate: prompts committed, generate only in its temporary directory.
-    assert "prompts" in seen["after_kill_1"] and "generate" not in seen["after_kill_1"]
-    assert any(name.startswith(".generate.tmp-") for name in seen["after_kill_1"])
-    # Killed in score: the rerun skipped prompts and redid generate, which is now committed.
+    # Killed in generate: prompts committed; generate only a half-written attempt, with no manifest.
+    assert seen["after_kill_1"]["prompts"] == (True, 1)
+    assert seen["after_kill_1"]["generate"] == (False, 1)
+    # Killed in score: the rerun skipped prompts and redid generate (never trusting the half-written attempt,
+    # whose files are gone), which is now committed; score is an uncommitted attempt.
     assert "prompts: complete, skipped" in seen["log_2"] and "generate: running" in seen["log_2"]
-    assert "generate" in seen["after_kill_2"] and "score" not in seen["after_kill_2"]
-    # The last run redid only score and pairs, and left no temporary directory behind.
+    assert seen["after_kill_2"]["generate"] == (True, 1) and seen["after_kill_2"]["score"][0] is False
+    # The last run redid only score and pairs, and left one attempt per stage, the committed one.
     for stage in ("prompts", "generate"):
         assert f"{stage}: complete, skipped" in seen["log_3"]
     assert "score: running" in seen["log_3"] and "pairs: running" in seen["log_3"]
-    assert not list(run.glob(".*")), sorted(p.name for p in run.glob(".*"))
+    assert in_store(run) == {stage: (True, 1) for stage in UPSTREAM}
     assert_same_outputs(run, reference)
 
 

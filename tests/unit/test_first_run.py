@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 
 from alignlib import schema as S
@@ -118,6 +119,17 @@ def test_run_with_a_missing_model_fails_before_any_stage(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"policy.model: no such model directory {tmp_path}/missing/model" in done.stderr
     assert not (tmp_path / "run").exists(), "nothing was created"
+
+
+def test_an_object_store_it_cannot_write_fails_before_any_stage_naming_output_dir(s3_prefix, s3_server):
+    wrong = "wrong-secret-do-not-print-0042"
+    done = cli("run", str(DEMO), f"output_dir={s3_prefix}/run", env={**os.environ, "AWS_SECRET_ACCESS_KEY": wrong})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"output_dir: cannot write to {s3_prefix}/run (" in done.stderr and "SIGNATURE_DOES_NOT_MATCH" in done.stderr
+    assert "AWS_SECRET_ACCESS_KEY" in done.stderr and wrong not in done.stderr + done.stdout
+    listing = s3_server.filesystem().get_file_info(pafs.FileSelector(s3_prefix.removeprefix("s3://"),
+                                                                     allow_not_found=True))  # fmt: skip
+    assert listing == [], "nothing was written"
 
 
 def test_a_gpu_request_on_a_machine_without_one_fails_at_once(tmp_path):

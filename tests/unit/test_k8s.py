@@ -172,6 +172,35 @@ def test_relative_output_dir_lands_on_the_shared_volume():
     assert "output_dir: /mnt/shared/runs/demo" in r.documents[0]["data"]["job.yaml"]
 
 
+def test_an_object_store_output_dir_needs_no_shared_volume_and_takes_credentials_by_reference_only(monkeypatch):
+    from k8s_check import security_problems, validation_errors
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws_do_not_leak_this")
+    r = job("dpo-zero3-8b.yaml", "output_dir=s3://team-bucket/runs/dpo", "data.path=jobs/data/addition.jsonl")
+    assert r.spec.output_dir == "s3://team-bucket/runs/dpo"
+    assert "output_dir: s3://team-bucket/runs/dpo" in r.documents[0]["data"]["job.yaml"]
+    text = r.to_yaml()
+    assert "persistentVolumeClaim" not in text and "/mnt/shared" not in text and "do_not_leak" not in text
+    assert "Secret alignlib-storage" in text.split("apiVersion")[0], "the header says which Secret to create"
+    cluster = rayjob(r)["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        container = pod["containers"][0]
+        assert container["envFrom"] == [{"secretRef": {"name": "alignlib-storage", "optional": False}}]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["ALIGNLIB_CACHE"] == "/cache/alignlib" and env["HF_HOME"] == "/cache/hf"
+        assert not any(k.startswith("AWS_") for k in env), "credentials only through the Secret"
+        assert {"name": "cache", "emptyDir": {}} in pod["volumes"]
+    assert [e for o in r.documents for e in validation_errors(o)] == []
+    assert security_problems(r.documents) == []
+
+
+def test_an_object_store_job_with_its_data_on_the_shared_volume_is_refused():
+    with pytest.raises(SpecError) as err:
+        job("demo.yaml", "output_dir=s3://team-bucket/runs/demo", "data.path=/mnt/shared/data/prompts.jsonl")
+    assert "data.path: /mnt/shared/data/prompts.jsonl is not in the image (/app)" in str(err.value)
+
+
 def test_deadline_retries_and_deletion():
     spec = rayjob(render_file(str(JOBS / "demo.yaml"), [], deadline_s=3600, retries=1))["spec"]
     assert spec["activeDeadlineSeconds"] == 3600

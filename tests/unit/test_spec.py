@@ -140,8 +140,14 @@ def test_llm_runner_refuses_tensor_parallel_naming_the_runner_to_use():
     assert problems(spec_with(generate={"vllm_runner": "ray"}))[0].startswith("generate.vllm_runner")
 
 
-def test_remote_output_dirs_are_refused_for_now():
-    assert problems(spec_with(output_dir="s3://bucket/run"))[0].startswith("output_dir: remote URIs")
+def test_object_store_output_dirs_are_taken_and_other_uris_refused():
+    assert parse_spec(spec_with(output_dir="s3://bucket/runs/demo/")).output_dir == "s3://bucket/runs/demo"
+    assert parse_spec(spec_with(output_dir="gs://bucket/run")).output_dir == "gs://bucket/run"
+    assert parse_spec(spec_with(output_dir="file:///tmp/run")).output_dir == "/tmp/run"
+    (found,) = problems(spec_with(output_dir="s3:///run"))
+    assert found.startswith("output_dir: ") and "names no bucket" in found
+    (found,) = problems(spec_with(output_dir="ftp://host/run"))
+    assert found.startswith("output_dir: ") and "s3://, gs://" in found
 
 
 def test_overrides_parse_values_as_yaml_and_create_sections():
