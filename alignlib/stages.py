@@ -421,9 +421,16 @@ def run_score(p: Pipeline, out: StageWriter) -> dict[str, Any]:
                 str(out.table("scored")), min_rows_per_file=ROWS_PER_FILE
             )
     check_scored(out.table("scored"), p.table_path("generate", "completions"))
-    table = read_table(out.table("scored"))
     columns = [S.REWARD] + [c for c, _, _ in p.spec.score.components() if c != S.REWARD]
-    return {f"{c}_mean": _mean(table[c].to_pylist()) for c in columns}
+    return {f"{c}_mean": _column_mean(read_table(out.table("scored"), columns=[c])[c]) for c in columns}
+
+
+def _column_mean(values) -> float:
+    """The mean of a column's values (Arrow, never Python objects: a scored table can hold millions of rows)."""
+    import pyarrow.compute as pc
+
+    mean = pc.mean(values).as_py()
+    return float("nan") if mean is None else mean
 
 
 SCORE = Stage(
@@ -444,6 +451,18 @@ SCORE = Stage(
 # -- pairs ------------------------------------------------------------------------------------
 
 
+# Scored tables up to this many rows are paired in the driver (one process, no Ray Data start-up: the fastest
+# for small jobs); larger ones on Ray Data, across the cluster, the driver holding only sums and a sample.
+# The environment variable ALIGNLIB_PAIRS_DRIVER_MAX_ROWS moves the line (0: always Ray Data).
+DRIVER_PAIRS_MAX_ROWS = 200_000
+
+
+def _driver_pairs_max_rows() -> int:
+    import os
+
+    return int(os.environ.get("ALIGNLIB_PAIRS_DRIVER_MAX_ROWS", DRIVER_PAIRS_MAX_ROWS))
+
+
 def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     import pyarrow as pa
 
@@ -451,6 +470,9 @@ def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     from alignlib.quality import data_quality, imported_completions, render_html
 
     spec = p.spec.pairs
+    scored_rows = (p.store.manifest("score") or {}).get("tables", {}).get("scored", 0) if _generated(p.spec) else 0
+    if scored_rows > _driver_pairs_max_rows():
+        return _pairs_on_ray(p, out, scored_rows)
     if p.spec.data.kind == "preferences":
         preferences = read_table(p.table_path("prompts", "preferences")).to_pylist()
         train_ids = set(read_table(p.table_path("prompts", "train"))[S.PROMPT_ID].to_pylist())
@@ -463,7 +485,16 @@ def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         completions = scored
     quality = data_quality(completions, pairs, counts)
     (out.path / "report.html").write_text(render_html(quality, f"alignlib {p.spec.name}: preference data"))
-    needed = pairs if _training_table(p.spec) == "pairs" else sft
+    _require_examples(p, len(pairs) if _training_table(p.spec) == "pairs" else len(sft), counts)
+    write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
+    write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.table("sft"))
+    floor = min((r[S.REWARD] for r in completions if r.get(S.REWARD) is not None), default=None)
+    at_floor = sum(r[S.REWARD] <= floor for r in sft) if floor is not None else 0
+    sft_mean = sum(r[S.REWARD] for r in sft) / len(sft) if sft else None
+    return _finish_pairs(p, counts, quality, len(pairs), len(sft), at_floor, sft_mean, floor)
+
+
+def _require_examples(p: Pipeline, needed: int, counts: dict[str, Any]) -> None:
     if not needed:
         hint = (
             "check the preference file (every pair identical, repeated or held out?)"
@@ -473,36 +504,61 @@ def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         raise StageInputError(
             f"pairs: no training examples survived for loss {p.spec.train.loss.name!r} (counts: {counts}); {hint}"
         )
-    write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
-    write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.table("sft"))
-    floor = min((r[S.REWARD] for r in completions if r.get(S.REWARD) is not None), default=None)
+
+
+def _finish_pairs(p: Pipeline, counts: dict[str, Any], quality: dict[str, Any], pairs: int, sft: int, at_floor: int,
+                  sft_mean: float | None, floor: float | None) -> dict[str, Any]:  # fmt: skip
     prompts = len(round_prompts(p)) if _fresh(p) else count_rows(p.table_path("prompts", "train"))
-    warnings = degenerate(p.spec, pairs, sft, prompts, floor)
+    warnings = degenerate(p.spec, pairs, sft, at_floor, sft_mean, prompts, floor)
     for line in warnings:
         log(f"pairs: warning: {line}")
     return {**counts, "quality": quality, "warnings": warnings}
 
 
-def degenerate(spec: JobSpec, pairs: list[dict], sft: list[dict], prompts: int, floor: float | None) -> list[str]:
+def _pairs_on_ray(p: Pipeline, out: StageWriter, scored_rows: int) -> dict[str, Any]:
+    """The pairs stage of a large scored table: on Ray Data (`alignlib.pairs_data`), never in the driver."""
+    import ray
+
+    from alignlib.pairs_data import build_on_ray
+    from alignlib.quality import render_html
+
+    ensure_ray()
+    log(f"pairs: {scored_rows:,} scored rows, paired on Ray Data (over {_driver_pairs_max_rows():,})")
+    scored = ray.data.read_parquet(str(p.table_path("score", "scored")))
+    counts, quality = build_on_ray(scored, p.spec.pairs, p.spec.seed, scored_rows, str(out.table("pairs")),
+                                   str(out.table("sft")))  # fmt: skip
+    (out.path / "report.html").write_text(render_html(quality, f"alignlib {p.spec.name}: preference data"))
+    n_pairs = sum(v for k, v in counts.items() if k.startswith("pairs_"))
+    _require_examples(p, n_pairs if _training_table(p.spec) == "pairs" else counts["sft_rows"], counts)
+    floors = [s["min"] for s in quality["reward_by_generator"].values() if s.get("count")]
+    floor = min(floors, default=None)
+    sft = ray.data.read_parquet(str(out.table("sft")), columns=[S.REWARD])
+    at_floor = sft.filter(lambda r: r[S.REWARD] <= floor).count() if floor is not None and counts["sft_rows"] else 0
+    sft_mean = sft.mean(S.REWARD) if counts["sft_rows"] else None
+    return _finish_pairs(p, counts, quality, n_pairs, counts["sft_rows"], at_floor, sft_mean, floor)
+
+
+def degenerate(spec: JobSpec, pairs: int, sft: int, at_floor: int, sft_mean: float | None, prompts: int,
+               floor: float | None) -> list[str]:  # fmt: skip
     """What makes the training set the loss reads nearly useless, in words (empty when nothing does).
 
     SFT: most best-of-N rows are no better than the worst reward any completion got (every sample of
     the prompt failed alike; training on them teaches the failure). Pairs: fewer than one per 10 prompts.
+    Takes counts (pairs, SFT rows, SFT rows at the floor) and the SFT set's mean reward, not the rows.
     """
     out = []
     if _training_table(spec) == "sft" and sft and floor is not None:
-        at_floor = sum(r[S.REWARD] <= floor for r in sft)
-        if at_floor >= 0.9 * len(sft):
-            mean = sum(r[S.REWARD] for r in sft) / len(sft)
+        if at_floor >= 0.9 * sft:
+            mean = sft_mean
             out.append(
-                f"{at_floor} of {len(sft)} best-of-N rows (the SFT set, mean reward {mean:.3f}) have the lowest "
+                f"{at_floor} of {sft} best-of-N rows (the SFT set, mean reward {mean:.3f}) have the lowest "
                 f"reward any completion got ({floor:g}): best-of-N found nothing better to learn from; raise "
                 "generate.num_samples or temperature, start from a stronger policy, or use gold_vs_weak pairs "
                 "with a paired loss"
             )
-    if _training_table(spec) == "pairs" and len(pairs) < 0.1 * prompts:
+    if _training_table(spec) == "pairs" and pairs < 0.1 * prompts:
         out.append(
-            f"only {len(pairs)} pairs from {prompts} prompts: most prompts' samples tied or fell below "
+            f"only {pairs} pairs from {prompts} prompts: most prompts' samples tied or fell below "
             "pairs.min_margin; lower pairs.min_margin, raise generate.num_samples, or add gold_vs_weak pairs"
         )
     return out

@@ -60,6 +60,45 @@ def check_completions(directory: Path, expected: dict[str, tuple[list[str], int]
     compare_keys(read_keys(directory), wanted, f"generate: {directory}")
 
 
+def _key_strings(directory):
+    """Every row's key as one Arrow string, `prompt_id|generator|sample_index` (no Python object per row)."""
+    import pyarrow.compute as pc
+
+    from alignlib.store import read_table
+
+    table = read_table(directory, columns=list(KEY))
+    index = pc.cast(table[S.SAMPLE_INDEX], "string")
+    return pc.binary_join_element_wise(table[S.PROMPT_ID], table[S.GENERATOR], index, "\x1f").combine_chunks()
+
+
+def _key(text: str) -> Key:
+    prompt_id, generator, index = text.split("\x1f")
+    return prompt_id, generator, int(index)
+
+
 def check_scored(scored: Path, completions: Path) -> None:
-    """The scored table holds each completion exactly once, and nothing else."""
-    compare_keys(read_keys(scored), set(read_keys(completions)), f"score: {scored}")
+    """The scored table holds each completion exactly once, and nothing else.
+
+    Compared as Arrow arrays (hash counts and membership), so a table of millions of rows costs tens of bytes
+    per row in the driver, not a Python tuple each."""
+    import pyarrow.compute as pc
+
+    got, wanted = _key_strings(scored), _key_strings(completions)
+    counts = pc.value_counts(got)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    missing = wanted.filter(pc.invert(pc.is_in(wanted, value_set=got)))
+    extra = got.filter(pc.invert(pc.is_in(got, value_set=wanted)))
+    problems = []
+    if len(repeated):
+        first = repeated[0].as_py()
+        problems.append(f"{len(repeated)} written more than once (e.g. {_describe(_key(first['values']))}, "
+                        f"{first['counts']} rows)")  # fmt: skip
+    if len(missing):
+        problems.append(f"{len(missing)} missing (e.g. {_describe(_key(missing[0].as_py()))})")
+    if len(extra):
+        problems.append(f"{len(pc.unique(extra))} not expected (e.g. {_describe(_key(extra[0].as_py()))})")
+    if problems:
+        raise StageOutputError(
+            f"score: {scored}: {len(got)} rows where {len(pc.unique(wanted))} were expected: {'; '.join(problems)}; "
+            "refusing to commit"
+        )

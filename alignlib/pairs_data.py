@@ -1,0 +1,254 @@
+"""The pairs stage on Ray Data: preference pairs, the best-of-N set and the data-quality figures of a scored
+table of any size, without the table ever passing through the driver.
+
+The per-prompt rules are `alignlib.pairs`' own (`usable`, `make_pairs`, `best_of_n`): a Ray Data group-by over
+`prompt_id` hands each prompt's rows to them on the cluster, which returns one row per prompt holding its pairs,
+its best-of-N row and its share of every figure. From there:
+
+- `pairs/pairs` and `pairs/sft` are those rows flattened and written by Ray Data (rows identical to the
+  in-driver build's, in Ray Data's file order);
+- every count (kept pairs per strategy, drops by reason, SFT rows, prompts) is an exact sum;
+- reward and margin count, mean, std, min and max, the reward-length Pearson correlation, the share of pairs
+  whose chosen answer is longer and the mean lengths are exact, from sums (n, sum, sum of squares, cross
+  products) added up batch by batch on the cluster;
+- quantiles (p25, median, p75), histograms and the Spearman rank correlation come from a deterministic sample of
+  at most `SAMPLE_ROWS` completions and `SAMPLE_ROWS` pairs: a row is in it when a hash of its key (prompt,
+  generator, sample index; for a pair, prompt, strategy and texts) falls below the sampling rate, so a rerun
+  reports the same figures. The report says so, with the sample's size.
+
+The driver holds only the partial sums of each Ray Data batch and the sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+
+from alignlib import schema as S
+from alignlib.pairs import _zeros, best_of_n, make_pairs, usable
+from alignlib.quality import describe, spearman
+from alignlib.spec import PairsSpec
+
+SAMPLE_ROWS = 100_000
+_MIN, _MAX = "min:", "max:"
+
+
+def _unit(text: str) -> float:
+    """A number in [0, 1) from a text's hash: the same in every process and run."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2**64
+
+
+def _add(acc: dict[str, float], key: str, value: float) -> None:
+    if key.startswith(_MIN):
+        acc[key] = min(acc.get(key, math.inf), value)
+    elif key.startswith(_MAX):
+        acc[key] = max(acc.get(key, -math.inf), value)
+    else:
+        acc[key] = acc.get(key, 0) + value
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Partials -> one: sums added, minima and maxima kept, samples joined."""
+    sums: dict[str, float] = {}
+    samples: dict[str, list] = {"completions": [], "pairs": []}
+    for part in parts:
+        for key, value in part["sums"].items():
+            _add(sums, key, value)
+        for kind in samples:
+            samples[kind] += part["samples"][kind]
+    return {"sums": sums, "samples": samples}
+
+
+class PromptPairs:
+    """Ray Data `map_groups` function: one prompt's scored rows -> one row with its pairs, best-of-N row and
+    the partial figures (`sums` and sample, as JSON)."""
+
+    def __init__(self, spec: dict[str, Any], seed: int, columns: list[str], rate: float):
+        self.spec, self.seed, self.columns, self.rate = PairsSpec.model_validate(spec), seed, columns, rate
+        self.pair_type = pa.struct(S.arrow_schema(S.PAIR_COLUMNS))
+        self.sft_type = pa.struct(S.arrow_schema(S.SFT_COLUMNS))
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        from alignlib.verify import KEY
+
+        rows = group.sort_by([(c, "ascending") for c in KEY]).to_pylist()
+        counts: Counter = Counter()
+        kept = usable(rows, self.spec, counts)
+        pairs, c = make_pairs(kept, self.spec, self.seed)
+        counts.update(c)
+        best, c = best_of_n(kept, self.spec.sft_min_reward)
+        counts.update(c)
+        counts.update(prompts=1, prompts_without_pairs=0 if pairs else 1)
+        sums: dict[str, float] = {f"count:{k}": v for k, v in counts.items()}
+        samples: dict[str, list] = {"completions": [], "pairs": []}
+        for row in rows:
+            length = float(len(row[S.COMPLETION]))
+            key = f"{row[S.PROMPT_ID]}|{row[S.GENERATOR]}|{row[S.SAMPLE_INDEX]}"
+            sampled = _unit(key) < self.rate
+            values = {}
+            for column in self.columns:
+                value = row.get(column)
+                prefix = f"{column}:{row[S.GENERATOR]}:"
+                _add(sums, prefix + "rows", 1)
+                if value is None or not math.isfinite(value):
+                    continue
+                values[column] = value
+                for name, amount in (("n", 1), ("sum", value), ("sumsq", value * value), ("len", length),
+                                     ("lensq", length * length), ("lenxv", length * value)):  # fmt: skip
+                    _add(sums, prefix + name, amount)
+                _add(sums, _MIN + prefix, value)
+                _add(sums, _MAX + prefix, value)
+            if sampled:
+                samples["completions"].append([row[S.GENERATOR], length, values])
+        for p in pairs:
+            margin, strategy = p[S.MARGIN], p[S.STRATEGY]
+            _add(sums, "pairs:n", 1)
+            _add(sums, "pairs:chosen_longer", int(len(p[S.CHOSEN]) > len(p[S.REJECTED])))
+            _add(sums, "pairs:chosen_chars", len(p[S.CHOSEN]))
+            _add(sums, "pairs:rejected_chars", len(p[S.REJECTED]))
+            if margin is not None and math.isfinite(margin):
+                for scope in ("margin:", f"margin@{strategy}:"):
+                    for name, amount in (("n", 1), ("sum", margin), ("sumsq", margin * margin)):
+                        _add(sums, scope + name, amount)
+                    _add(sums, _MIN + scope, margin)
+                    _add(sums, _MAX + scope, margin)
+                if _unit(f"{p[S.PROMPT_ID]}|{strategy}|{p[S.CHOSEN]}|{p[S.REJECTED]}") < self.rate:
+                    samples["pairs"].append([strategy, margin])
+        return pa.table({
+            S.PROMPT_ID: [rows[0][S.PROMPT_ID]],
+            "pairs": pa.array([pairs], pa.list_(self.pair_type)),
+            "sft": pa.array([[best] if best is not None else []], pa.list_(self.sft_type)),
+            "partial": [json.dumps({"sums": sums, "samples": samples})],
+        })  # fmt: skip
+
+
+def _task(pairs: PromptPairs):
+    """A plain function around the callable (Ray Data runs functions as tasks, classes as actors)."""
+
+    def pairs_of_prompt(group: pa.Table) -> pa.Table:
+        return pairs(group)
+
+    return pairs_of_prompt
+
+
+def _flatten(column: str, columns: list[str]):
+    def flatten(batch: pa.Table) -> pa.Table:
+        import pyarrow.compute as pc
+
+        items = pc.list_flatten(batch[column])
+        if len(items) == 0:
+            return pa.Table.from_pylist([], schema=S.arrow_schema(columns))
+        return pa.Table.from_struct_array(items.combine_chunks() if hasattr(items, "combine_chunks") else items)
+
+    return flatten
+
+
+def _combine(batch: pa.Table) -> pa.Table:
+    """A batch of per-prompt partials -> one partial (the tree reduction that keeps the driver small)."""
+    merged = merge([json.loads(p) for p in batch["partial"].to_pylist()])
+    return pa.table({"partial": [json.dumps(merged)]})
+
+
+def build_on_ray(scored, spec: PairsSpec, seed: int, total_rows: int, pairs_dir: str, sft_dir: str):
+    """Pairs and best-of-N of a scored Ray Dataset, written to `pairs_dir` and `sft_dir`; (counts, quality)."""
+    from alignlib.raydata import LIGHT_CPUS
+    from alignlib.store import ROWS_PER_FILE
+
+    names = scored.schema().names
+    columns = [S.REWARD] + sorted(c for c in names if c.startswith("reward_") and c != S.REWARD_SOURCE)
+    rate = min(1.0, SAMPLE_ROWS / max(1, total_rows))
+    per_prompt = (
+        scored.groupby(S.PROMPT_ID)
+        .map_groups(_task(PromptPairs(spec.model_dump(mode="json"), seed, columns, rate)), batch_format="pyarrow",
+                    num_cpus=LIGHT_CPUS)  # fmt: skip
+        .materialize()
+    )
+    per_prompt.select_columns([S.PROMPT_ID, "pairs"]).map_batches(
+        _flatten("pairs", S.PAIR_COLUMNS), batch_format="pyarrow", num_cpus=LIGHT_CPUS
+    ).write_parquet(pairs_dir, min_rows_per_file=ROWS_PER_FILE)
+    per_prompt.select_columns([S.PROMPT_ID, "sft"]).map_batches(
+        _flatten("sft", S.SFT_COLUMNS), batch_format="pyarrow", num_cpus=LIGHT_CPUS
+    ).write_parquet(sft_dir, min_rows_per_file=ROWS_PER_FILE)
+    partials = per_prompt.select_columns(["partial"]).map_batches(
+        _combine, batch_format="pyarrow", batch_size=4096, num_cpus=LIGHT_CPUS
+    ).take_all()
+    total = merge([json.loads(p["partial"]) for p in partials])
+    strategies = spec.strategies
+    counts = _zeros(spec, strategies)
+    for key, value in total["sums"].items():
+        if key.startswith("count:"):
+            counts[key.removeprefix("count:")] += int(value)
+    counts = dict(counts)
+    quality = figures(total, columns, counts, rate)
+    return counts, quality
+
+
+def _exact(sums: dict[str, float], prefix: str, sample: list[float]) -> dict[str, Any]:
+    """describe() of the sample, with count, mean, std, min and max replaced by the exact figures."""
+    n = int(sums.get(prefix + "n", 0))
+    if not n:
+        return {"count": 0}
+    out = describe(sorted(sample)) if sample else {}
+    mean = sums[prefix + "sum"] / n
+    out.update(count=n, mean=mean, std=math.sqrt(max(0.0, sums[prefix + "sumsq"] / n - mean * mean)),
+               min=sums[_MIN + prefix], max=sums[_MAX + prefix], sampled=len(sample))  # fmt: skip
+    return out
+
+
+def _exact_pearson(sums: dict[str, float], prefix: str) -> float | None:
+    n = sums.get(prefix + "n", 0)
+    if n < 2:
+        return None
+    sx, sy = sums[prefix + "len"], sums[prefix + "sum"]
+    sxx, syy, sxy = sums[prefix + "lensq"], sums[prefix + "sumsq"], sums[prefix + "lenxv"]
+    vx, vy = sxx - sx * sx / n, syy - sy * sy / n
+    if vx <= 1e-12 * max(1.0, sxx) or vy <= 1e-12 * max(1.0, syy):
+        return None
+    return (sxy - sx * sy / n) / math.sqrt(vx * vy)
+
+
+def figures(total: dict[str, Any], columns: list[str], counts: dict[str, Any], rate: float) -> dict[str, Any]:
+    """The quality dict `alignlib.quality.data_quality` makes, from the merged partials."""
+    sums, sample = total["sums"], total["samples"]
+    generators = sorted({k.split(":")[1] for k in sums if k.startswith(f"{S.REWARD}:") and k.endswith(":rows")})
+
+    def by_generator(column: str) -> tuple[dict, dict]:
+        stats, correlation = {}, {}
+        for g in generators:
+            prefix = f"{column}:{g}:"
+            picked = [(length, values[column]) for gen, length, values in sample["completions"]
+                      if gen == g and column in values]  # fmt: skip
+            stats[g] = _exact(sums, prefix, [v for _, v in picked]) | {
+                "non_finite": int(sums.get(prefix + "rows", 0) - sums.get(prefix + "n", 0))}
+            correlation[g] = {"n": int(sums.get(prefix + "n", 0)), "pearson": _exact_pearson(sums, prefix),
+                              "spearman": spearman([x for x, _ in picked], [y for _, y in picked]),
+                              "spearman_sampled": len(picked)}  # fmt: skip
+        return stats, correlation
+
+    rewards, correlation = by_generator(S.REWARD)
+    components = {}
+    for column in columns[1:]:
+        stats, corr = by_generator(column)
+        components[column] = {"by_generator": stats, "length_correlation": corr}
+    strategies = sorted({k.split("@", 1)[1].split(":")[0] for k in sums if k.startswith("margin@")})
+    n_pairs = int(sums.get("pairs:n", 0))
+    return {
+        "reward_by_generator": rewards,
+        "reward_length_correlation": correlation,
+        "components": components,
+        "margin": _exact(sums, "margin:", [m for _, m in sample["pairs"]]),
+        "margin_by_strategy": {s: _exact(sums, f"margin@{s}:", [m for t, m in sample["pairs"] if t == s])
+                               for s in strategies},  # fmt: skip
+        "chosen_longer_fraction": sums["pairs:chosen_longer"] / n_pairs if n_pairs else None,
+        "chosen_mean_chars": sums["pairs:chosen_chars"] / n_pairs if n_pairs else None,
+        "rejected_mean_chars": sums["pairs:rejected_chars"] / n_pairs if n_pairs else None,
+        "counts": {k: v for k, v in counts.items() if isinstance(v, int)},
+        "method": {"exact": "counts, means, std, min, max, Pearson, chosen-longer share, mean lengths",
+                   "sampled": "quantiles, histograms, Spearman", "sample_rate": rate,
+                   "sampled_completions": len(sample["completions"]), "sampled_pairs": len(sample["pairs"])},
+    }  # fmt: skip
