@@ -532,9 +532,13 @@ def _pairs_on_ray(p: Pipeline, out: StageWriter, scored_rows: int) -> dict[str, 
     _require_examples(p, n_pairs if _training_table(p.spec) == "pairs" else counts["sft_rows"], counts)
     floors = [s["min"] for s in quality["reward_by_generator"].values() if s.get("count")]
     floor = min(floors, default=None)
-    sft = ray.data.read_parquet(str(out.table("sft")), columns=[S.REWARD])
-    at_floor = sft.filter(lambda r: r[S.REWARD] <= floor).count() if floor is not None and counts["sft_rows"] else 0
-    sft_mean = sft.mean(S.REWARD) if counts["sft_rows"] else None
+    at_floor = 0
+    if floor is not None and counts["sft_rows"]:  # one float column of one row per prompt, as Arrow
+        import pyarrow.compute as pc
+
+        rewards = read_table(out.table("sft"), columns=[S.REWARD])[S.REWARD]
+        at_floor = pc.sum(pc.less_equal(rewards, floor)).as_py() or 0
+    sft_mean = quality.pop("sft_mean_reward")
     return _finish_pairs(p, counts, quality, n_pairs, counts["sft_rows"], at_floor, sft_mean, floor)
 
 

@@ -1,0 +1,232 @@
+"""The pairs stage at scale: the in-driver build against the Ray Data one, on synthetic scored tables of
+10^5, 10^6 and 10^7 completions (8 per prompt), and the score stage's driver-side output handling (its key
+check and reward means) before and after it moved to Arrow arrays.
+
+Each measurement runs in a fresh process (Ray started, and Ray Data warmed up, before the clock starts), so its
+peak RSS is that of the driver alone; Ray Data's workers are other processes. A watchdog kills a process whose
+RSS passes `--rss-limit-gib` and reports it as such (the in-driver build of 10^7 rows needs more memory than
+this machine has).
+
+    .venv/bin/python benchmarks/pairs_scale.py                          # 10^5, 10^6, 10^7
+    .venv/bin/python benchmarks/pairs_scale.py --rows 100000 1000000 --sides driver ray
+
+The synthetic table has the scored schema with realistic text lengths: prompts of about 300 characters, answers
+of 200 to 1,200 characters (drawn from a pool of distinct texts), one reward per row, `stop` or `length` as the
+finish reason. Printed: seconds and driver peak RSS per side and size, the time growth per 10x rows, and the
+ratio driver/ray of the times (above 1: Ray Data is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_PROMPT = 8
+
+
+def make_table(rows: int, directory: Path) -> None:
+    """`rows` scored completions, PER_PROMPT per prompt, in Parquet files of 250,000 rows under `directory`."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from alignlib import schema as S
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(5000)]
+
+    def texts(n: int, low: int, high: int) -> list[str]:
+        out = []
+        for _ in range(n):
+            length = int(rng.integers(low, high))
+            picked = rng.choice(words, size=length // 5)
+            out.append(" ".join(picked)[:length])
+        return out
+
+    prompt_pool, answer_pool = texts(2000, 250, 350), texts(20000, 200, 1200)
+    schema = S.arrow_schema(S.SCORED_COLUMNS)
+    directory.mkdir(parents=True, exist_ok=True)
+    chunk = 250_000
+    for start in range(0, rows, chunk):
+        n = min(chunk, rows - start)
+        index = np.arange(start, start + n)
+        prompt = index // PER_PROMPT
+        prompt_text = [prompt_pool[i % len(prompt_pool)] for i in prompt]
+        answers = rng.integers(0, len(answer_pool), size=n)
+        completion = [answer_pool[i] for i in answers]
+        table = pa.table({
+            S.PROMPT_ID: [f"p{i:08d}" for i in prompt],
+            S.PROMPT: prompt_text,
+            S.MESSAGES: [[{"role": "user", "content": t}] for t in prompt_text],
+            S.GOLD: [None] * n,
+            S.SOURCE: [f"data.jsonl:{i + 1}" for i in prompt],
+            S.COMPLETION: completion,
+            S.GENERATOR: ["policy"] * n,
+            S.SAMPLE_INDEX: (index % PER_PROMPT).astype("int64"),
+            S.SEED: index.astype("int64"),
+            S.FINISH_REASON: np.where(rng.random(n) < 0.1, "length", "stop").tolist(),
+            S.NUM_TOKENS: [len(c) // 4 for c in completion],
+            S.REWARD: rng.normal(0.0, 1.0, size=n).round(3),
+            S.REWARD_SOURCE: ["bench"] * n,
+        }).cast(schema)  # fmt: skip
+        pq.write_table(table, directory / f"part-{start // chunk:05d}.parquet")
+
+
+def prepare(rows: int, root: Path) -> Path:
+    """A run directory whose committed score stage holds the synthetic table (cached by size)."""
+    import pyarrow as pa
+
+    from alignlib import schema as S
+    from alignlib.store import write_table
+
+    run = root / f"scored-{rows}"
+    if (run / "score" / "manifest.json").exists():
+        return run
+    make_table(rows, run / "score" / "scored")
+    (run / "score" / "manifest.json").write_text(json.dumps({"stage": "score", "tables": {"scored": rows}}))
+    prompts = pa.table({S.PROMPT_ID: [f"p{i:08d}" for i in range(rows // PER_PROMPT)]})
+    write_table(prompts, run / "prompts" / "train")
+    (run / "prompts" / "manifest.json").write_text(json.dumps({"stage": "prompts", "tables": {"train": 0}}))
+    return run
+
+
+def spec_for(run: Path):
+    from alignlib.spec import parse_spec
+
+    return parse_spec({
+        "name": "bench", "output_dir": str(run), "data": {"path": str(ROOT / "jobs/data/addition.jsonl")},
+        "policy": {"model": "builtin:tiny-policy"},
+        "pairs": {"strategy": ["best_vs_worst", "best_vs_rest"], "min_margin": 0.1, "max_pairs_per_prompt": 2},
+    })  # fmt: skip
+
+
+def measure(side: str, rows: int, root: str) -> dict:
+    """In this (fresh) process: one pairs stage or one score-output check; seconds and peak RSS."""
+    import resource
+    from types import SimpleNamespace
+
+    from alignlib.raydata import ensure_ray
+    from alignlib.store import StageStore
+
+    run = prepare(rows, Path(root))
+    ensure_ray()
+    import ray
+
+    ray.data.range(8).map_batches(lambda b: b).materialize()  # Ray Data's first-use start-up, not timed
+    started = time.perf_counter()
+    if side in ("driver", "ray"):
+        import os
+
+        from alignlib import stages
+
+        os.environ["ALIGNLIB_PAIRS_DRIVER_MAX_ROWS"] = str(10**12 if side == "driver" else 0)
+        spec = spec_for(run)
+        store = StageStore(run)
+        p = SimpleNamespace(spec=spec, store=store, round=None, force=False, earlier=[], ahead=None,
+                            table_path=lambda name, table: store.path(name) / table)  # fmt: skip
+        with store.writer("pairs") as out:
+            stats = stages.run_pairs(p, out)
+        result = {"pairs": sum(v for k, v in stats.items() if k.startswith("pairs_")), "sft": stats["sft_rows"]}
+    else:  # the score stage's output handling: its key check and its means, as before / now
+        from alignlib import schema as S
+        from alignlib.store import read_table
+        from alignlib.verify import check_scored, compare_keys, read_keys
+
+        scored = run / "score" / "scored"
+        if side == "score-before":
+            compare_keys(read_keys(scored), set(read_keys(scored)), "score")
+            values = read_table(scored)[S.REWARD].to_pylist()
+            mean = sum(values) / len(values)
+        else:
+            check_scored(scored, scored)
+            mean = stages_mean(read_table(scored, columns=[S.REWARD])[S.REWARD])
+        result = {"mean_reward": round(mean, 6)}
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"side": side, "rows": rows, "seconds": round(seconds, 2), "peak_rss_gib": round(peak, 3), **result}
+
+
+def stages_mean(values) -> float:
+    from alignlib.stages import _column_mean
+
+    return _column_mean(values)
+
+
+def run_one(side: str, rows: int, root: Path, limit_gib: float, timeout: float) -> dict:
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, __file__, "--measure", side, str(rows), str(root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    watched, peak, started = psutil.Process(proc.pid), 0.0, time.time()
+    while proc.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss / 2**30)
+        except psutil.Error:
+            pass
+        if peak > limit_gib or time.time() - started > timeout:
+            proc.kill()
+            proc.wait()
+            why = f"over {limit_gib} GiB RSS" if peak > limit_gib else f"over {timeout:.0f} s"
+            return {"side": side, "rows": rows, "failed": f"stopped: {why} after {time.time() - started:.0f} s"}
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"side": side, "rows": rows, "failed": err.strip().splitlines()[-1] if err.strip() else "no result"}
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--sides", nargs="+", default=["driver", "ray", "score-before", "score-now"])
+    parser.add_argument("--dir", default=None, help="where the synthetic tables are kept (default: a temp dir)")
+    parser.add_argument("--rss-limit-gib", type=float, default=14.0)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        side, rows, root = args.measure
+        print(json.dumps(measure(side, int(rows), root)), flush=True)
+        return
+    root = Path(args.dir or tempfile.mkdtemp(prefix="alignlib-pairs-scale-"))
+    results = []
+    for rows in args.rows:
+        started = time.time()
+        prepare(rows, root)
+        print(f"# {rows:,} rows: table ready in {time.time() - started:.0f} s ({root})", flush=True)
+        for side in args.sides:
+            result = run_one(side, rows, root, args.rss_limit_gib, args.timeout)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    report(results)
+
+
+def report(results: list[dict]) -> None:
+    by = {(r["side"], r["rows"]): r for r in results}
+    sizes = sorted({r["rows"] for r in results})
+    sides = list(dict.fromkeys(r["side"] for r in results))
+    print("\nrows        " + "".join(f"{s:>26}" for s in sides) + "   driver/ray time")
+    for n in sizes:
+        cells = []
+        for s in sides:
+            r = by.get((s, n), {})
+            cells.append(r.get("failed", "")[:26] if "failed" in r else f"{r['seconds']:8.1f} s {r['peak_rss_gib']:6.2f} GiB")
+        d, y = by.get(("driver", n), {}), by.get(("ray", n), {})
+        ratio = f"{d['seconds'] / y['seconds']:.2f}" if "seconds" in d and "seconds" in y else "-"
+        print(f"{n:<12,}" + "".join(f"{c:>26}" for c in cells) + f"   {ratio:>8}")
+    for s in sides:
+        timed = [(n, by[(s, n)]["seconds"]) for n in sizes if "seconds" in by.get((s, n), {})]
+        growth = [f"{b[1] / a[1]:.1f}x for {b[0] // a[0]}x rows" for a, b in zip(timed, timed[1:], strict=False)]
+        if growth:
+            print(f"{s}: time grows {', '.join(growth)}")
+
+
+if __name__ == "__main__":
+    main()
