@@ -173,20 +173,23 @@ def win_rate(a: dict[str, float], b: dict[str, float]) -> float | None:
     return sum(1.0 if a[p] > b[p] else 0.5 if a[p] == b[p] else 0.0 for p in common) / len(common)
 
 
-def data_figures(scored: list[dict[str, Any]]) -> dict[str, Any]:
-    """From a round's own policy samples: reward mean and max, best-worst gap, tie share, length."""
-    policy = [r for r in scored if r[S.GENERATOR] == S.GENERATOR_POLICY]
-    grouped: dict[str, list[float]] = {}
-    for r in policy:
-        grouped.setdefault(r[S.PROMPT_ID], []).append(r[S.REWARD])
-    gaps = [max(v) - min(v) for v in grouped.values()]
-    tokens = [r[S.NUM_TOKENS] for r in policy if r.get(S.NUM_TOKENS) is not None]
+DATA_COLUMNS = [S.PROMPT_ID, S.GENERATOR, S.REWARD, S.NUM_TOKENS]
+
+
+def data_figures(scored) -> dict[str, Any]:
+    """From a round's own policy samples (an Arrow table with DATA_COLUMNS; Arrow compute, no Python object per
+    row, so millions of rows stay cheap): reward mean and max, best-worst gap, tie share, length."""
+    import pyarrow.compute as pc
+
+    policy = scored.filter(pc.equal(scored[S.GENERATOR], S.GENERATOR_POLICY))
+    spread = policy.group_by(S.PROMPT_ID).aggregate([(S.REWARD, "max"), (S.REWARD, "min")])
+    gaps = pc.subtract(spread[f"{S.REWARD}_max"], spread[f"{S.REWARD}_min"])
     return {
-        "sample_mean_reward": _mean([r[S.REWARD] for r in policy]),
-        "sample_max_reward": max((r[S.REWARD] for r in policy), default=None),
-        "best_worst_gap": _mean(gaps),
-        "tied_share": _mean([1.0 if g == 0 else 0.0 for g in gaps]),
-        "sample_mean_tokens": _mean(tokens),
+        "sample_mean_reward": pc.mean(policy[S.REWARD]).as_py(),
+        "sample_max_reward": pc.max(policy[S.REWARD]).as_py(),
+        "best_worst_gap": pc.mean(gaps).as_py(),
+        "tied_share": pc.mean(pc.cast(pc.equal(gaps, 0), "float64")).as_py(),
+        "sample_mean_tokens": pc.mean(policy[S.NUM_TOKENS]).as_py(),
     }
 
 
@@ -201,12 +204,13 @@ def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> li
         figures: dict[str, Any] = {"round": p.round}
         manifests = {n: p.store.manifest(n) for n in p.stages()}
         if manifests.get("score"):
-            figures.update(data_figures(read_table(p.table_path("score", "scored")).to_pylist()))
+            figures.update(data_figures(read_table(p.table_path("score", "scored"), columns=DATA_COLUMNS)))
         if manifests.get("pairs"):
             stats = manifests["pairs"]["stats"]
             figures["pairs"] = {k.removeprefix("pairs_"): v for k, v in stats.items() if k.startswith("pairs_")}
-            sft = read_table(p.table_path("pairs", "sft"))[S.REWARD].to_pylist()
-            figures["best_of_n_mean_reward"] = _mean(sft)
+            import pyarrow.compute as pc
+
+            figures["best_of_n_mean_reward"] = pc.mean(read_table(p.table_path("pairs", "sft"), columns=[S.REWARD])[S.REWARD]).as_py()
         if manifests.get("train"):
             metrics = read_table(p.table_path("train", "metrics")).to_pylist()
             figures["final_train_loss"] = metrics[-1].get("train/loss") if metrics else None

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from alignlib import schema as S
@@ -115,7 +116,7 @@ def test_round_figures_are_computed_from_rows():
         {S.PROMPT_ID: "b", S.GENERATOR: S.GENERATOR_POLICY, S.REWARD: 0.5, S.NUM_TOKENS: 6},
         {S.PROMPT_ID: "b", S.GENERATOR: S.GENERATOR_GOLD, S.REWARD: 1.0, S.NUM_TOKENS: None},
     ]
-    f = data_figures(rows)
+    f = data_figures(pa.Table.from_pylist(rows))
     assert f["sample_mean_reward"] == pytest.approx(0.5) and f["sample_max_reward"] == 1.0
     assert f["best_worst_gap"] == pytest.approx(0.5) and f["tied_share"] == pytest.approx(0.5)
     assert f["sample_mean_tokens"] == pytest.approx(6.0)
