@@ -489,8 +489,9 @@ def run_pairs(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     write_table(pa.Table.from_pylist(pairs, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
     write_table(pa.Table.from_pylist(sft, schema=S.arrow_schema(S.SFT_COLUMNS)), out.table("sft"))
     floor = min((r[S.REWARD] for r in completions if r.get(S.REWARD) is not None), default=None)
-    at_floor = sum(r[S.REWARD] <= floor for r in sft) if floor is not None else 0
-    sft_mean = sum(r[S.REWARD] for r in sft) / len(sft) if sft else None
+    rewards = [r[S.REWARD] for r in sft if r[S.REWARD] is not None]  # an imported pair may have none
+    at_floor = sum(r <= floor for r in rewards) if floor is not None else 0
+    sft_mean = sum(rewards) / len(rewards) if rewards else None
     return _finish_pairs(p, counts, quality, len(pairs), len(sft), at_floor, sft_mean, floor)
 
 
