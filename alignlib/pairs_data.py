@@ -38,8 +38,8 @@ from alignlib.spec import PairsSpec
 SAMPLE_ROWS = 100_000
 # Scored rows per shuffle partition of the group-by. Ray Data's default (200 partitions) costs a task per
 # partition in every step after it: 200 tiny tasks for a small table, where a few do the same work.
-ROWS_PER_PARTITION = 100_000
-MAX_PARTITIONS = 200
+ROWS_PER_PARTITION = 50_000
+MAX_PARTITIONS = 2_000
 _MIN, _MAX = "min:", "max:"
 
 
@@ -179,22 +179,26 @@ def _check_no_prompt_split(per_block) -> None:
             raise RuntimeError(f"pairs: prompt {first} was split across two Ray Data blocks; refusing its pairs")
 
 
-def build_on_ray(scored, spec: PairsSpec, seed: int, total_rows: int, pairs_dir: str, sft_dir: str):
-    """Pairs and best-of-N of a scored Ray Dataset, written to `pairs_dir` and `sft_dir`; (counts, quality)."""
-
+def build_on_ray(scored_dir: str, spec: PairsSpec, seed: int, total_rows: int, pairs_dir: str, sft_dir: str):
+    """Pairs and best-of-N of the scored table in `scored_dir`, written to `pairs_dir` and `sft_dir`;
+    (counts, quality)."""
+    import ray
     from ray.data.context import DataContext, ShuffleStrategy
 
-    names = scored.schema().names
-    columns = [S.REWARD] + sorted(c for c in names if c.startswith("reward_") and c != S.REWARD_SOURCE)
     rate = min(1.0, SAMPLE_ROWS / max(1, total_rows))
     partitions = max(1, min(MAX_PARTITIONS, -(-total_rows // ROWS_PER_PARTITION)))
     context = DataContext.get_current()
-    default = context.shuffle_strategy
-    # A sort puts each prompt's rows in one reduce partition (key ranges); the pairing runs fused into that
-    # reduce task, on the whole partition, before Ray Data could split its output. `map_groups` (a function
-    # call and a one-row table per prompt) measured ~30x slower than the in-driver build at 10^5 rows.
+    default = context.shuffle_strategy, context.target_max_block_size
+    # A sort puts each prompt's rows in one reduce partition (key ranges), and with no block size limit (set
+    # before the datasets are made: they copy the context) Ray Data keeps that partition one block, which the
+    # pairing task gets whole. `map_groups` (a function call and a one-row table per prompt) measured ~30x
+    # slower than the in-driver build at 10^5 rows. Partitions of ROWS_PER_PARTITION rows bound each task's memory.
     context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    context.target_max_block_size = None
     try:
+        scored = ray.data.read_parquet(scored_dir)
+        names = scored.schema().names
+        columns = [S.REWARD] + sorted(c for c in names if c.startswith("reward_") and c != S.REWARD_SOURCE)
         per_block = (
             scored.repartition(partitions).sort(S.PROMPT_ID)
             .map_batches(_task(BlockPairs(spec.model_dump(mode="json"), seed, columns, rate, pairs_dir, sft_dir)),
@@ -202,7 +206,7 @@ def build_on_ray(scored, spec: PairsSpec, seed: int, total_rows: int, pairs_dir:
             .take_all()
         )
     finally:
-        context.shuffle_strategy = default
+        context.shuffle_strategy, context.target_max_block_size = default
     _check_no_prompt_split(per_block)
     total = merge([json.loads(p["partial"]) for p in per_block])
     strategies = spec.strategies

@@ -518,14 +518,12 @@ def _finish_pairs(p: Pipeline, counts: dict[str, Any], quality: dict[str, Any], 
 
 def _pairs_on_ray(p: Pipeline, out: StageWriter, scored_rows: int) -> dict[str, Any]:
     """The pairs stage of a large scored table: on Ray Data (`alignlib.pairs_data`), never in the driver."""
-    import ray
-
     from alignlib.pairs_data import build_on_ray
     from alignlib.quality import render_html
 
     ensure_ray()
     log(f"pairs: {scored_rows:,} scored rows, paired on Ray Data (over {_driver_pairs_max_rows():,})")
-    scored = ray.data.read_parquet(str(p.table_path("score", "scored")))
+    scored = str(p.table_path("score", "scored"))
     counts, quality = build_on_ray(scored, p.spec.pairs, p.spec.seed, scored_rows, str(out.table("pairs")),
                                    str(out.table("sft")))  # fmt: skip
     (out.path / "report.html").write_text(render_html(quality, f"alignlib {p.spec.name}: preference data"))

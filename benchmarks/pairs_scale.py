@@ -9,10 +9,11 @@ this machine has).
 
     .venv/bin/python benchmarks/pairs_scale.py                          # 10^5, 10^6, 10^7
     .venv/bin/python benchmarks/pairs_scale.py --rows 100000 1000000 --sides driver ray
+    .venv/bin/python benchmarks/pairs_scale.py --rows 1000000 10000000 --text short   # 10^7 fits 24 GiB / 55 GB
 
 The synthetic table has the scored schema with realistic text lengths: prompts of about 300 characters, answers
 of 200 to 1,200 characters (drawn from a pool of distinct texts), one reward per row, `stop` or `length` as the
-finish reason. Printed: seconds and driver peak RSS per side and size, the time growth per 10x rows, and the
+finish reason; `--text short` makes prompts of about 60 and answers of 20 to 120 characters. Printed: seconds and driver peak RSS per side and size, the time growth per 10x rows, and the
 ratio driver/ray of the times (above 1: Ray Data is faster).
 """
 
@@ -30,7 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PER_PROMPT = 8
 
 
-def make_table(rows: int, directory: Path) -> None:
+TEXT = {"realistic": ((250, 350), (200, 1200)), "short": ((40, 80), (20, 120))}  # (prompt, answer) characters
+
+
+def make_table(rows: int, directory: Path, text: str = "realistic") -> None:
     """`rows` scored completions, PER_PROMPT per prompt, in Parquet files of 250,000 rows under `directory`."""
     import numpy as np
     import pyarrow as pa
@@ -49,7 +53,8 @@ def make_table(rows: int, directory: Path) -> None:
             out.append(" ".join(picked)[:length])
         return out
 
-    prompt_pool, answer_pool = texts(2000, 250, 350), texts(20000, 200, 1200)
+    (p_low, p_high), (a_low, a_high) = TEXT[text]
+    prompt_pool, answer_pool = texts(2000, p_low, p_high), texts(20000, a_low, a_high)
     schema = S.arrow_schema(S.SCORED_COLUMNS)
     directory.mkdir(parents=True, exist_ok=True)
     chunk = 250_000
@@ -78,17 +83,17 @@ def make_table(rows: int, directory: Path) -> None:
         pq.write_table(table, directory / f"part-{start // chunk:05d}.parquet")
 
 
-def prepare(rows: int, root: Path) -> Path:
-    """A run directory whose committed score stage holds the synthetic table (cached by size)."""
+def prepare(rows: int, root: Path, text: str = "realistic") -> Path:
+    """A run directory whose committed score stage holds the synthetic table (cached by size and text)."""
     import pyarrow as pa
 
     from alignlib import schema as S
     from alignlib.store import write_table
 
-    run = root / f"scored-{rows}"
+    run = root / (f"scored-{rows}" if text == "realistic" else f"scored-{rows}-{text}")
     if (run / "score" / "manifest.json").exists():
         return run
-    make_table(rows, run / "score" / "scored")
+    make_table(rows, run / "score" / "scored", text)
     (run / "score" / "manifest.json").write_text(json.dumps({"stage": "score", "tables": {"scored": rows}}))
     prompts = pa.table({S.PROMPT_ID: [f"p{i:08d}" for i in range(rows // PER_PROMPT)]})
     write_table(prompts, run / "prompts" / "train")
@@ -106,7 +111,7 @@ def spec_for(run: Path):
     })  # fmt: skip
 
 
-def measure(side: str, rows: int, root: str) -> dict:
+def measure(side: str, rows: int, root: str, text: str = "realistic") -> dict:
     """In this (fresh) process: one pairs stage or one score-output check; seconds and peak RSS."""
     import resource
     from types import SimpleNamespace
@@ -114,7 +119,7 @@ def measure(side: str, rows: int, root: str) -> dict:
     from alignlib.raydata import ensure_ray
     from alignlib.store import StageStore
 
-    run = prepare(rows, Path(root))
+    run = prepare(rows, Path(root), text)
     ensure_ray()
     import ray
 
@@ -158,10 +163,10 @@ def stages_mean(values) -> float:
     return _column_mean(values)
 
 
-def run_one(side: str, rows: int, root: Path, limit_gib: float, timeout: float) -> dict:
+def run_one(side: str, rows: int, root: Path, limit_gib: float, timeout: float, text: str) -> dict:
     import psutil
 
-    proc = subprocess.Popen([sys.executable, __file__, "--measure", side, str(rows), str(root)],
+    proc = subprocess.Popen([sys.executable, __file__, "--measure", side, str(rows), str(root), text],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
     watched, peak, started = psutil.Process(proc.pid), 0.0, time.time()
     while proc.poll() is None:
@@ -189,20 +194,22 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the synthetic tables are kept (default: a temp dir)")
     parser.add_argument("--rss-limit-gib", type=float, default=14.0)
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--text", choices=sorted(TEXT), default="realistic",
+                        help="realistic: prompts ~300, answers 200-1,200 characters; short: ~60 and 20-120")
+    parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        side, rows, root = args.measure
-        print(json.dumps(measure(side, int(rows), root)), flush=True)
+        side, rows, root, text = args.measure
+        print(json.dumps(measure(side, int(rows), root, text)), flush=True)
         return
     root = Path(args.dir or tempfile.mkdtemp(prefix="alignlib-pairs-scale-"))
     results = []
     for rows in args.rows:
         started = time.time()
-        prepare(rows, root)
-        print(f"# {rows:,} rows: table ready in {time.time() - started:.0f} s ({root})", flush=True)
+        prepare(rows, root, args.text)
+        print(f"# {rows:,} rows ({args.text} texts): table ready in {time.time() - started:.0f} s ({root})", flush=True)
         for side in args.sides:
-            result = run_one(side, rows, root, args.rss_limit_gib, args.timeout)
+            result = run_one(side, rows, root, args.rss_limit_gib, args.timeout, args.text)
             results.append(result)
             print(json.dumps(result), flush=True)
     report(results)
