@@ -36,6 +36,8 @@ need_ray() {
 # Ray 2.60 protects the job API with a token (~/.ray/auth_token) once one exists, but the
 # `ray job` client sends it only in token mode: keep server and client in the same mode.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+# As alignlib.raydata.RAY_DEFAULTS: Ray Train checks its workers every 0.5 s, not 2 s (a run returns sooner).
+export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="${RAY_TRAIN_HEALTH_CHECK_INTERVAL_S:-0.5}"
 
 [[ $# -ge 1 ]] || usage
 cmd="$1"

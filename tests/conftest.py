@@ -31,6 +31,9 @@ def model_cache(tmp_path_factory):
 def ray_session(model_cache):
     import ray
 
+    from alignlib.raydata import set_ray_defaults
+
+    set_ray_defaults()  # as alignlib's own local Ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()

@@ -412,6 +412,11 @@ class TrainSpec(_Spec):
     backend: BackendSpec = Field(default_factory=lambda: DDPBackendSpec(name="ddp"))
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
     epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(
+        None, ge=1,
+        description="Stop after this many optimizer steps, mid-epoch if need be (the final checkpoint is taken "
+        "there; the schedule spans them); null: every step of `epochs`. For smoke tests and fixed budgets.",
+    )
     lr: float = Field(5.0e-5, gt=0.0)
     schedule: Literal["constant", "cosine"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)

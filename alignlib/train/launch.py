@@ -19,8 +19,10 @@ def global_batch(spec: JobSpec) -> int:
 
 
 def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
+    """Optimizer steps of the whole run: every epoch's, or `train.max_steps` if fewer."""
     per_epoch = math.ceil(num_examples / global_batch(spec))
-    return max(1, per_epoch) * spec.train.epochs
+    steps = max(1, per_epoch) * spec.train.epochs
+    return min(steps, spec.train.max_steps or steps)
 
 
 def storage_path(spec: JobSpec):

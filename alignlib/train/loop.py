@@ -136,6 +136,8 @@ class Trainer:
         steps = step_batches(rows, train.batch_size * train.grad_accum, train.batch_size, train.group_by_length,
                              seed=(self.spec.seed * 1_000_003 + epoch) * 1009 + self.rank)  # fmt: skip
         for micro_batches in steps:
+            if backend.step_count >= self.total_steps:  # train.max_steps reached mid-epoch
+                break
             stepped = False
             for examples in micro_batches:
                 batch = collate(examples, self.tokenizer.pad_token_id, loss.paired,
@@ -157,7 +159,7 @@ class Trainer:
                 since_log, logged = {}, count
                 if self.rank == 0:
                     self._step_line(epoch, tokens, means)
-        if epoch == train.epochs - 1:
+        if self.done(epoch):
             backend.finish()
         metrics = {f"train/{k}": v / max(1, count) for k, v in totals.items()}
         seconds = time.time() - epoch_started
@@ -167,6 +169,10 @@ class Trainer:
         if self.rank == 0 and self.metrics_path:
             _record(self.metrics_path, {"kind": "epoch", **metrics})
         return metrics
+
+    def done(self, epoch: int) -> bool:
+        """Training ends with this epoch: the last one, or `train.max_steps` reached in it."""
+        return epoch == self.train.epochs - 1 or self.backend.step_count >= self.total_steps
 
     def _step_line(self, epoch: int, tokens: int, means: dict[str, float]) -> None:
         backend = self.backend
@@ -217,3 +223,5 @@ def train_loop(config: dict) -> None:
             has_files = any(Path(directory).iterdir())
             checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
             ray.train.report(metrics, checkpoint=checkpoint)
+        if trainer.done(epoch):
+            break

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from alignlib.raydata import RAY_DEFAULTS
+
 HOST = "127.0.0.1"
 
 
@@ -52,7 +54,7 @@ class LocalHead:
         # Token auth on, with a token of this head's own: clients need RAY_AUTH_MODE/RAY_AUTH_TOKEN from
         # `auth_env` (Ray 2.60 also turns auth on by itself when ~/.ray/auth_token exists).
         self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-        self.env = {**os.environ, **self.auth_env, **(env or {})}
+        self.env = {**RAY_DEFAULTS, **os.environ, **self.auth_env, **(env or {})}
         self.args = [
             ray_executable(), "start", "--head", "--node-ip-address", HOST, "--port", str(self.port),
             "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",

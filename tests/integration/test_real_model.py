@@ -4,8 +4,8 @@ The tiny built-in models cannot show the real-architecture path: a pretrained to
 template, a Llama of 30 layers, LoRA on its real module names, merging, and vLLM loading the result. The
 real-model recipe (jobs/smollm2-arithmetic.yaml), cut down to a small job, does it all: the GGUF is converted once into a Hugging Face directory, vLLM samples 2 answers
 for each of 63 prompts in one batch (about 5,000 prompt tokens: more than vLLM's default chunked-prefill
-budget, which on CPU crashed seeded requests), a function reward scores them, LoRA SFT trains one step on
-the best-of-N set, the export is merged, and vLLM samples the exported model.
+budget, which on CPU crashed seeded requests), a function reward scores them, LoRA SFT trains one step of 8
+rows of the best-of-N set (`train.max_steps`), the export is merged, and vLLM samples the exported model.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ SMOLLM2 = "builtin:smollm2-135m-instruct"
 TRAIN_PROMPTS, EVAL_PROMPTS, SAMPLES = 63, 7, 2
 
 # The recipe (jobs/smollm2-arithmetic.yaml: its data, reward, engine settings and LoRA), cut down to one round
-# of one training step. 8 new tokens cut most answers, so cut answers count and every best answer is trained on.
+# of one training step of 8 rows (`train.max_steps`). 8 new tokens cut most answers, so cut answers count.
 OVERRIDES = [
     "data.limit=70", "data.eval_fraction=0.1", f"generate.num_samples={SAMPLES}", "generate.batch_size=128",
     "generate.max_new_tokens=8", "pairs.include_truncated=true", "pairs.sft_min_reward=null",
-    "train.lora={r: 8, alpha: 16}", "train.epochs=1", "train.batch_size=64", "train.grad_accum=1",
+    "train.lora={r: 8, alpha: 16}", "train.epochs=1", "train.max_steps=1", "train.batch_size=8", "train.grad_accum=1",
     "train.max_length=128", "train.lr=1.0e-4", "train.log_every=1", "eval.enabled=false", "rounds.count=1",
 ]  # fmt: skip
 
@@ -84,7 +84,8 @@ def test_lora_trains_on_the_real_modules_and_the_merged_export_serves_in_vllm(re
     stats = manifests["train"]["stats"]
     assert Path(stats["checkpoint"], "model", "adapter_config.json").exists()
     steps = table(run, "train", "steps").to_pylist()
-    assert [s["step"] for s in steps] == [1], "63 rows at 64 per step"
+    assert [s["step"] for s in steps] == [1], "train.max_steps: 1 step of 8 rows, not 8 steps for the 63"
+    assert manifests["train"]["stats"]["final_metrics"]["examples"] == 8
     assert manifests["export"]["stats"]["kind"] == "merged-lora"
     model = run / "export" / "model"
     exported = json.loads((model / "config.json").read_text())

@@ -101,6 +101,19 @@ def test_an_epoch_reports_per_step_means_and_epoch_means(model_cache, tmp_path):
     assert len({round(x["sft_loss"], 6) for x in steps}) == len(steps), "per-step values, not a running mean"
 
 
+def test_max_steps_ends_training_mid_epoch_with_the_schedule_spanning_those_steps(model_cache, tmp_path):
+    spec = make_spec(tmp_path, "max-steps", batch_size=4, epochs=3, max_steps=3, loss={"name": "sft"},
+                     schedule="cosine")  # fmt: skip
+    rows = [{**r, S.COMPLETION: r[S.CHOSEN], S.REWARD: 1.0} for r in pairs_rows(16)]
+    examples = tokenize_rows(spec, rows, paired=False)
+    assert optimizer_steps(spec, 16) == 3, "3 steps, not 3 epochs of 4"
+    trainer = Trainer(spec, optimizer_steps(spec, 16))
+    metrics = trainer.train_epoch(iter(examples), 0)
+    assert (metrics["step"], metrics["examples"]) == (3, 12), "stopped after its 3rd step, 4 rows unread"
+    assert trainer.done(0), "the first epoch is the last"
+    assert trainer.backend.lr == pytest.approx(0.0, abs=1e-12), "the cosine schedule ends at the last step"
+
+
 def test_precomputed_reference_trains_like_a_frozen_copy(model_cache, tmp_path):
     from alignlib.losses import sequence_logps
     from alignlib.models import load_causal_lm, load_tokenizer
