@@ -22,7 +22,7 @@ from alignlib import schema as S
 from alignlib.pipeline import Pipeline
 from alignlib.raydata import log
 from alignlib.spec import JobSpec
-from alignlib.stages import SHARED
+from alignlib.stages import SHARED, per_prompt_means
 from alignlib.store import StageStore, location, read_table
 
 
@@ -157,14 +157,6 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _per_prompt(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """prompt id -> mean reward over its samples."""
-    grouped: dict[str, list[float]] = {}
-    for r in rows:
-        grouped.setdefault(r[S.PROMPT_ID], []).append(r[S.REWARD])
-    return {pid: sum(v) / len(v) for pid, v in grouped.items()}
-
-
 def win_rate(a: dict[str, float], b: dict[str, float]) -> float | None:
     """How often `a` beats `b` over their common prompts (a tie counts half)."""
     common = sorted(set(a) & set(b))
@@ -174,6 +166,16 @@ def win_rate(a: dict[str, float], b: dict[str, float]) -> float | None:
 
 
 DATA_COLUMNS = [S.PROMPT_ID, S.GENERATOR, S.REWARD, S.NUM_TOKENS]
+HELD_OUT_COLUMNS = DATA_COLUMNS  # what the held-out figures read of eval's and baseline's answers
+
+
+def _tokens(answers, generator: str | None = None) -> float | None:
+    """Mean answer length in tokens (of `generator` only, if given) over the answers that have one."""
+    import pyarrow.compute as pc
+
+    if generator is not None:
+        answers = answers.filter(pc.equal(answers[S.GENERATOR], generator))
+    return pc.mean(answers[S.NUM_TOKENS]).as_py()  # nulls (answers with no token count) are skipped; None if none
 
 
 def data_figures(scored) -> dict[str, Any]:
@@ -198,7 +200,7 @@ def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> li
     pairs per strategy, best-of-N mean reward, final training loss, engine starts. Read from the tables."""
     out = []
     base_path = shared.table_path("baseline", "completions")
-    previous = _per_prompt(read_table(base_path).to_pylist()) if base_path.exists() else {}
+    previous = per_prompt_means(read_table(base_path, columns=HELD_OUT_COLUMNS)) if base_path.exists() else {}
     start = previous
     for p in rounds:
         figures: dict[str, Any] = {"round": p.round}
@@ -215,14 +217,13 @@ def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> li
             metrics = read_table(p.table_path("train", "metrics")).to_pylist()
             figures["final_train_loss"] = metrics[-1].get("train/loss") if metrics else None
         if manifests.get("eval"):
-            rows = read_table(p.table_path("eval", "completions")).to_pylist()
-            trained = [r for r in rows if r[S.GENERATOR] == S.GENERATOR_TRAINED]
-            now = _per_prompt(trained)
+            answers = read_table(p.table_path("eval", "completions"), columns=HELD_OUT_COLUMNS)
+            now = per_prompt_means(answers, S.GENERATOR_TRAINED)
             figures.update(
                 held_out_reward=_mean(list(now.values())),
                 win_rate_vs_start=win_rate(now, start),
                 win_rate_vs_previous=win_rate(now, previous),
-                held_out_mean_tokens=_mean([r[S.NUM_TOKENS] for r in trained if r.get(S.NUM_TOKENS) is not None]),
+                held_out_mean_tokens=_tokens(answers, S.GENERATOR_TRAINED),
             )
             previous = now
         figures["engine_starts"] = sum((m or {}).get("stats", {}).get("engine_starts", 0) for m in manifests.values())
@@ -238,9 +239,9 @@ def write_outputs(spec: JobSpec, figures: list[dict[str, Any]], rounds: list[Pip
     root = location(spec.output_dir)
     baseline = shared.store.manifest("baseline") or {}
     base_path = shared.table_path("baseline", "completions")
-    tokens = [r[S.NUM_TOKENS] for r in read_table(base_path).to_pylist()] if base_path.exists() else []
+    tokens = _tokens(read_table(base_path, columns=HELD_OUT_COLUMNS)) if base_path.exists() else None
     start = {"held_out_reward": baseline.get("stats", {}).get("base_mean_reward"),
-             "held_out_mean_tokens": _mean([t for t in tokens if t is not None]),
+             "held_out_mean_tokens": tokens,
              "engine_starts": baseline.get("stats", {}).get("engine_starts", 0),
              # the starting policy's held-out answers, and round 1's candidates sampled with the same engine
              "seconds": round(sum((shared.store.manifest(n) or {}).get("seconds", 0.0) for n in shared.stages()), 1)}

@@ -37,7 +37,7 @@ from alignlib.store import (
     rmtree,
     write_table,
 )
-from alignlib.verify import KEY, check_completions, check_scored
+from alignlib.verify import KEY, StageOutputError, check_completions, check_scored
 
 
 class Pipeline(Protocol):
@@ -168,14 +168,18 @@ def _fresh(p: Pipeline) -> bool:
     return bool(p.round) and p.spec.rounds.prompts == "fresh"
 
 
-def round_prompts(p: Pipeline) -> list[dict[str, Any]]:
-    """The training prompts this round samples: all of them, or its fresh slice."""
+def round_prompts(p: Pipeline, columns: list[str] | None = None):
+    """The training prompts this round samples, as an Arrow table (prompt_id and gold unless `columns`): all of
+    them, or its fresh slice."""
+    import pyarrow as pa
+
     from alignlib.prompts import round_of
 
-    rows = read_table(p.table_path("prompts", "train")).to_pylist()
+    table = read_table(p.table_path("prompts", "train"), columns=columns or [S.PROMPT_ID, S.GOLD])
     if _fresh(p):
-        rows = [r for r in rows if round_of(r[S.PROMPT_ID], p.spec.seed, p.spec.rounds.count) == p.round]
-    return rows
+        seed, count = p.spec.seed, p.spec.rounds.count
+        table = table.filter(pa.array([round_of(i, seed, count) == p.round for i in table[S.PROMPT_ID].to_pylist()]))
+    return table
 
 
 # -- prompts ----------------------------------------------------------------------------------
@@ -264,7 +268,7 @@ def run_generate(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     with ordered_data(enabled=g.engine == "transformers"):
         prompts = _round_dataset(p)
         # One model at a time: each engine gets the whole cluster instead of competing for it.
-        total = len(round_prompts(p))
+        total = round_prompts(p).num_rows
         started = 0
         for generator, model, n in jobs:
             target = out.table("completions") / generator
@@ -366,12 +370,14 @@ def _reuse_weak(p: Pipeline, target: StorePath) -> bool:
     return True
 
 
-def _expected_completions(p: Pipeline, jobs: list[tuple[str, Any, int]]) -> dict[str, tuple[list[str], int]]:
-    """generator -> (prompt ids, samples per prompt) the generate stage must write, each row once."""
+def _expected_completions(p: Pipeline, jobs: list[tuple[str, Any, int]]) -> dict[str, tuple[Any, int]]:
+    """generator -> (prompt ids as an Arrow array, samples per prompt) the generate stage must write, each row once."""
+    import pyarrow.compute as pc
+
     prompts = round_prompts(p)
-    expected = {generator: ([r[S.PROMPT_ID] for r in prompts], n) for generator, _, n in jobs}
+    expected = {generator: (prompts[S.PROMPT_ID], n) for generator, _, n in jobs}
     if p.spec.data.gold_field is not None:
-        expected[S.GENERATOR_GOLD] = ([r[S.PROMPT_ID] for r in prompts if r[S.GOLD] is not None], 1)
+        expected[S.GENERATOR_GOLD] = (prompts.filter(pc.is_valid(prompts[S.GOLD]))[S.PROMPT_ID], 1)
     return expected
 
 
@@ -509,7 +515,7 @@ def _require_examples(p: Pipeline, needed: int, counts: dict[str, Any]) -> None:
 
 def _finish_pairs(p: Pipeline, counts: dict[str, Any], quality: dict[str, Any], pairs: int, sft: int, at_floor: int,
                   sft_mean: float | None, floor: float | None) -> dict[str, Any]:  # fmt: skip
-    prompts = len(round_prompts(p)) if _fresh(p) else count_rows(p.table_path("prompts", "train"))
+    prompts = round_prompts(p).num_rows if _fresh(p) else count_rows(p.table_path("prompts", "train"))
     warnings = degenerate(p.spec, pairs, sft, at_floor, sft_mean, prompts, floor)
     for line in warnings:
         log(f"pairs: warning: {line}")
@@ -760,7 +766,7 @@ def _held_out_answers(p: Pipeline, out: StageWriter, models: list[tuple[str, Any
             rows = total
             if ahead is not None:
                 parts.append(ahead)
-                rows += len(round_prompts(p.ahead)) * ahead.num_samples
+                rows += round_prompts(p.ahead).num_rows * ahead.num_samples
                 log(f"{out.stage}: sampling the {generator} policy on held-out prompts, and with the same engine "
                     f"round {p.ahead.round}'s {ahead.num_samples} candidates per prompt")  # fmt: skip
             else:
@@ -787,39 +793,56 @@ def run_eval(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     # The export keeps the policy's own code (if any), so it is trusted exactly as far as the policy is.
     trained = ModelSpec(model=str(p.store.path("export") / "model"), chat_template=spec.policy.chat_template,
                         dtype=spec.policy.dtype, trust_remote_code=spec.policy.trust_remote_code)  # fmt: skip
+    columns = [S.PROMPT_ID, S.GENERATOR, S.REWARD]
     if p.round is None:
         started = _held_out_answers(p, out, [(S.GENERATOR_BASE, spec.policy), (S.GENERATOR_TRAINED, trained)])
-        rows = read_table(out.table("completions")).to_pylist()
+        rows = read_table(out.table("completions"), columns=columns)
     else:  # the starting policy's answers were sampled once for every round (stage `baseline`)
+        import pyarrow as pa
+
         started = _held_out_answers(p, out, [(S.GENERATOR_TRAINED, trained)])
-        rows = read_table(out.table("completions")).to_pylist()
-        rows += read_table(p.table_path("baseline", "completions")).to_pylist()
+        rows = pa.concat_tables([read_table(out.table("completions"), columns=columns),
+                                 read_table(p.table_path("baseline", "completions"), columns=columns)])  # fmt: skip
     summary = summarize(rows)
     (out.path / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return {**summary, "engine_starts": started}
 
 
 def run_baseline(p: Pipeline, out: StageWriter) -> dict[str, Any]:
+    import pyarrow.compute as pc
+
     started = _held_out_answers(p, out, [(S.GENERATOR_BASE, p.spec.policy)])
-    rewards = read_table(out.table("completions"))[S.REWARD].to_pylist()
-    return {"answers": len(rewards), "base_mean_reward": _mean(rewards), "engine_starts": started}
+    rewards = read_table(out.table("completions"), columns=[S.REWARD])[S.REWARD]
+    mean = pc.mean(rewards).as_py() if len(rewards) else float("nan")
+    return {"answers": len(rewards), "base_mean_reward": mean, "engine_starts": started}
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean reward of base and trained policy, and the trained policy's win rate over prompts.
+def per_prompt_means(table, generator: str | None = None) -> dict[str, float]:
+    """prompt id -> mean reward over its samples (of `generator` only, if given), aggregated in Arrow: one Python
+    value per prompt, not per row."""
+    import pyarrow.compute as pc
+
+    if generator is not None:
+        table = table.filter(pc.equal(table[S.GENERATOR], generator))
+    means = table.group_by(S.PROMPT_ID).aggregate([(S.REWARD, "mean")])
+    return dict(zip(means[S.PROMPT_ID].to_pylist(), means[f"{S.REWARD}_mean"].to_pylist(), strict=True))
+
+
+def summarize(table) -> dict[str, Any]:
+    """Mean reward of base and trained policy, and the trained policy's win rate over prompts, from an Arrow table
+    with prompt_id, generator and reward.
 
     Per prompt, each policy's reward is its mean over samples; a win counts 1, a tie 0.5.
     """
-    per_prompt: dict[str, dict[str, list[float]]] = {}
-    for r in rows:
-        per_prompt.setdefault(r[S.PROMPT_ID], {}).setdefault(r[S.GENERATOR], []).append(r[S.REWARD])
-    base = [_mean(v[S.GENERATOR_BASE]) for v in per_prompt.values()]
-    trained = [_mean(v[S.GENERATOR_TRAINED]) for v in per_prompt.values()]
-    wins = [1.0 if t > b else 0.5 if t == b else 0.0 for b, t in zip(base, trained, strict=True)]
+    base, trained = (per_prompt_means(table, g) for g in (S.GENERATOR_BASE, S.GENERATOR_TRAINED))
+    if base.keys() != trained.keys():
+        only = sorted(base.keys() ^ trained.keys())
+        raise StageOutputError(f"eval: base and trained policy answered different prompts (e.g. {only[0]})")
+    wins = [1.0 if trained[k] > base[k] else 0.5 if trained[k] == base[k] else 0.0 for k in base]
     return {
-        "prompts": len(per_prompt),
-        "base_mean_reward": _mean(base),
-        "trained_mean_reward": _mean(trained),
+        "prompts": len(base),
+        "base_mean_reward": _mean(list(base.values())),
+        "trained_mean_reward": _mean(list(trained.values())),
         "win_rate": _mean(wins),
     }
 

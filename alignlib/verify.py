@@ -11,7 +11,6 @@ or unexpected, so a bad table is never committed (and so never trusted on rerun)
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 from alignlib import schema as S
@@ -24,66 +23,56 @@ class StageOutputError(RuntimeError):
     """A stage's output does not hold exactly the rows its inputs call for; it is not committed."""
 
 
-def read_keys(directory: Path) -> list[Key]:
-    """The (prompt_id, generator, sample_index) of every row of a Parquet dataset directory."""
-    from alignlib.store import read_table
-
-    table = read_table(directory, columns=list(KEY))
-    return list(zip(*(table[c].to_pylist() for c in KEY), strict=True))
-
-
 def _describe(key: Key) -> str:
     return f"prompt_id {key[0]} generator {key[1]} sample_index {key[2]}"
 
 
-def compare_keys(keys: list[Key], wanted: set[Key], where: str) -> None:
-    """`keys` must hold every key of `wanted` exactly once and nothing else."""
-    counts = Counter(keys)
-    twice = sorted(k for k, n in counts.items() if n > 1)
-    missing, extra = sorted(wanted - counts.keys()), sorted(counts.keys() - wanted)
-    problems = []
-    if twice:
-        problems.append(f"{len(twice)} written more than once (e.g. {_describe(twice[0])}, {counts[twice[0]]} rows)")
-    if missing:
-        problems.append(f"{len(missing)} missing (e.g. {_describe(missing[0])})")
-    if extra:
-        problems.append(f"{len(extra)} not expected (e.g. {_describe(extra[0])})")
-    if problems:
-        raise StageOutputError(
-            f"{where}: {len(keys)} rows where {len(wanted)} were expected: {'; '.join(problems)}; refusing to commit"
-        )
+SEPARATOR = "\x1f"
 
 
-def check_completions(directory: Path, expected: dict[str, tuple[list[str], int]]) -> None:
-    """One row per prompt and sample index 0..n-1 for each generator: `expected` maps generator -> (prompt ids, n)."""
-    wanted = {(p, g, i) for g, (ids, n) in expected.items() for p in ids for i in range(n)}
-    compare_keys(read_keys(directory), wanted, f"generate: {directory}")
+def _join(prompt_ids, generators, indices):
+    """Keys as one Arrow string each, `prompt_id<US>generator<US>sample_index` (no Python object per row)."""
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(prompt_ids, generators, pc.cast(indices, "string"), SEPARATOR)
 
 
 def _key_strings(directory):
-    """Every row's key as one Arrow string, `prompt_id|generator|sample_index` (no Python object per row)."""
-    import pyarrow.compute as pc
-
+    """Every row's key in a Parquet dataset directory, as Arrow strings."""
     from alignlib.store import read_table
 
     table = read_table(directory, columns=list(KEY))
-    index = pc.cast(table[S.SAMPLE_INDEX], "string")
-    return pc.binary_join_element_wise(table[S.PROMPT_ID], table[S.GENERATOR], index, "\x1f").combine_chunks()
+    return _join(table[S.PROMPT_ID], table[S.GENERATOR], table[S.SAMPLE_INDEX]).combine_chunks()
+
+
+def _expected_keys(expected: dict):
+    """generator -> (prompt ids, n) as the Arrow strings of every (prompt, generator, 0..n-1) key."""
+    import numpy as np
+    import pyarrow as pa
+
+    parts = []
+    for generator, (ids, n) in expected.items():
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        elif not isinstance(ids, pa.Array):
+            ids = pa.array(ids, pa.string())
+        count = len(ids)
+        repeated = ids.take(pa.array(np.repeat(np.arange(count, dtype=np.int64), n)))
+        indices = pa.array(np.tile(np.arange(n, dtype=np.int32), count))
+        parts.append(_join(repeated, pa.array([generator] * len(indices), pa.string()), indices))
+    return pa.chunked_array(parts, pa.string()).combine_chunks() if parts else pa.array([], pa.string())
 
 
 def _key(text: str) -> Key:
-    prompt_id, generator, index = text.split("\x1f")
+    prompt_id, generator, index = text.split(SEPARATOR)
     return prompt_id, generator, int(index)
 
 
-def check_scored(scored: Path, completions: Path) -> None:
-    """The scored table holds each completion exactly once, and nothing else.
-
-    Compared as Arrow arrays (hash counts and membership), so a table of millions of rows costs tens of bytes
-    per row in the driver, not a Python tuple each."""
+def _compare(got, wanted, where: str) -> None:
+    """`got` must hold every key of `wanted` exactly once and nothing else (hash counts and membership, in Arrow:
+    a table of millions of rows costs tens of bytes per row in the driver, not a Python tuple each)."""
     import pyarrow.compute as pc
 
-    got, wanted = _key_strings(scored), _key_strings(completions)
     counts = pc.value_counts(got)
     repeated = counts.filter(pc.greater(counts.field("counts"), 1))
     missing = wanted.filter(pc.invert(pc.is_in(wanted, value_set=got)))
@@ -99,6 +88,17 @@ def check_scored(scored: Path, completions: Path) -> None:
         problems.append(f"{len(pc.unique(extra))} not expected (e.g. {_describe(_key(extra[0].as_py()))})")
     if problems:
         raise StageOutputError(
-            f"score: {scored}: {len(got)} rows where {len(pc.unique(wanted))} were expected: {'; '.join(problems)}; "
+            f"{where}: {len(got)} rows where {len(pc.unique(wanted))} were expected: {'; '.join(problems)}; "
             "refusing to commit"
         )
+
+
+def check_completions(directory: Path, expected: dict) -> None:
+    """One row per prompt and sample index 0..n-1 for each generator: `expected` maps generator -> (prompt ids, n),
+    the ids a list or an Arrow array."""
+    _compare(_key_strings(directory), _expected_keys(expected), f"generate: {directory}")
+
+
+def check_scored(scored: Path, completions: Path) -> None:
+    """The scored table holds each completion exactly once, and nothing else."""
+    _compare(_key_strings(scored), _key_strings(completions), f"score: {scored}")

@@ -1,6 +1,6 @@
 """The pairs stage at scale: the in-driver build against the Ray Data one, on synthetic scored tables of
-10^5, 10^6 and 10^7 completions (8 per prompt), and the score stage's driver-side output handling (its key
-check and reward means) before and after it moved to Arrow arrays.
+10^5, 10^6 and 10^7 completions (8 per prompt), and the score and generate stages' driver-side output handling
+(their key checks, score's reward means) before and after they moved to Arrow arrays.
 
 Each measurement runs in a fresh process (Ray started, and Ray Data warmed up, before the clock starts), so its
 peak RSS is that of the driver alone; Ray Data's workers are other processes. A watchdog kills a process whose
@@ -138,14 +138,27 @@ def measure(side: str, rows: int, root: str, text: str = "realistic") -> dict:
         with store.writer("pairs") as out:
             stats = stages.run_pairs(p, out)
         result = {"pairs": sum(v for k, v in stats.items() if k.startswith("pairs_")), "sft": stats["sft_rows"]}
+    elif side.startswith("generate-"):  # the generate stage's row check, as before / now
+        from alignlib import schema as S
+        from alignlib.store import read_table
+        from alignlib.verify import check_completions
+
+        completions = run / "score" / "scored"  # the synthetic table holds completion keys: 8 per prompt
+        ids = read_table(run / "prompts" / "train", columns=[S.PROMPT_ID])[S.PROMPT_ID]
+        if side == "generate-before":
+            python_key_check(completions, {(p, S.GENERATOR_POLICY, i) for p in ids.to_pylist()
+                                           for i in range(PER_PROMPT)})  # fmt: skip
+        else:
+            check_completions(completions, {S.GENERATOR_POLICY: (ids, PER_PROMPT)})
+        result = {"prompts": len(ids)}
     else:  # the score stage's output handling: its key check and its means, as before / now
         from alignlib import schema as S
         from alignlib.store import read_table
-        from alignlib.verify import check_scored, compare_keys, read_keys
+        from alignlib.verify import check_scored
 
         scored = run / "score" / "scored"
         if side == "score-before":
-            compare_keys(read_keys(scored), set(read_keys(scored)), "score")
+            python_key_check(scored)
             values = read_table(scored)[S.REWARD].to_pylist()
             mean = sum(values) / len(values)
         else:
@@ -155,6 +168,20 @@ def measure(side: str, rows: int, root: str, text: str = "realistic") -> dict:
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"side": side, "rows": rows, "seconds": round(seconds, 2), "peak_rss_gib": round(peak, 3), **result}
+
+
+def python_key_check(scored, wanted: set | None = None) -> None:
+    """The generate and score stages' key checks before they moved to Arrow: every key a Python tuple, in a list
+    and a set (score: the completions' keys, here the same table's; generate: every prompt x sample index)."""
+    from collections import Counter
+
+    from alignlib.store import read_table
+    from alignlib.verify import KEY
+
+    table = read_table(scored, columns=list(KEY))
+    keys = list(zip(*(table[c].to_pylist() for c in KEY), strict=True))
+    counts, wanted = Counter(keys), set(keys) if wanted is None else wanted
+    assert not [k for k, n in counts.items() if n > 1] and not wanted - counts.keys() and not counts.keys() - wanted
 
 
 def stages_mean(values) -> float:
@@ -190,7 +217,8 @@ def run_one(side: str, rows: int, root: Path, limit_gib: float, timeout: float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
-    parser.add_argument("--sides", nargs="+", default=["driver", "ray", "score-before", "score-now"])
+    parser.add_argument("--sides", nargs="+", default=["driver", "ray", "score-before", "score-now",
+                                                       "generate-before", "generate-now"])  # fmt: skip
     parser.add_argument("--dir", default=None, help="where the synthetic tables are kept (default: a temp dir)")
     parser.add_argument("--rss-limit-gib", type=float, default=14.0)
     parser.add_argument("--timeout", type=float, default=3600)

@@ -165,3 +165,18 @@ def test_round_options_are_checked_before_anything_runs(tmp_path):
     early = cli("pairs", str(DEMO), out, "rounds.count=2", "--round", "2")
     assert early.returncode == 1 and "round 1 is not complete" in early.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").glob("round-*"))
+
+
+def test_eval_summary_means_per_prompt_then_over_prompts():
+    import pyarrow as pa
+
+    from alignlib.stages import summarize
+
+    answers = pa.table({
+        S.PROMPT_ID: ["a", "a", "a", "b", "b", "c", "c"],
+        S.GENERATOR: ["base", "trained", "trained", "base", "trained", "base", "trained"],
+        S.REWARD: [0.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5],
+    })  # fmt: skip
+    # Per prompt: a base 0 vs trained 0.5 (win), b 1 vs 0 (loss), c 0.5 vs 0.5 (tie).
+    assert summarize(answers) == {"prompts": 3, "base_mean_reward": pytest.approx(0.5),
+                                  "trained_mean_reward": pytest.approx(1 / 3), "win_rate": pytest.approx(0.5)}  # fmt: skip

@@ -67,3 +67,11 @@ def test_scored_must_hold_each_completion_once(tmp_path):
         r"once .*; 1 missing \(e.g. prompt_id p1 generator policy sample_index 0\)",
     ):
         check_scored(twice, completions)
+
+
+def test_expected_prompt_ids_may_be_an_arrow_column(tmp_path):
+    ids = pa.chunked_array([["p1"], ["p2", "p3"]])  # as read from the prompts table, in chunks
+    check_completions(write(tmp_path, complete()), {"policy": (ids, 2), "gold": (pa.array(["p1", "p3"]), 1)})
+    with pytest.raises(StageOutputError, match=r"2 missing \(e.g. prompt_id p4 generator policy sample_index 0\)"):
+        check_completions(write(tmp_path, complete(), "again"), {"policy": (pa.array(["p1", "p2", "p3", "p4"]), 2),
+                                                                 "gold": (["p1", "p3"], 1)})  # fmt: skip
