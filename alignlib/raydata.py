@@ -130,15 +130,23 @@ def set_ray_defaults() -> None:
         os.environ.setdefault(name, value)
 
 
+_own_ray = False  # this process started the (one-machine) Ray it uses: no autoscaler, no other nodes
+
+
 def init_ray(**kwargs) -> None:
     """`ray.init(**kwargs)`, tried up to three times: a local start on a busy machine can miss Ray's fixed
     30 s window for the raylet to register, with nothing else wrong."""
+    import os
+
     import ray
 
+    global _own_ray
     set_ray_defaults()
     for attempt in range(1, 4):
         try:
             ray.init(**kwargs)
+            # ray.init() attaches to RAY_ADDRESS's cluster when it is set; otherwise this process started Ray.
+            _own_ray = not (kwargs.get("address") or os.environ.get("RAY_ADDRESS"))
             return
         except Exception as err:
             if "timed out during startup" not in str(err) or attempt == 3:
@@ -178,11 +186,13 @@ def ensure_ray() -> None:
     # Let a stage's own error (a reward that failed on file:line) reach the user, not Ray Data's
     # generic "UDF failed to process a data block" wrapper.
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+    if _own_ray and "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
         # Ray Data 2.60's new Parquet reader starts up to 32 `FooterReader` actors for each read_parquet to read
         # file footers: worth it for thousands of files, a process start each for alignlib's stage tables (one
         # to a few hundred files). The established reader: 0.25 s against 1.1-1.9 s to read and count a 360-row
-        # table with warm workers, 2 cores. RAY_DATA_USE_DATASOURCE_V2=1 restores the new one.
+        # table with warm workers, 2 cores. Only on a Ray this process started: on an autoscaling cluster a node
+        # was not released after a stage that read with it (tests/integration/test_autoscaling.py, 3 runs of 3;
+        # the new reader passed). RAY_DATA_USE_DATASOURCE_V2=1 or 0 decides either way.
         ray.data.DataContext.get_current().use_datasource_v2 = False
 
 

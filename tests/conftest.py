@@ -31,10 +31,9 @@ def model_cache(tmp_path_factory):
 def ray_session(model_cache):
     import ray
 
-    from alignlib.raydata import set_ray_defaults
+    from alignlib.raydata import init_ray
 
-    set_ray_defaults()  # as alignlib's own local Ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=True)  # as alignlib starts its own local Ray
     yield ray
     ray.shutdown()
 
