@@ -165,8 +165,7 @@ def win_rate(a: dict[str, float], b: dict[str, float]) -> float | None:
     return sum(1.0 if a[p] > b[p] else 0.5 if a[p] == b[p] else 0.0 for p in common) / len(common)
 
 
-DATA_COLUMNS = [S.PROMPT_ID, S.GENERATOR, S.REWARD, S.NUM_TOKENS]
-HELD_OUT_COLUMNS = DATA_COLUMNS  # what the held-out figures read of eval's and baseline's answers
+DATA_COLUMNS = [S.PROMPT_ID, S.GENERATOR, S.REWARD, S.NUM_TOKENS]  # what the figures read of scored and held-out answers
 
 
 def _tokens(answers, generator: str | None = None) -> float | None:
@@ -200,7 +199,7 @@ def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> li
     pairs per strategy, best-of-N mean reward, final training loss, engine starts. Read from the tables."""
     out = []
     base_path = shared.table_path("baseline", "completions")
-    previous = per_prompt_means(read_table(base_path, columns=HELD_OUT_COLUMNS)) if base_path.exists() else {}
+    previous = per_prompt_means(read_table(base_path, columns=DATA_COLUMNS)) if base_path.exists() else {}
     start = previous
     for p in rounds:
         figures: dict[str, Any] = {"round": p.round}
@@ -217,7 +216,7 @@ def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> li
             metrics = read_table(p.table_path("train", "metrics")).to_pylist()
             figures["final_train_loss"] = metrics[-1].get("train/loss") if metrics else None
         if manifests.get("eval"):
-            answers = read_table(p.table_path("eval", "completions"), columns=HELD_OUT_COLUMNS)
+            answers = read_table(p.table_path("eval", "completions"), columns=DATA_COLUMNS)
             now = per_prompt_means(answers, S.GENERATOR_TRAINED)
             figures.update(
                 held_out_reward=_mean(list(now.values())),
@@ -239,7 +238,7 @@ def write_outputs(spec: JobSpec, figures: list[dict[str, Any]], rounds: list[Pip
     root = location(spec.output_dir)
     baseline = shared.store.manifest("baseline") or {}
     base_path = shared.table_path("baseline", "completions")
-    tokens = _tokens(read_table(base_path, columns=HELD_OUT_COLUMNS)) if base_path.exists() else None
+    tokens = _tokens(read_table(base_path, columns=DATA_COLUMNS)) if base_path.exists() else None
     start = {"held_out_reward": baseline.get("stats", {}).get("base_mean_reward"),
              "held_out_mean_tokens": tokens,
              "engine_starts": baseline.get("stats", {}).get("engine_starts", 0),

@@ -168,14 +168,14 @@ def _fresh(p: Pipeline) -> bool:
     return bool(p.round) and p.spec.rounds.prompts == "fresh"
 
 
-def round_prompts(p: Pipeline, columns: list[str] | None = None):
-    """The training prompts this round samples, as an Arrow table (prompt_id and gold unless `columns`): all of
-    them, or its fresh slice."""
+def round_prompts(p: Pipeline):
+    """The training prompts this round samples, as an Arrow table of prompt_id and gold: all of them, or its
+    fresh slice."""
     import pyarrow as pa
 
     from alignlib.prompts import round_of
 
-    table = read_table(p.table_path("prompts", "train"), columns=columns or [S.PROMPT_ID, S.GOLD])
+    table = read_table(p.table_path("prompts", "train"), columns=[S.PROMPT_ID, S.GOLD])
     if _fresh(p):
         seed, count = p.spec.seed, p.spec.rounds.count
         table = table.filter(pa.array([round_of(i, seed, count) == p.round for i in table[S.PROMPT_ID].to_pylist()]))

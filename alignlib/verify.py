@@ -59,7 +59,7 @@ def _expected_keys(expected: dict):
         count = len(ids)
         repeated = ids.take(pa.array(np.repeat(np.arange(count, dtype=np.int64), n)))
         indices = pa.array(np.tile(np.arange(n, dtype=np.int32), count))
-        parts.append(_join(repeated, pa.array([generator] * len(indices), pa.string()), indices))
+        parts.append(_join(repeated, pa.scalar(generator, pa.string()), indices))  # the generator broadcast, not a list
     return pa.chunked_array(parts, pa.string()).combine_chunks() if parts else pa.array([], pa.string())
 
 
