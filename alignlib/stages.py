@@ -663,7 +663,7 @@ def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
         from alignlib.train.launch import storage_path
 
         rmtree(storage_path(p.spec) / run_name)
-    result = run_training(p.spec, dataset, n, run_name=run_name)
+    result = run_training(p.spec, dataset, n, run_name=run_name, log=log)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     epochs, steps = read_metrics(metrics_path(p.spec, run_name))
@@ -671,21 +671,10 @@ def run_train(p: Pipeline, out: StageWriter) -> dict[str, Any]:
     if steps:
         write_table(pa.Table.from_pylist(steps), out.table("steps"))
     return {
-        "checkpoint": checkpoint_location(result.checkpoint),
+        "checkpoint": result.checkpoint,
         "examples": n,
         "final_metrics": _jsonable(result.metrics),
     }
-
-
-def checkpoint_location(checkpoint) -> str:
-    """A Ray Train checkpoint's directory as a path or URI (in an object store, Ray gives a bucket path)."""
-    import pyarrow.fs as pafs
-
-    fs = checkpoint.filesystem
-    if fs is None or isinstance(fs, pafs.LocalFileSystem):
-        return checkpoint.path
-    scheme = "gs" if fs.type_name == "gcs" else fs.type_name
-    return f"{scheme}://{checkpoint.path}"
 
 
 def _train_reads(spec: JobSpec) -> dict[str, list[str]]:

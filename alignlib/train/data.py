@@ -107,6 +107,10 @@ def require_training_columns(spec, present, paired: bool) -> None:
 DRIVER_TOKENIZE_ROWS = 20_000
 
 
+def tokenizes_in_driver(dataset) -> bool:
+    return dataset.count() <= DRIVER_TOKENIZE_ROWS
+
+
 def tokenize_dataset(dataset, spec, paired: bool):
     """A Ray Dataset of pairs (or SFT rows) -> token-id columns, materialized.
 
@@ -122,7 +126,7 @@ def tokenize_dataset(dataset, spec, paired: bool):
     policy, train = spec.policy, spec.train
     args = (policy.model, policy.chat_template, paired, train.max_length, train.max_prompt_length,
             policy.trust_remote_code)  # fmt: skip
-    if dataset.count() <= DRIVER_TOKENIZE_ROWS:
+    if tokenizes_in_driver(dataset):
         table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
         return ray.data.from_arrow(Tokenize(*args)(table)).materialize()
     return dataset.map_batches(

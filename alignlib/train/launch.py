@@ -1,14 +1,16 @@
-"""Build and run the Ray Train `TorchTrainer` for a job: workers, backend, data and storage.
+"""Run a job's training: one actor for a one-worker job (`single.py`), Ray Train's `TorchTrainer` otherwise.
 
 Checkpoints are kept under `<output_dir>/train-ray/<name>` (outside the stage directory, which is
-only swapped in once training finished); Ray Train V2 resumes from the latest checkpoint there
-when the same job is run again after a crash.
+only swapped in once training finished); a rerun of the same job after a crash resumes from the
+latest checkpoint there (Ray Train V2's own, or `single.py`'s).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 from alignlib.spec import JobSpec
 
@@ -44,8 +46,48 @@ def read_metrics(path) -> tuple[list[dict], list[dict]]:
     return [epochs[k] for k in sorted(epochs)], [steps[k] for k in sorted(steps)]
 
 
-def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str):
-    """Train on a Ray Dataset; returns the Ray Train `Result` (its checkpoint is the final model)."""
+@dataclass
+class TrainResult:
+    """A finished (or failed) training run: the last checkpoint's location (a path or URI) and its metrics."""
+
+    checkpoint: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+def one_process(spec: JobSpec) -> bool:
+    """One worker and nothing to shard across ranks: trained in one actor (`single.py`), not a Ray Train group.
+
+    DeepSpeed keeps Ray Train even on one worker: its engine sets up a process group of its own."""
+    backend = spec.train.backend
+    return backend.num_workers == 1 and backend.name != "deepspeed"
+
+
+def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str, log=print) -> TrainResult:
+    """Train on a Ray Dataset of pairs (or SFT rows); the result's checkpoint holds the final model."""
+    total_steps = optimizer_steps(spec, num_examples)
+    if one_process(spec):
+        from alignlib.train.single import run_single
+
+        out = run_single(spec, dataset, total_steps, storage_path(spec) / run_name, metrics_path(spec, run_name), log)
+        return TrainResult(**out)
+    result = _run_ray_train(spec, dataset, total_steps, run_name)
+    checkpoint = checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
+    return TrainResult(checkpoint, result.metrics or {}, result.error)
+
+
+def checkpoint_location(checkpoint) -> str:
+    """A Ray Train checkpoint's directory as a path or URI (in an object store, Ray gives a bucket path)."""
+    import pyarrow.fs as pafs
+
+    fs = checkpoint.filesystem
+    if fs is None or isinstance(fs, pafs.LocalFileSystem):
+        return checkpoint.path
+    scheme = "gs" if fs.type_name == "gcs" else fs.type_name
+    return f"{scheme}://{checkpoint.path}"
+
+
+def _run_ray_train(spec: JobSpec, dataset, total_steps: int, run_name: str):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -54,7 +96,6 @@ def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str):
     from alignlib.train.loop import train_loop
 
     backend = spec.train.backend
-    total_steps = optimizer_steps(spec, num_examples)
     dataset = tokenize_dataset(dataset, spec, get_loss(spec.train.loss.name).paired)
     trainer = TorchTrainer(
         train_loop,

@@ -170,6 +170,26 @@ class Trainer:
             _record(self.metrics_path, {"kind": "epoch", **metrics})
         return metrics
 
+    def save(self, directory: Path, epoch: int) -> None:
+        """This worker's part of a checkpoint after `epoch`: the backend's files, and (rank 0) the epoch and
+        the tokenizer beside the model, so the checkpoint's `model/` is a whole HF directory."""
+        self.backend.save(directory, self.rank)
+        if self.rank == 0:
+            (directory / "epoch").write_text(str(epoch))
+            self.tokenizer.save_pretrained(directory / "model")
+
+    def resume(self, directory: Path) -> int:
+        """Restore weights, optimizer and schedule from a checkpoint; returns the epoch to start from."""
+        self.backend.load(directory)
+        start = int((directory / "epoch").read_text()) + 1
+        if self.rank == 0:
+            _say(f"resuming after epoch {start} of {self.train.epochs} (optimizer step {self.backend.step_count})")
+        return start
+
+    def say_reference(self) -> None:
+        if self.rank == 0 and self.reference_source != "none":
+            _say(f"reference log-probs: {self.reference_source}")
+
     def done(self, epoch: int) -> bool:
         """Training ends with this epoch: the last one, or `train.max_steps` reached in it."""
         return epoch == self.train.epochs - 1 or self.backend.step_count >= self.total_steps
@@ -198,26 +218,19 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device() if train.backend.use_gpu else torch.device("cpu")
     trainer = Trainer(spec, config["total_steps"], device, rank, world, distributed=True,
                       metrics_path=config["metrics_path"])  # fmt: skip
-    if rank == 0 and trainer.reference_source != "none":
-        _say(f"reference log-probs: {trainer.reference_source}")
+    trainer.say_reference()
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            trainer.backend.load(Path(directory))
-            start_epoch = int((Path(directory) / "epoch").read_text()) + 1
-        if rank == 0:
-            _say(f"resuming after epoch {start_epoch} of {train.epochs} (optimizer step {trainer.backend.step_count})")
+            start_epoch = trainer.resume(Path(directory))
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, train.epochs):
         metrics = trainer.train_epoch(shard.iter_rows(), epoch)
         with tempfile.TemporaryDirectory() as directory:
-            trainer.backend.save(Path(directory), rank)
-            if rank == 0:
-                (Path(directory) / "epoch").write_text(str(epoch))
-                trainer.tokenizer.save_pretrained(Path(directory) / "model")
+            trainer.save(Path(directory), epoch)
             # Rank 0 holds the whole model (ZeRO-3 gathers it in save); under DeepSpeed every rank also has its
             # optimizer shard, and Ray Train merges the ranks' directories into one checkpoint.
             has_files = any(Path(directory).iterdir())

@@ -12,10 +12,26 @@ import torch
 
 from alignlib.train.backends import _read_weights
 
+# A training run lists a checkpoint once it is whole (not merely being written): Ray Train in its snapshot, the
+# one-process path (alignlib/train/single.py) in its index.
+LISTS = {"checkpoint_manager_snapshot.json": "checkpoint_results", "alignlib-checkpoints.json": "checkpoints"}
+
+
+def _listing(run: Path) -> dict[Path, bool]:
+    """Each training run under `run/train-ray` (every round's runs live there): whether it lists a checkpoint."""
+    found = {}
+    for name, key in LISTS.items():
+        for listing in (run / "train-ray").glob(f"*/{name}"):
+            try:
+                found[listing.parent] = bool(json.loads(listing.read_text()).get(key))
+            except (OSError, ValueError):
+                found[listing.parent] = False  # being written
+    return found
+
 
 def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 600, after: Path | None = None) -> None:
-    """Until Ray Train has registered a checkpoint under `run/train-ray` (every round's runs live there); with
-    `after`, a checkpoint of a training run that started after that file appeared (a later round's)."""
+    """Until a training run under `run/train-ray` has listed a checkpoint; with `after`, a checkpoint of a
+    training run that started after that file appeared (a later round's)."""
     deadline, earlier = time.time() + timeout, None
     while time.time() < deadline:
         if after is not None and earlier is None:
@@ -23,16 +39,9 @@ def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 600,
                 _check_alive(proc)
                 time.sleep(0.05)
                 continue
-            earlier = {p.parent for p in (run / "train-ray").glob("*/checkpoint_manager_snapshot.json")}
-        # Registered, not merely being written: Ray Train lists a checkpoint in its snapshot once it is whole.
-        for snapshot in (run / "train-ray").glob("*/checkpoint_manager_snapshot.json"):
-            if earlier and snapshot.parent in earlier:
-                continue
-            try:
-                if json.loads(snapshot.read_text()).get("checkpoint_results"):
-                    return
-            except (OSError, ValueError):
-                pass  # being written
+            earlier = set(_listing(run))
+        if any(listed for parent, listed in _listing(run).items() if not (earlier and parent in earlier)):
+            return
         _check_alive(proc)
         time.sleep(0.05)
     pytest.fail("no checkpoint appeared")

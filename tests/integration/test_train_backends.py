@@ -1,12 +1,13 @@
-"""Every training backend, for real on CPU through Ray Train: DDP (+ LoRA), DeepSpeed ZeRO-2 and -3, QLoRA (4-bit).
+"""Every training backend, for real on CPU: DDP (+ LoRA) and DeepSpeed ZeRO-2 and -3 through Ray Train's
+worker group, QLoRA (4-bit) and one-worker DDP in alignlib's one-process path (train/single.py).
 
-Each case trains the built-in tiny policy for a few steps on a small pairs set through Ray Train,
-then exports it; the checks are what a user would see: a finished run, a checkpoint, a loss that
-moved the right way, and an exported model `from_pretrained` loads. ZeRO-2 with the optimizer offloaded
-(SFT) is the kill test's uninterrupted run: a run whose worker is killed after its first checkpoint ends
-on the same weights as that one (Ray Train restarts the worker group and DeepSpeed restores its optimizer
-state), and each run costs a Ray Train start-up. The training arithmetic itself (micro-batch
-split, reference log-probs) is checked in-process in tests/unit/test_trainer.py.
+Each case trains the built-in tiny policy for a few steps on a small pairs set, then exports it; the
+checks are what a user would see: a finished run, a checkpoint, a loss that moved the right way, and an
+exported model `from_pretrained` loads. The kill tests' uninterrupted runs are the train-and-export
+checks of ZeRO-2 with the optimizer offloaded (SFT) and of one-worker DDP: a run whose worker is killed
+after its first checkpoint ends on the same weights as that one (the worker is replaced and restores its
+optimizer state). The training arithmetic itself (micro-batch split, reference log-probs) is checked
+in-process in tests/unit/test_trainer.py.
 """
 
 import os
@@ -64,7 +65,7 @@ def test_backend_trains_and_exports(case, ray_session, tmp_path):
     rows = pairs_rows()
     result = run_training(spec, ray.data.from_items(rows).materialize(), len(rows), run_name=case)
     model = assert_trained_and_exported(spec, case, result, tmp_path, lora="lora" in CASES[case])
-    checkpoint = Path(result.checkpoint.path) / "model"
+    checkpoint = Path(result.checkpoint) / "model"
 
     if "lora" in CASES[case]:
         # export.merge_lora: false keeps the adapter, which loads on its base with peft.
@@ -86,7 +87,7 @@ def assert_trained_and_exported(spec, name: str, result, tmp_path: Path, lora: b
     from transformers import AutoModelForCausalLM
 
     assert result.error is None
-    checkpoint = Path(result.checkpoint.path) / "model"
+    checkpoint = Path(result.checkpoint) / "model"
     epochs, steps = read_metrics(metrics_path(spec, name))
     assert [e["epoch"] for e in epochs] == list(range(1, spec.train.epochs + 1)) and steps
     assert epochs[-1]["train/loss"] < epochs[0]["train/loss"], epochs
@@ -116,11 +117,20 @@ def assert_generates_in_vllm(model_dir: Path) -> None:
     assert all(r[S.FINISH_REASON] in ("stop", "length") and r[S.NUM_TOKENS] >= 1 for r in rows), rows
 
 
-def test_killed_deepspeed_worker_resumes_to_the_same_weights(ray_session, tmp_path):
-    """A DeepSpeed ZeRO-2 run (optimizer offloaded, SFT) whose worker is SIGKILLed after its first checkpoint:
-    Ray Train restarts the worker group from that checkpoint (train.max_failures 1), DeepSpeed restores Adam's
-    moments and the schedule, and the run ends on the weights of an uninterrupted one. The uninterrupted run
-    is also this backend's train-and-export check."""
+KILLED = {
+    # Ray Train's worker group: DeepSpeed restores Adam's moments and the schedule from its own checkpoint.
+    "deepspeed": {"name": "deepspeed", "zero_stage": 2, "offload_optimizer": True, "num_workers": 1, "use_gpu": False},
+    # One worker, no Ray Train (train/single.py): alignlib replaces the actor and resumes it itself.
+    "one-process": {"name": "ddp", "num_workers": 1, "use_gpu": False},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(KILLED))
+def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path):
+    """A run (SFT) whose training worker is SIGKILLed after its first checkpoint: the worker is replaced and
+    resumes from that checkpoint (train.max_failures 1) with the optimizer state and schedule, and the run
+    ends on the weights of an uninterrupted one. The uninterrupted run is also the backend's
+    train-and-export check (ZeRO-2 with the optimizer offloaded; one-process DDP)."""
     import threading
 
     import psutil
@@ -131,9 +141,7 @@ def test_killed_deepspeed_worker_resumes_to_the_same_weights(ray_session, tmp_pa
 
     rows = pairs_rows(48)
     train = {"epochs": 3, "lr": 1e-3, "schedule": "constant", "batch_size": 2, "max_length": 48, "log_every": 1,
-             "max_failures": 1, "loss": {"name": "sft"},
-             "backend": {"name": "deepspeed", "zero_stage": 2, "offload_optimizer": True, "num_workers": 1,
-                         "use_gpu": False}}  # fmt: skip
+             "max_failures": 1, "loss": {"name": "sft"}, "backend": KILLED[case]}  # fmt: skip
 
     def fit(name: str):
         spec = parse_spec({
@@ -142,19 +150,19 @@ def test_killed_deepspeed_worker_resumes_to_the_same_weights(ray_session, tmp_pa
         })  # fmt: skip
         return spec, run_training(spec, ray.data.from_items(rows).materialize(), len(rows), run_name=name)
 
-    spec, full = fit("ds-full")
-    assert_trained_and_exported(spec, "ds-full", full, tmp_path, lora=False)
+    spec, full = fit(f"{case}-full")
+    assert_trained_and_exported(spec, f"{case}-full", full, tmp_path, lora=False)
 
     me = psutil.Process()
     earlier = {p.pid for p in me.children(recursive=True)}
     done: dict = {}
-    thread = threading.Thread(target=lambda: done.update(result=fit("ds-killed")[1]), daemon=True)
+    thread = threading.Thread(target=lambda: done.update(result=fit(f"{case}-killed")[1]), daemon=True)
     thread.start()
-    snapshot = storage_path(spec) / "ds-killed" / "checkpoint_manager_snapshot.json"
+    run_dir = storage_path(spec) / f"{case}-killed"
     killed, replaced, deadline = None, False, time.time() + 600
     while thread.is_alive() and time.time() < deadline:
         workers = [p for p in me.children(recursive=True) if p.pid not in earlier and _is_train_worker(p)]
-        if killed is None and workers and _has_checkpoint(snapshot):
+        if killed is None and workers and _has_checkpoint(run_dir):
             killed = workers[0].pid
             os.kill(killed, signal.SIGKILL)
         elif killed is not None and any(p.pid != killed for p in workers):
@@ -164,25 +172,30 @@ def test_killed_deepspeed_worker_resumes_to_the_same_weights(ray_session, tmp_pa
     result = done["result"]
     assert killed is not None, "the run ended before its first checkpoint could be waited for"
     assert result.error is None and result.metrics["epoch"] == 3
-    assert replaced, "Ray Train started a new worker after the kill"
-    assert (Path(result.checkpoint.path) / "deepspeed").is_dir()
-    weights, uninterrupted = (_read_weights(Path(r.checkpoint.path) / "model") for r in (result, full))
+    assert replaced, "a new training worker started after the kill"
+    assert (Path(result.checkpoint) / "deepspeed").is_dir() == (case == "deepspeed")
+    weights, uninterrupted = (_read_weights(Path(r.checkpoint) / "model") for r in (result, full))
     worst = max(float((weights[k] - uninterrupted[k]).abs().max()) for k in uninterrupted)
     assert worst < 1e-5, f"resumed run differs from the uninterrupted one by up to {worst}"
 
 
 def _is_train_worker(proc) -> bool:
-    try:
-        return "RayTrainWorker" in " ".join(proc.cmdline())
+    try:  # Ray Train's worker actor (RayTrainWorker) or alignlib's one-process one (TrainWorker)
+        return "TrainWorker" in " ".join(proc.cmdline())
     except Exception:
         return False
 
 
-def _has_checkpoint(snapshot: Path) -> bool:
-    """Ray Train lists a checkpoint in its snapshot once it is whole (registered, not merely being written)."""
+def _has_checkpoint(run_dir: Path) -> bool:
+    """A checkpoint is listed once whole (not merely being written): in Ray Train's snapshot, or in the
+    one-process path's index."""
     import json
 
     try:
-        return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+        snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        if snapshot.exists():
+            return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+        index = run_dir / "alignlib-checkpoints.json"
+        return index.exists() and bool(json.loads(index.read_text())["checkpoints"])
     except (OSError, ValueError):
         return False
