@@ -1,4 +1,4 @@
-"""Training throughput (tokens/s), step cost, loss and memory: alignlib (Ray Train, DDP) vs TRL's ORPO/DPO trainers.
+"""Training throughput (tokens/s), step cost, loss and memory: alignlib (one worker) vs TRL's ORPO/DPO trainers.
 
 What is measured
     One run trains each selected loss (`--loss orpo|dpo|both`) up to three ways with the same model
@@ -52,8 +52,8 @@ What is measured
     Tokens are the non-pad tokens the model processes: prompt + chosen plus prompt + rejected per
     pair (the prompt counts twice because both sequences carry it; this is alignlib's `tokens`
     metric). For each run:
-      - whole call: alignlib `run_training(...)` (Ray Train controller and worker start-up, the
-        tokenize step in Ray Data, model load, training, a checkpoint per epoch, teardown; Ray itself
+      - whole call: alignlib `run_training(...)` (one worker: its actor's start-up and model load
+        while the driver tokenizes, training, a checkpoint per epoch, teardown; Ray itself
         is started once before, untimed); TRL: model load + trainer construction (tokenization, and
         the reference pass with --precompute-ref) + `train()` + `save_model()`. Imports untimed.
       - steady state: from the end of the first optimizer step to the end of the last one
@@ -64,16 +64,17 @@ What is measured
       - padding: the padded share of the (2B, T) batches (alignlib's epoch lines; TRL's computed
         from its sequential batches, its collators pad chosen and rejected to one width as alignlib
         does).
-      - peak RSS (ru_maxrss) of the training process: alignlib's Ray Train worker (reported by a
+      - peak RSS (ru_maxrss) of the training process: alignlib's training worker (reported by a
         Ray `worker_process_setup_hook` thread), TRL's training subprocess.
       - last-epoch mean training loss. DPO: the same definition on both sides. ORPO: alignlib's
         definition (NLL over completion tokens, per example), rebuilt from TRL's logged metrics.
       - start-up to the first optimizer step, and for alignlib a breakdown of it from wall-clock
-        marks: Ray Train controller and training worker actors (first seen by the probe thread
-        below, 0.1 s polling), and, in the worker, the train function's start, `Trainer.__init__`
-        (tokenizer, model load, LoRA + DDP wrap, reference copy), the first row from its dataset
-        shard and the end of the first optimizer step (the benchmark swaps in a wrapper around
-        `alignlib.train.loop.train_loop` for the call; alignlib itself is unchanged). TRL: model
+        marks: the training worker actor (and with several workers Ray Train's controller; first
+        seen by the probe thread below, 0.1 s polling), and, in the worker, its start,
+        `Trainer.__init__` (tokenizer, model load, LoRA + wrap, reference copy), the first row of
+        its data and the end of the first optimizer step (the benchmark swaps in a subclass of
+        `alignlib.train.single.TrainWorker`, or a wrapper around `alignlib.train.loop.train_loop`
+        under Ray Train, for the call; alignlib itself is unchanged). TRL: model
         load, trainer construction and the first step.
     Cross-checks on the first batch (no gradient, full weights: a fresh LoRA adapter is the
     identity, so the start is the same): ORPO at the initial weights (loss terms and the
@@ -376,7 +377,7 @@ def run_trl(cfg: dict, workdir: Path, tag: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# alignlib through Ray Train
+# alignlib: one worker (alignlib.train.single), or Ray Train's worker group
 # --------------------------------------------------------------------------------------------
 def _proc_start_wall() -> float | None:
     """Wall-clock time (time.time()) this process started, from /proc (10 ms resolution)."""
@@ -435,13 +436,9 @@ def _ray_worker_probe() -> None:
     threading.Thread(target=report, name="alignlib-bench-probe", daemon=True).start()
 
 
-def _timed_train_loop(config: dict) -> None:
-    """alignlib's `train_loop` (Ray Train's per-worker function) with wall-clock marks for the start-up breakdown.
-
-    The benchmark puts this in place of `alignlib.train.loop.train_loop` in the driver for the duration of a
-    `run_training` call (which imports the name at call time); in the worker it wraps a few of alignlib's methods
-    in that process only, records when each began/ended, and calls the real `train_loop` unchanged.
-    """
+def _install_marks():
+    """In a training worker: wrap a few of alignlib's methods in this process only and record when each began
+    and ended (wall clock). Returns (marks, write, restore)."""
     import json
     import os
     import time
@@ -501,13 +498,48 @@ def _timed_train_loop(config: dict) -> None:
         return original_epoch(self, tap(rows), epoch)
 
     loop.Trainer.train_epoch = train_epoch
-    try:
-        loop.train_loop(config)
-    finally:
+
+    def restore():
         marks["loop_end"] = time.time()
         write()
         for owner, name, original in originals:
             setattr(owner, name, original)
+
+    return marks, write, restore
+
+
+def _timed_train_loop(config: dict) -> None:
+    """alignlib's `train_loop` (Ray Train's per-worker function) with wall-clock marks for the start-up breakdown.
+
+    The benchmark puts this in place of `alignlib.train.loop.train_loop` in the driver for the duration of a
+    `run_training` call (which imports the name at call time) and calls the real `train_loop` unchanged.
+    """
+    import alignlib.train.loop as loop
+
+    _, _, restore = _install_marks()
+    try:
+        loop.train_loop(config)
+    finally:
+        restore()
+
+
+def _timed_worker_class():
+    """alignlib's one-process training actor (`alignlib.train.single.TrainWorker`) with the same marks; the
+    benchmark puts it in place of the real class for the duration of a `run_training` call."""
+    from alignlib.train.single import TrainWorker
+
+    class TimedTrainWorker(TrainWorker):
+        def __init__(self, *args, **kwargs):
+            _, _, self._restore = _install_marks()
+            super().__init__(*args, **kwargs)
+
+        def fit(self, *args, **kwargs):
+            try:
+                return super().fit(*args, **kwargs)
+            finally:
+                self._restore()
+
+    return TimedTrainWorker
 
 
 class FileTail(threading.Thread):
@@ -596,6 +628,7 @@ def run_alignlib(cfg: dict, rows: list[dict], workdir: Path, probe_dir: Path, ta
     import ray
 
     import alignlib.train.loop
+    import alignlib.train.single
     from alignlib.spec import reference_source
     from alignlib.train.launch import metrics_path, read_metrics, run_training
     from alignlib.train.reference import reference_logps
@@ -608,8 +641,9 @@ def run_alignlib(cfg: dict, rows: list[dict], workdir: Path, probe_dir: Path, ta
     path = metrics_path(spec, run_name)
     tail = FileTail(path)
     tail.start()
-    real_loop = alignlib.train.loop.train_loop
-    alignlib.train.loop.train_loop = _timed_train_loop  # run_training imports the name when called
+    real_loop, real_worker = alignlib.train.loop.train_loop, alignlib.train.single.TrainWorker
+    alignlib.train.loop.train_loop = _timed_train_loop  # run_training imports the names when called
+    alignlib.train.single.TrainWorker = _timed_worker_class()
     try:
         w0, t0 = time.time(), time.perf_counter()
         if precompute:
@@ -619,7 +653,7 @@ def run_alignlib(cfg: dict, rows: list[dict], workdir: Path, probe_dir: Path, ta
         result = run_training(spec, dataset, len(rows), run_name=run_name)
         t_end = time.perf_counter()
     finally:
-        alignlib.train.loop.train_loop = real_loop
+        alignlib.train.loop.train_loop, alignlib.train.single.TrainWorker = real_loop, real_worker
     tail.stop()
     if result.error is not None:
         raise SystemExit(f"alignlib training failed: {result.error}")
@@ -627,7 +661,7 @@ def run_alignlib(cfg: dict, rows: list[dict], workdir: Path, probe_dir: Path, ta
     time.sleep(0.6)  # let the probe threads write their last sample
     probes = [json.loads(p.read_text()) for p in probe_dir.glob("*.json") if not p.name.startswith("marks-")]
     step_times = {e["step"]: t - t0 for t, e in tail.lines if e.get("kind") == "step"}
-    workers = [p for p in probes if "RayTrainWorker" in p["title"]]
+    workers = [p for p in probes if "TrainWorker" in p["title"]]  # Ray Train's, or the one-process actor
     marks = [json.loads(p.read_text()) for p in probe_dir.glob("marks-*.json")]
     step_tokens, previous = [], None
     for s in steps:  # `tokens` counts from the start of each epoch
@@ -667,11 +701,11 @@ def startup_breakdown(w_call: float, w0: float, probes: list[dict], marks: dict 
         return min(times) if times else None
 
     controller = seen("TrainController")
-    worker = seen("RayTrainWorker")
+    worker = seen("TrainWorker")  # Ray Train's RayTrainWorker, or the one-process TrainWorker
     points = [
         ("precompute (ref_logps stage, --precompute-ref only)", w_call),
-        ("driver: TorchTrainer, dataset plan -> controller actor seen", controller),
-        ("controller -> training worker actor seen", worker),
+        ("driver: TorchTrainer, dataset plan -> controller actor seen (Ray Train only)", controller),
+        ("controller (one-process: call start) -> training worker actor seen", worker),
         ("worker actor -> train function starts (process group, function shipped)", marks.get("loop_start")),
         ("worker: import alignlib.train", marks.get("imported")),
         ("worker: train_loop -> Trainer.__init__", marks.get("trainer_init_start")),
@@ -679,7 +713,8 @@ def startup_breakdown(w_call: float, w0: float, probes: list[dict], marks: dict 
         ("  model load (from_pretrained)", marks.get("model_load_end")),
         ("  LoRA (incl. peft import) + DDP wrap + optimizer", marks.get("build_end")),
         ("  reference copy (frozen-copy only) and rest of __init__", marks.get("trainer_init_end")),
-        ("data: Trainer ready -> first tokenized row from the shard (Ray Data)", marks.get("first_row")),
+        ("data: Trainer ready -> first tokenized row (Ray Data shard; one-process: the driver's blocks)",
+         marks.get("first_row")),
         ("first optimizer step (forward, backward, AdamW)", marks.get("first_step_end")),
     ]
     out, previous = {}, w0
@@ -1223,7 +1258,7 @@ def main() -> None:
     for loss in losses:
         res = summaries[loss]
         name = "ORPOTrainer" if loss == "orpo" else "DPOTrainer"
-        print(f"### {loss.upper()}: alignlib (Ray Train ddp, 1 worker) vs TRL {name}")
+        print(f"### {loss.upper()}: alignlib (ddp, 1 worker, one process) vs TRL {name}")
         print()
         print("\n".join(report_loss(loss, res, f"TRL {name}", labels)))
         print()
@@ -1273,7 +1308,7 @@ def main() -> None:
             f"- {loss.upper()}: alignlib's step work (collate + forward{' + reference forward' if loss == 'dpo' else ''}"
             f" + loss + backward + clip + AdamW) in this process without Ray, dataset order, first {b['steps']} steps: "
             f"median {b['median_ms']:.1f} ms per step ({b['tokens_per_s']:,.0f} tokens/s), of which collate "
-            f"{b['collate_ms']:.2f} ms; in the Ray Train worker ({key}) {med_range(within_ms, 1)} ms per step "
+            f"{b['collate_ms']:.2f} ms; in the training worker ({key}) {med_range(within_ms, 1)} ms per step "
             f"(steady state), {fmt(median_of(un, 'tokens_per_s_within'), 0)} tokens/s within epochs."
         )
     print(
