@@ -361,7 +361,10 @@ LossSpec = Annotated[
 
 class DDPBackendSpec(_Spec):
     name: Literal["ddp"]
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (processes), one per GPU when use_gpu.")
+    num_workers: int = Field(
+        1, ge=1, description="Training workers (processes), one per GPU when use_gpu. One runs in a single Ray "
+        "actor; several (and any deepspeed job) run under Ray Train.",
+    )
     use_gpu: bool = True
 
 
@@ -448,7 +451,8 @@ class TrainSpec(_Spec):
         "of keeping a reference model in every training worker.",
     )
     max_failures: int = Field(
-        1, ge=0, description="Times Ray Train restarts the worker group from the last checkpoint after a failure."
+        1, ge=0, description="Times a failed training worker (under Ray Train, the worker group) is replaced and "
+        "resumed from the last checkpoint."
     )
     gradient_checkpointing: bool = False
     log_every: int = Field(10, ge=1, description="Print a progress line every N optimizer steps.")

@@ -111,27 +111,43 @@ def tokenizes_in_driver(dataset) -> bool:
     return dataset.count() <= DRIVER_TOKENIZE_ROWS
 
 
+def _tokenize_args(spec, paired: bool) -> tuple:
+    policy, train = spec.policy, spec.train
+    return (policy.model, policy.chat_template, paired, train.max_length, train.max_prompt_length,
+            policy.trust_remote_code)  # fmt: skip
+
+
+def driver_table(dataset, spec, paired: bool):
+    """A small materialized Ray Dataset of pairs (or SFT rows) as one Arrow table in this process, its columns
+    checked; `tokenize_table` then tokenizes it here."""
+    import pyarrow as pa
+    import ray
+
+    require_training_columns(spec, dataset.schema().names, paired)
+    return pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+
+
+def tokenize_table(table, spec, paired: bool):
+    """Pairs (or SFT rows) as an Arrow table -> token-id columns, in this process."""
+    return Tokenize(*_tokenize_args(spec, paired))(table)
+
+
 def tokenize_dataset(dataset, spec, paired: bool):
     """A Ray Dataset of pairs (or SFT rows) -> token-id columns, materialized.
 
     Materialized before the trainer starts: once training workers hold their CPUs, a pending
     tokenize task could wait for ever on a small machine.
     """
-    import pyarrow as pa
     import ray
 
     from alignlib.raydata import LIGHT_CPUS, actor_pool
 
-    require_training_columns(spec, dataset.schema().names, paired)
-    policy, train = spec.policy, spec.train
-    args = (policy.model, policy.chat_template, paired, train.max_length, train.max_prompt_length,
-            policy.trust_remote_code)  # fmt: skip
     if tokenizes_in_driver(dataset):
-        table = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
-        return ray.data.from_arrow(Tokenize(*args)(table)).materialize()
+        return ray.data.from_arrow(tokenize_table(driver_table(dataset, spec, paired), spec, paired)).materialize()
+    require_training_columns(spec, dataset.schema().names, paired)
     return dataset.map_batches(
-        Tokenize, fn_constructor_args=args, batch_format="pyarrow", batch_size=256, compute=actor_pool(1),
-        num_cpus=LIGHT_CPUS,
+        Tokenize, fn_constructor_args=_tokenize_args(spec, paired), batch_format="pyarrow", batch_size=256,
+        compute=actor_pool(1), num_cpus=LIGHT_CPUS,
     ).materialize()
 
 

@@ -61,9 +61,6 @@ class TrainWorker:
         self.trainer = Trainer(self.spec, total_steps, device, distributed=False, metrics_path=metrics_path)
         self.trainer.say_reference()
 
-    def ready(self) -> bool:
-        return True
-
     def fit(self, run_dir: str, blocks: list) -> dict[str, Any]:
         """Train every remaining epoch over `blocks` (object refs of tokenized Arrow tables, in order).
 
@@ -131,22 +128,23 @@ def run_single(spec, dataset, total_steps: int, run_dir, metrics_file, log) -> d
     import ray
 
     from alignlib.losses import get_loss
-    from alignlib.train.data import tokenize_dataset, tokenizes_in_driver
+    from alignlib.train.data import driver_table, tokenize_dataset, tokenize_table, tokenizes_in_driver
 
     backend = spec.train.backend
     options = {"num_cpus": 1, "num_gpus": 1 if backend.use_gpu else 0, "max_restarts": 0}
     actor = ray.remote(TrainWorker).options(**options)
     args = (spec.model_dump(mode="json"), total_steps, str(metrics_file))
     paired = get_loss(spec.train.loss.name).paired
-    worker = None
-    if tokenizes_in_driver(dataset):
-        # The worker imports torch, transformers and peft and builds the model while this process tokenizes.
-        # A larger set is tokenized by a Ray Data actor first: a worker holding its CPU could starve it.
-        worker = actor.remote(*args)
-    tokens = tokenize_dataset(dataset, spec, paired)
-    blocks = tokens.to_arrow_refs()
-    failures = 0
+    worker, failures = None, 0
     try:
+        if tokenizes_in_driver(dataset):
+            # The worker imports torch, transformers and peft and builds the model while this process tokenizes;
+            # the rows are read out of Ray Data first, so nothing here waits on the CPU the worker holds.
+            table = driver_table(dataset, spec, paired)
+            worker = actor.remote(*args)
+            blocks = [ray.put(tokenize_table(table, spec, paired))]
+        else:  # a large set is tokenized by a Ray Data actor first: a worker holding its CPU could starve it
+            blocks = tokenize_dataset(dataset, spec, paired).to_arrow_refs()
         while True:
             worker = worker or actor.remote(*args)
             try:

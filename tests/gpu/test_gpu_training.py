@@ -2,7 +2,8 @@
 
 The model is a randomly initialised Llama of real proportions (hidden 2048, 16 layers, GQA,
 ~0.8B parameters) built offline with the built-in tokenizer, so no hub is needed. Each run goes
-through alignlib's own `run_training` (Ray Train, one GPU worker) and prints one line:
+through alignlib's own `run_training` (one GPU worker: QLoRA in one actor, ZeRO-3 under Ray Train)
+and prints one line:
 
     GPU-TRAIN qlora-orpo  peak_memory_mb=...  tokens_per_s=...  padding=...
 

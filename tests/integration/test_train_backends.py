@@ -20,6 +20,7 @@ import torch
 
 from alignlib import schema as S
 from alignlib.export import export_model
+from alignlib.locations import local_copy, location
 from alignlib.models import resolve_model
 from alignlib.spec import parse_spec
 from alignlib.train.launch import metrics_path, read_metrics, run_training
@@ -87,7 +88,7 @@ def assert_trained_and_exported(spec, name: str, result, tmp_path: Path, lora: b
     from transformers import AutoModelForCausalLM
 
     assert result.error is None
-    checkpoint = Path(result.checkpoint) / "model"
+    checkpoint = location(result.checkpoint) / "model"
     epochs, steps = read_metrics(metrics_path(spec, name))
     assert [e["epoch"] for e in epochs] == list(range(1, spec.train.epochs + 1)) and steps
     assert epochs[-1]["train/loss"] < epochs[0]["train/loss"], epochs
@@ -120,13 +121,14 @@ def assert_generates_in_vllm(model_dir: Path) -> None:
 KILLED = {
     # Ray Train's worker group: DeepSpeed restores Adam's moments and the schedule from its own checkpoint.
     "deepspeed": {"name": "deepspeed", "zero_stage": 2, "offload_optimizer": True, "num_workers": 1, "use_gpu": False},
-    # One worker, no Ray Train (train/single.py): alignlib replaces the actor and resumes it itself.
-    "one-process": {"name": "ddp", "num_workers": 1, "use_gpu": False},
+    # One worker, no Ray Train (train/single.py): alignlib replaces the actor and resumes it itself, here with
+    # output_dir on the S3 server (checkpoints uploaded, listed, pruned and read back from the object store).
+    "one-process-s3": {"name": "ddp", "num_workers": 1, "use_gpu": False},
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(KILLED))
-def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path):
+def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path, request):
     """A run (SFT) whose training worker is SIGKILLed after its first checkpoint: the worker is replaced and
     resumes from that checkpoint (train.max_failures 1) with the optimizer state and schedule, and the run
     ends on the weights of an uninterrupted one. The uninterrupted run is also the backend's
@@ -139,13 +141,14 @@ def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path):
     from alignlib.train.backends import _read_weights
     from alignlib.train.launch import storage_path
 
+    output_dir = request.getfixturevalue("s3_prefix") if case.endswith("-s3") else str(tmp_path)
     rows = pairs_rows(48)
     train = {"epochs": 3, "lr": 1e-3, "schedule": "constant", "batch_size": 2, "max_length": 48, "log_every": 1,
              "max_failures": 1, "loss": {"name": "sft"}, "backend": KILLED[case]}  # fmt: skip
 
     def fit(name: str):
         spec = parse_spec({
-            "name": name, "output_dir": str(tmp_path), "data": {"path": "unused.jsonl"},
+            "name": name, "output_dir": output_dir, "data": {"path": "unused.jsonl"},
             "policy": {"model": "builtin:tiny-policy"}, "train": train, "eval": {"enabled": False},
         })  # fmt: skip
         return spec, run_training(spec, ray.data.from_items(rows).materialize(), len(rows), run_name=name)
@@ -173,8 +176,12 @@ def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path):
     assert killed is not None, "the run ended before its first checkpoint could be waited for"
     assert result.error is None and result.metrics["epoch"] == 3
     assert replaced, "a new training worker started after the kill"
-    assert (Path(result.checkpoint) / "deepspeed").is_dir() == (case == "deepspeed")
-    weights, uninterrupted = (_read_weights(Path(r.checkpoint) / "model") for r in (result, full))
+    assert (location(result.checkpoint) / "deepspeed").is_dir() == (case == "deepspeed")
+    if case != "deepspeed":  # the last two checkpoints are kept
+        kept = sorted(p.name for p in (storage_path(spec) / f"{case}-killed").glob("checkpoint_*"))
+        assert kept == ["checkpoint_epoch-0002", "checkpoint_epoch-0003"], kept
+    weights, uninterrupted = (_read_weights(local_copy(location(r.checkpoint) / "model", tmp_path / "copies"))
+                              for r in (result, full))  # fmt: skip
     worst = max(float((weights[k] - uninterrupted[k]).abs().max()) for k in uninterrupted)
     assert worst < 1e-5, f"resumed run differs from the uninterrupted one by up to {worst}"
 
