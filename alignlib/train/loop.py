@@ -11,6 +11,7 @@ a rerun of the same run resumes from the last one.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from alignlib.losses import get_loss, label_counts, sequence_logps
+from alignlib.losses import IGNORE_INDEX, get_loss, label_counts, sequence_logps
 
 
 def _loss_kwargs(loss, knobs: dict) -> dict:
@@ -29,9 +30,37 @@ def _loss_kwargs(loss, knobs: dict) -> dict:
 
 
 def model_logps(model, batch, average: bool):
-    """Sequence log-probs of every row of a collated batch under `model` (see `losses.sequence_logps`)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["labels"], average=average)
+    """Sequence log-probs of every row of a collated batch under `model` (see `losses.sequence_logps`).
+
+    Logits are computed only from the position before the batch's first labelled token on (transformers'
+    `logits_to_keep`): the prompt's positions predict nothing that is scored, and the LM head and the
+    log-softmax over the vocabulary are a large share of a step for a small model with a large vocabulary."""
+    labels = batch["labels"]
+    kwargs = {}
+    if _keeps_logits(_base_model(model)):
+        labelled = (labels != IGNORE_INDEX).any(dim=0)
+        keep = labels.shape[1] - int(labelled.float().argmax()) + 1  # one scalar read per forward
+        if keep < labels.shape[1]:
+            kwargs["logits_to_keep"] = keep
+            labels = labels[:, -keep:]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+    return sequence_logps(logits, labels, average=average)
+
+
+def _base_model(model):
+    """The Hugging Face model under DDP / DeepSpeed (`.module`) and peft (`get_base_model()`) wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.cache
+def _keeps_logits_of(model_class) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do; custom code may not)."""
+    return _keeps_logits_of(type(model))
 
 
 def _reference_logps(backend, reference, batch, average: bool):

@@ -142,7 +142,8 @@ def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path, 
     from alignlib.train.launch import storage_path
 
     output_dir = request.getfixturevalue("s3_prefix") if case.endswith("-s3") else str(tmp_path)
-    rows = pairs_rows(48)
+    # One process steps fast: more rows, so the kill lands between the first checkpoint and the end.
+    rows = pairs_rows(48 if case == "deepspeed" else 144)
     train = {"epochs": 3, "lr": 1e-3, "schedule": "constant", "batch_size": 2, "max_length": 48, "log_every": 1,
              "max_failures": 1, "loss": {"name": "sft"}, "backend": KILLED[case]}  # fmt: skip
 
@@ -157,7 +158,8 @@ def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path, 
     assert_trained_and_exported(spec, f"{case}-full", full, tmp_path, lora=False)
 
     me = psutil.Process()
-    earlier = {p.pid for p in me.children(recursive=True)}
+    # Training workers of the run above (an idle pooled process may become the next run's worker: not excluded)
+    earlier = {p.pid for p in me.children(recursive=True) if _is_train_worker(p)}
     done: dict = {}
     thread = threading.Thread(target=lambda: done.update(result=fit(f"{case}-killed")[1]), daemon=True)
     thread.start()
@@ -177,8 +179,9 @@ def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path, 
     assert result.error is None and result.metrics["epoch"] == 3
     assert replaced, "a new training worker started after the kill"
     assert (location(result.checkpoint) / "deepspeed").is_dir() == (case == "deepspeed")
-    if case != "deepspeed":  # the last two checkpoints are kept
-        kept = sorted(p.name for p in (storage_path(spec) / f"{case}-killed").glob("checkpoint_*"))
+    if case != "deepspeed":  # the last two checkpoints are kept (SeaweedFS lists an emptied prefix as a directory)
+        run_dir = storage_path(spec) / f"{case}-killed"
+        kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if any(p.rglob("*")))
         assert kept == ["checkpoint_epoch-0002", "checkpoint_epoch-0003"], kept
     weights, uninterrupted = (_read_weights(local_copy(location(r.checkpoint) / "model", tmp_path / "copies"))
                               for r in (result, full))  # fmt: skip
