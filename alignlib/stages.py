@@ -687,7 +687,8 @@ def _train_reads(spec: JobSpec) -> dict[str, list[str]]:
 
 TRAIN = Stage(
     name="train",
-    help="train the policy on the pairs (ORPO, DPO, IPO, SimPO) or the best-of-N set (SFT) with Ray Train",
+    help="train the policy on the pairs (ORPO, DPO, IPO, SimPO) or the best-of-N set (SFT): one worker in one "
+    "Ray actor, several with Ray Train",
     run=run_train,
     sections=lambda spec: {
         "policy": _model(spec.policy), "train": _train_settings(spec), "seed": spec.seed,

@@ -28,7 +28,7 @@ def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
 
 
 def storage_path(spec: JobSpec):
-    """Ray Train's storage: a local directory, or a prefix in the object store output_dir names."""
+    """Training runs' storage (checkpoints, metrics): a local directory, or a prefix in the object store."""
     from alignlib.store import location
 
     return location(spec.output_dir) / "train-ray"

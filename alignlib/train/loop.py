@@ -38,13 +38,23 @@ def model_logps(model, batch, average: bool):
     labels = batch["labels"]
     kwargs = {}
     if _keeps_logits(_base_model(model)):
-        labelled = (labels != IGNORE_INDEX).any(dim=0)
-        keep = labels.shape[1] - int(labelled.float().argmax()) + 1  # one scalar read per forward
+        keep = batch[KEEP] if KEEP in batch else logits_keep(labels)
         if keep < labels.shape[1]:
             kwargs["logits_to_keep"] = keep
             labels = labels[:, -keep:]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
     return sequence_logps(logits, labels, average=average)
+
+
+KEEP = "logits_keep"  # a batch's entry: how many positions, from the end, need logits
+
+
+def logits_keep(labels) -> int:
+    """Positions from the one before the first labelled column to the end (all of them if none is labelled).
+
+    Read from the CPU copy of the labels by the training loop, so a GPU step does not wait on it."""
+    labelled = (labels != IGNORE_INDEX).any(dim=0)
+    return labels.shape[1] - int(labelled.float().argmax()) + 1 if bool(labelled.any()) else labels.shape[1]
 
 
 def _base_model(model):
@@ -173,7 +183,9 @@ class Trainer:
                                 with_reference=self.reference_source == "precomputed")  # fmt: skip
                 tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
                 padded += batch["attention_mask"].numel()
+                keep = logits_keep(batch["labels"])
                 batch = {k: v.to(self.device) for k, v in batch.items()}
+                batch[KEEP] = keep
                 out = _forward_loss(loss, self.knobs, backend, self.reference, batch, len(examples))
                 backend.backward(out.losses.mean())
                 count += len(examples)

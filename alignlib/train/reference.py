@@ -42,7 +42,7 @@ class ReferenceLogps:
         import torch
 
         from alignlib.train.data import collate, encode_rows, example_length
-        from alignlib.train.loop import model_logps
+        from alignlib.train.loop import KEEP, logits_keep, model_logps
 
         examples = encode_rows(
             self.tokenizer, batch.to_pylist(), True, self.train.max_length, self.train.max_prompt_length
@@ -54,7 +54,8 @@ class ReferenceLogps:
             for start in range(0, len(order), MICRO_BATCH):
                 index = order[start : start + MICRO_BATCH]
                 tensors = collate([examples[i] for i in index], self.tokenizer.pad_token_id, paired=True)
-                tensors = {k: v.to(self.device) for k, v in tensors.items()}
+                keep = logits_keep(tensors["labels"])
+                tensors = {k: v.to(self.device) for k, v in tensors.items()} | {KEEP: keep}
                 logps = model_logps(self.model, tensors, average=False).tolist()
                 for k, i in enumerate(index):
                     chosen[i], rejected[i] = logps[k], logps[len(index) + k]

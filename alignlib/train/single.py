@@ -55,7 +55,8 @@ def skip_bitsandbytes() -> None:
     cores. Only for the training actor, a process of its own (no later job in it needs 4-bit layers)."""
     import sys
 
-    if "bitsandbytes" not in sys.modules:
+    # Only before anything has looked: transformers and peft cache whether bitsandbytes is installed.
+    if not {"bitsandbytes", "transformers", "peft"} & sys.modules.keys():
         sys.modules["bitsandbytes"] = None  # `import` raises ImportError; find_spec says not installed
 
 
@@ -71,7 +72,7 @@ class TrainWorker:
         from alignlib.train.loop import Trainer
 
         self.spec = JobSpec.model_validate(spec)
-        device = torch.device("cuda", 0) if self.spec.train.backend.use_gpu else torch.device("cpu")
+        device = _gpu() if self.spec.train.backend.use_gpu else torch.device("cpu")
         self.trainer = Trainer(self.spec, total_steps, device, distributed=False, metrics_path=metrics_path)
         self.trainer.say_reference()
 
@@ -87,9 +88,10 @@ class TrainWorker:
         start = 0
         if entries:
             latest = entries[-1]
-            start = self._resume(run / latest["name"])
-            if self.trainer.done(latest["epoch"]):  # the run had finished; only its stage was not committed
+            finished = latest["epoch"] == self.spec.train.epochs - 1 or latest["metrics"]["step"] >= self.trainer.total_steps
+            if finished:  # the run had ended; only its stage was not committed
                 return {"checkpoint": str(run / latest["name"]), "metrics": latest["metrics"]}
+            start = self._resume(run / latest["name"])
         for epoch in range(start, self.spec.train.epochs):
             metrics = self.trainer.train_epoch(_rows(blocks), epoch)
             entries = self._checkpoint(run, entries, epoch, metrics)
@@ -130,6 +132,18 @@ class TrainWorker:
         return entries[-KEEP:]
 
 
+def _gpu():
+    """The GPU Ray gave this actor: device 0 of those it made visible, unless Ray was told not to set them."""
+    import os
+
+    import ray
+    import torch
+
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):
+        return torch.device("cuda", int(ray.get_gpu_ids()[0]))
+    return torch.device("cuda", 0)
+
+
 def _rows(blocks: list):
     import ray
 
@@ -157,6 +171,7 @@ def run_single(spec, dataset, total_steps: int, run_dir, metrics_file, log) -> d
             table = driver_table(dataset, spec, paired)
             worker = actor.remote(*args)
             blocks = [ray.put(tokenize_table(table, spec, paired))]
+            del table
         else:  # a large set is tokenized by a Ray Data actor first: a worker holding its CPU could starve it
             blocks = tokenize_dataset(dataset, spec, paired).to_arrow_refs()
         while True:
