@@ -134,7 +134,7 @@ def test_an_object_store_it_cannot_write_fails_before_any_stage_naming_output_di
 
 def test_a_gpu_request_on_a_machine_without_one_fails_at_once(tmp_path):
     started = time.time()
-    done = cli("run", str(DEMO), f"output_dir={tmp_path}/run", "train.backend.use_gpu=true")
+    done = cli("run", str(DEMO), f"output_dir={tmp_path}/run", "train.backend.use_gpu=true", "train.backend.num_workers=2")
     assert done.returncode == 2, done.stderr[-2000:]
     assert "train.backend: the train stage asks for 2 GPU" in done.stderr
     assert "set train.backend.use_gpu=false" in done.stderr
