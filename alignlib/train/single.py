@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 INDEX = "alignlib-checkpoints.json"
-KEEP = 2
+KEEP_CHECKPOINTS = 2
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -109,7 +109,7 @@ class TrainWorker:
             return self.trainer.resume(Path(tmp) / "checkpoint")
 
     def _checkpoint(self, run, entries: list[dict], epoch: int, metrics: dict) -> list[dict]:
-        """Save, list once whole, then drop all but the last `KEEP` checkpoints."""
+        """Save, list once whole, then drop all but the last `KEEP_CHECKPOINTS` checkpoints."""
         from alignlib.store import copytree, rmtree
 
         name = checkpoint_name(epoch)
@@ -126,10 +126,10 @@ class TrainWorker:
                 rmtree(run / name)
                 copytree(Path(tmp), run / name)
         entries = [e for e in entries if e["name"] != name] + [{"name": name, "epoch": epoch, "metrics": metrics}]
-        _write_index(run, entries[-KEEP:])
-        for old in entries[:-KEEP]:
+        _write_index(run, entries[-KEEP_CHECKPOINTS:])
+        for old in entries[:-KEEP_CHECKPOINTS]:
             rmtree(run / old["name"])
-        return entries[-KEEP:]
+        return entries[-KEEP_CHECKPOINTS:]
 
 
 def _gpu():
