@@ -75,8 +75,10 @@ def security_problems(objs: list[dict]) -> list[str]:
         if obj["kind"] not in ("RayCluster", "RayJob", "RayService"):
             continue
         name = f"{obj['kind']}/{obj['metadata']['name']}"
-        cluster = {"RayJob": obj["spec"].get("rayClusterSpec"), "RayService": obj["spec"].get("rayClusterConfig")}.get(
-            obj["kind"], obj["spec"])  # fmt: skip
+        spec = obj["spec"]
+        cluster = {"RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}.get(
+            obj["kind"], spec
+        )
         if cluster:
             if cluster.get("authOptions", {}).get("mode") != "token":
                 problems.append(f"{name}: Ray token authentication is not on (authOptions.mode: token)")

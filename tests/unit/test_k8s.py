@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from alignlib.cli import main
-from alignlib.k8s import render, render_file
+from alignlib.k8s import PART_OF, render, render_file
 from alignlib.spec import SpecError, apply_overrides, load_raw, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,9 +61,8 @@ def test_cpu_only_job_gets_cpu_workers_only():
 
 def test_stages_run_one_after_another_so_the_peak_counts_not_the_sum():
     # 4 generate actors, then 2 training workers: 4 one-GPU pods, not 6
-    assert groups("orpo-qlora-7b.yaml", "score.reward.concurrency=2", "train.backend={name: ddp, num_workers: 2}")[
-        "gpu-1"
-    ] == 4
+    peak = groups("orpo-qlora-7b.yaml", "score.reward.concurrency=2", "train.backend={name: ddp, num_workers: 2}")
+    assert peak["gpu-1"] == 4
     # 6 DDP workers on 1 GPU each stay on 1-GPU pods; 8 move to an 8-GPU pod
     assert groups("orpo-qlora-7b.yaml", "train.backend={name: ddp, num_workers: 6}") == {"cpu": 1, "gpu-1": 6}
     assert groups("orpo-qlora-7b.yaml", "train.backend={name: ddp, num_workers: 16}")["gpu-8"] == 2
@@ -86,8 +85,12 @@ def test_an_actor_larger_than_any_pod_is_refused():
 
 def test_custom_resources_and_oversized_cpu_actors_are_refused():
     with pytest.raises(SpecError) as err:
-        job("demo.yaml", "generate.resources={CPU: 1, engine: 1}", "train.backend.num_workers=1",
-            "score.reward={type: model, model: builtin:tiny-reward, resources: {CPU: 12}}")  # fmt: skip
+        job(
+            "demo.yaml",
+            "generate.resources={CPU: 1, engine: 1}",
+            "train.backend.num_workers=1",
+            "score.reward={type: model, model: builtin:tiny-reward, resources: {CPU: 12}}",
+        )
     assert err.value.problems == [
         "generate.resources: no worker group offers the custom resource(s) ['engine']; on Kubernetes ask for "
         "CPU/GPU only",
@@ -122,23 +125,27 @@ def test_the_default_reward_renders_with_a_cpu_step():
 
 
 def test_every_model_reward_in_a_weighted_sum_sizes_the_gpu_group():
-    rewards = ("score.rewards=[{type: model, model: a/rm, resources: {GPU: 1}, concurrency: [1, 3]}, "
-               "{type: model, model: b/rm, resources: {GPU: 2}, concurrency: 4, name: big}, "
-               "{type: function, function: 'alignlib.rewards:length_penalty', weight: 0.1}]")  # fmt: skip
+    rewards = (
+        "score.rewards=[{type: model, model: a/rm, resources: {GPU: 1}, concurrency: [1, 3]}, "
+        "{type: model, model: b/rm, resources: {GPU: 2}, concurrency: 4, name: big}, "
+        "{type: function, function: 'alignlib.rewards:length_penalty', weight: 0.1}]"
+    )
     r = job("orpo-qlora-7b.yaml", "score.reward=null", rewards)
     assert "score: 3 x {CPU: 1, GPU: 1}" in reasons(r) and "score: 1 x {CPU: 0.5}" in reasons(r)
     # the second reward model needs 2 GPUs per actor: 4 of them go to one 8-GPU pod
     assert "score: 4 x {CPU: 1, GPU: 2}" in reasons(r)
     assert {g.shape.group: g.max_replicas for g in r.groups}["gpu-8"] == 1
+    too_big = "score.rewards=[{type: model, model: a/rm, resources: {GPU: 9}}]"
     with pytest.raises(SpecError) as err:
-        job("orpo-qlora-7b.yaml", "score.reward=null", "score.rewards=[{type: model, model: a/rm, resources: {GPU: 9}}]")
+        job("orpo-qlora-7b.yaml", "score.reward=null", too_big)
     assert err.value.problems[0].startswith("score.rewards[0].resources: one score actor asks for {CPU: 1, GPU: 9}")
 
 
 def test_reference_logps_actors_are_sized_like_the_training_workers():
     r = job("dpo-zero3-8b.yaml")
     assert "ref_logps: 8 x {GPU: 1}" in reasons(r) and "train: 8 x {CPU: 1, GPU: 1}" in reasons(r)
-    assert not any(x.startswith("ref_logps") for x in reasons(job("dpo-zero3-8b.yaml", "train.precompute_reference=false")))
+    without_reference = job("dpo-zero3-8b.yaml", "train.precompute_reference=false")
+    assert not any(x.startswith("ref_logps") for x in reasons(without_reference))
 
 
 def test_a_preference_file_job_sizes_eval_engines_but_no_generate_stage():
@@ -219,25 +226,66 @@ def test_no_secret_reaches_the_yaml(monkeypatch):
     assert token["valueFrom"]["secretKeyRef"] == {"name": "alignlib-ray-auth", "key": "auth_token"}
 
 
-def test_pods_match_the_kustomize_base_cluster():
-    """The rendered cluster and k8s/base/raycluster.yaml must not drift apart (security, secrets, volumes)."""
+def without(mapping: dict, *keys: str) -> dict:
+    return {k: v for k, v in mapping.items() if k not in keys}
+
+
+def test_rendered_pods_are_the_base_pods_with_only_the_jobs_settings():
+    """A job's cluster is k8s/base/raycluster.yaml's, but for maxReplicas and the spec's ConfigMap on the head."""
     base = yaml.safe_load((ROOT / "k8s" / "base" / "raycluster.yaml").read_text())["spec"]
     cluster = copy.deepcopy(rayjob(job("dpo-zero3-8b.yaml"))["spec"]["rayClusterSpec"])
     base_groups = {g["groupName"]: g for g in base["workerGroupSpecs"]}
-    assert set(base_groups) == {"cpu", "gpu-1", "gpu-8"}
+    assert [g["groupName"] for g in cluster["workerGroupSpecs"]] == list(base_groups) == ["cpu", "gpu-1", "gpu-8"]
     for g in cluster["workerGroupSpecs"]:
-        other = base_groups[g["groupName"]]
-        assert g["template"] == other["template"], g["groupName"]
-        assert (g["idleTimeoutSeconds"], g["rayStartParams"]) == (other["idleTimeoutSeconds"], other["rayStartParams"])
+        assert without(g, "maxReplicas") == without(base_groups[g["groupName"]], "maxReplicas"), g["groupName"]
     head = cluster["headGroupSpec"]
     pod = head["template"]["spec"]
-    pod["volumes"] = [v for v in pod["volumes"] if "configMap" not in v]
-    pod["containers"][0]["volumeMounts"] = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] != "job-spec"]
+    assert pod["volumes"].pop() == {"name": "job-spec", "configMap": {"name": "alignlib-dpo-zero3-8b-spec"}}
+    assert pod["containers"][0]["volumeMounts"].pop()["name"] == "job-spec"
     assert head == base["headGroupSpec"]
-    for key in ("rayVersion", "authOptions", "autoscalerOptions", "enableInTreeAutoscaling"):
-        assert cluster[key] == base[key], key
+    assert without(cluster, "headGroupSpec", "workerGroupSpecs") == without(base, "headGroupSpec", "workerGroupSpecs")
     base_job = yaml.safe_load((ROOT / "k8s" / "base" / "rayjob.yaml").read_text())["spec"]
     assert rayjob(job("demo.yaml"))["spec"]["submitterPodTemplate"] == base_job["submitterPodTemplate"]
+    base_policy = yaml.safe_load((ROOT / "k8s" / "base" / "networkpolicy.yaml").read_text())
+    assert job("demo.yaml").documents[1] == {**base_policy, "metadata": {**base_policy["metadata"], "labels": PART_OF}}
+
+
+def test_k8s_base_holds_copies_of_the_package_manifests():
+    """One source: alignlib/k8s/manifests/ (shipped in the package, rendered by `alignlib k8s`); kustomize's copies
+    in k8s/base must not drift from it."""
+    from alignlib.k8s.base import COMMAND, MANIFESTS, stale
+
+    kustomization = yaml.safe_load((ROOT / "k8s" / "base" / "kustomization.yaml").read_text())
+    assert set(MANIFESTS) <= set(kustomization["resources"])
+    drifted = stale(ROOT / "k8s" / "base")
+    assert drifted == [], (
+        f"k8s/base/{drifted} differ from alignlib/k8s/manifests/: edit the manifests there, then run `{COMMAND}`"
+    )
+
+
+def test_the_base_command_writes_the_copies_and_its_check_catches_an_edited_one(tmp_path, capsys):
+    from alignlib.k8s.base import main
+    from alignlib.k8s.pods import manifest_text
+
+    assert main([str(tmp_path)]) == 0
+    for name in ("networkpolicy.yaml", "raycluster.yaml", "rayjob.yaml"):
+        first, second, rest = (tmp_path / name).read_text().split("\n", 2)
+        assert first == f"# Generated from alignlib/k8s/manifests/{name} by `python -m alignlib.k8s.base`:"
+        assert second == "# edit that file, not this one." and rest == manifest_text(name)
+    assert main(["--check", str(tmp_path)]) == 0
+    capsys.readouterr()
+    edited = (tmp_path / "raycluster.yaml").read_text().replace("maxReplicas: 4", "maxReplicas: 5")
+    (tmp_path / "raycluster.yaml").write_text(edited)
+    assert main(["--check", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"{tmp_path / 'raycluster.yaml'} differs from alignlib/k8s/manifests/raycluster.yaml; "
+        "run `python -m alignlib.k8s.base`\n"
+    )
+    assert (tmp_path / "raycluster.yaml").read_text() == edited, "--check writes nothing"
+    assert main([str(tmp_path)]) == 0
+    assert f"wrote {tmp_path / 'raycluster.yaml'}" in capsys.readouterr().err
+    assert main(["--check", str(tmp_path)]) == 0
+    assert main([str(tmp_path / "nope")]) == 2
 
 
 # -------------------------------------------------------------- the CLI
@@ -290,8 +338,12 @@ def test_cli_refuses_nonsense_options(option, capsys):
 # -------------------------------------------------------------- --serve: a RayService
 
 
-SERVED = ["score.reward={type: model, model: 'builtin:tiny-reward', resources: {CPU: 1}}", "generate.resources={GPU: 1}",
-          "serve.engine.replicas=[0, 4]", "serve.num_samples=8"]  # fmt: skip
+SERVED = [
+    "score.reward={type: model, model: 'builtin:tiny-reward', resources: {CPU: 1}}",
+    "generate.resources={GPU: 1}",
+    "serve.engine.replicas=[0, 4]",
+    "serve.num_samples=8",
+]
 
 
 def test_serve_renders_a_rayservice_sized_from_the_replicas_that_serves_the_same_spec(tmp_path, capsys):
@@ -310,8 +362,10 @@ def test_serve_renders_a_rayservice_sized_from_the_replicas_that_serves_the_same
     assert (groups["gpu-1"]["minReplicas"], groups["gpu-1"]["maxReplicas"]) == (0, 4), "GPU pods scale from 0"
     head_ports = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
     assert {"containerPort": 8000, "name": "serve"} in head_ports
-    assert {"from": [{"podSelector": {"matchLabels": {"alignlib/client": "true"}}}],
-            "ports": [{"protocol": "TCP", "port": 8000}]} in network["spec"]["ingress"]  # fmt: skip
+    assert {
+        "from": [{"podSelector": {"matchLabels": {"alignlib/client": "true"}}}],
+        "ports": [{"protocol": "TCP", "port": 8000}],
+    } in network["spec"]["ingress"]
     app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
     assert app["import_path"] == "alignlib.serving:app_builder"
     # The application is built from the spec carried inline: the same settings as `alignlib serve` with the overrides.
@@ -325,5 +379,5 @@ def test_serve_renders_a_rayservice_sized_from_the_replicas_that_serves_the_same
 
 def test_serve_refuses_a_gold_answer_reward_when_rendering(capsys):
     assert main(["k8s", str(JOBS / "demo.yaml"), "--serve"]) == 2
-    assert "score.reward: alignlib.rewards:numeric_closeness compares answers with the data's gold answer" in (
-        capsys.readouterr().err)  # fmt: skip
+    err = capsys.readouterr().err
+    assert "score.reward: alignlib.rewards:numeric_closeness compares answers with the data's gold answer" in err

@@ -81,24 +81,42 @@ def _rayjob() -> dict:
     return copy.deepcopy(rendered("orpo-qlora-7b.yaml")[2])
 
 
+def _cluster(job: dict) -> dict:
+    return job["spec"]["rayClusterSpec"]
+
+
+def _worker(job: dict, group: int) -> dict:
+    """The Ray container of a worker group's pod."""
+    return _cluster(job)["workerGroupSpecs"][group]["template"]["spec"]["containers"][0]
+
+
+def _submitter(job: dict) -> dict:
+    return job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+
+
 @pytest.mark.parametrize(
     "mutate,expected",
     [
-        (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(minReplica=0), "'minReplica' was unexpected"),
-        (lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
-         "0 is not of type 'string'"),
+        (lambda j: _cluster(j)["workerGroupSpecs"][0].update(minReplica=0), "'minReplica' was unexpected"),
+        (lambda j: _cluster(j)["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}), "0 is not of type 'string'"),
         (lambda j: j["spec"].update(clusterSelector={"ray.io/cluster": "alignlib"}), "is valid under each of"),
         (lambda j: j["spec"].update(shutdownAfterJobFinishes=False), "True was expected"),
-        (lambda j: j["spec"]["rayClusterSpec"]["autoscalerOptions"].update(version="v3"), "'v3' is not one of"),
-        (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"]["containers"][0]
-         .update(securityContext={"privilegd": False}), "'privilegd' was unexpected"),
-        (lambda j: j["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["resources"]["limits"]
-         .update(cpu=[1]), "is not valid under any of the given schemas"),
+        (lambda j: _cluster(j)["autoscalerOptions"].update(version="v3"), "'v3' is not one of"),
+        (lambda j: _worker(j, 1).update(securityContext={"privilegd": False}), "'privilegd' was unexpected"),
+        (lambda j: _submitter(j)["resources"]["limits"].update(cpu=[1]), "is not valid under any of the given schemas"),
         (lambda j: j["metadata"].update(name="alignlib-" + "x" * 40), "is too long"),
     ],
-    ids=["typo", "int-start-param", "selector-and-spec", "ttl-without-shutdown", "autoscaler-version",
-         "pod-typo", "bad-quantity", "name-too-long"],
-)  # fmt: skip
+    ids=[
+        "typo",
+        "int-start-param",
+        "selector-and-spec",
+        "ttl-without-shutdown",
+        "autoscaler-version",
+        "pod-typo",
+        "bad-quantity",
+        "name-too-long",
+    ],
+)
 def test_validation_rejects_mistakes(mutate, expected):
     job = _rayjob()
     mutate(job)
@@ -120,25 +138,25 @@ def test_builtin_kinds_are_validated_strictly():
 @pytest.mark.parametrize(
     "mutate,expected",
     [
-        (lambda j: j["spec"]["rayClusterSpec"].pop("authOptions"), "token authentication is not on"),
-        (lambda j: j["spec"]["rayClusterSpec"]["headGroupSpec"].update(serviceType="LoadBalancer"), "ClusterIP"),
-        (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-         ["securityContext"].update(privileged=True), "privileged"),
-        (lambda j: j["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"]
-         .append({"name": "HF_TOKEN", "value": "hf_abc"}), "HF_TOKEN is a literal"),
-        (lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["metadata"].pop("labels"),
-         "lacks the label"),
+        (lambda j: _cluster(j).pop("authOptions"), "token authentication is not on"),
+        (lambda j: _cluster(j)["headGroupSpec"].update(serviceType="LoadBalancer"), "ClusterIP"),
+        (lambda j: _worker(j, 0)["securityContext"].update(privileged=True), "privileged"),
+        (lambda j: _submitter(j)["env"].append({"name": "HF_TOKEN", "value": "hf_abc"}), "HF_TOKEN is a literal"),
+        (lambda j: _cluster(j)["workerGroupSpecs"][0]["template"]["metadata"].pop("labels"), "lacks the label"),
     ],
     ids=["no-auth", "exposed-head", "privileged", "literal-secret", "unlabelled-pod"],
-)  # fmt: skip
+)
 def test_security_check_catches_regressions(mutate, expected):
     objs = copy.deepcopy(rendered("orpo-qlora-7b.yaml"))
     mutate(objs[2])
     assert any(expected in p for p in security_problems(objs)), security_problems(objs)
 
 
-SERVED = ["score.reward={type: model, model: 'builtin:tiny-reward', resources: {CPU: 1}}", "generate.resources={GPU: 1}",
-          "serve.engine.replicas=[0, 4]"]  # fmt: skip
+SERVED = [
+    "score.reward={type: model, model: 'builtin:tiny-reward', resources: {CPU: 1}}",
+    "generate.resources={GPU: 1}",
+    "serve.engine.replicas=[0, 4]",
+]
 
 
 def test_rendered_rayservice_is_valid_kubernetes_and_its_serve_config_is_valid_for_ray_serve():
