@@ -16,7 +16,7 @@ from typing import Any
 
 from alignlib.raydata import ensure_ray, log
 from alignlib.spec import JobSpec, remote_code_models
-from alignlib.stages import SHARED, StageInputError, enabled_stages, stage
+from alignlib.stages import MODEL_STAGE, SHARED, RoundContext, StageInputError, enabled_stages, stage
 from alignlib.store import StageStore, StorePath, fingerprint
 
 __all__ = ["Pipeline", "StageInputError"]
@@ -24,21 +24,19 @@ __all__ = ["Pipeline", "StageInputError"]
 
 class Pipeline:
     """One pass over a job's stages; in a multi-round job (`alignlib.rounds`), one round, or the shared stages.
+    It is the `StageContext` the stages' run functions get.
 
     `round` is K for round K of a multi-round job (its stages live under `round-K/`), 0 for the stages
     such a job makes once per run (SHARED, at the top of output_dir), None for a single pass; `shared`
     is round 0's pipeline, and `earlier` the pipelines of the rounds before this one, whose outputs a
-    round may read (accumulated training data).
+    round may read (accumulated training data). Stages see them as `self.round` (a `RoundContext`).
     """
 
     def __init__(self, spec: JobSpec, force: bool = False, flow: str = "train", *, round: int | None = None,
                  shared: Pipeline | None = None, earlier: list[Pipeline] | None = None):  # fmt: skip
         self.spec = spec
-        self.round = round
+        self.round = RoundContext(round, list(earlier or [])) if round is not None else None
         self.shared = shared
-        self.earlier = earlier or []
-        self.ahead: Pipeline | None = None  # the next round, when its candidates may be sampled ahead
-        self.ahead_fresh = False  # its candidates were sampled ahead by this run
         self.store = StageStore(spec.output_dir, f"round-{round}" if round else None, SHARED if round else ())
         if round is None and spec.rounds.count > 1 and flow == "train":
             raise ValueError(f"job {spec.name!r} has {spec.rounds.count} rounds: run it with "
@@ -50,11 +48,11 @@ class Pipeline:
     def stages(self) -> list[str]:
         """This job's stages in the order they run (a round's own, or only the shared ones)."""
         names = enabled_stages(self.spec, self.flow)
-        if self.round == 0:
+        if self.round is None:
+            return names
+        if self.round.number == 0:
             return [n for n in names if n in SHARED]
-        if self.round is not None:
-            return [n for n in names if n not in SHARED]
-        return names
+        return [n for n in names if n not in SHARED]
 
     def upstream(self, name: str) -> list[str]:
         return stage(name).inputs(self.spec)
@@ -77,15 +75,15 @@ class Pipeline:
         None for a single pass, and for round 1 on all the prompts: that round is a single pass, with the
         same fingerprints.
         """
-        rounds = self.spec.rounds
-        if not self.round or (self.round == 1 and rounds.prompts == "same"):
+        rounds, here = self.spec.rounds, self.round
+        if here is None or not here.number or (here.number == 1 and rounds.prompts == "same"):
             return None
         prompts = f"fresh/{rounds.count}" if rounds.prompts == "fresh" else "same"
-        before = self.earlier[-1].fingerprint("export") if self.earlier else None
-        return f"{self.round}|{prompts}|{rounds.train_on if self.earlier else ''}|{before}"
+        before = here.earlier[-1].fingerprint(MODEL_STAGE) if here.earlier else None
+        return f"{here.number}|{prompts}|{rounds.train_on if here.earlier else ''}|{before}"
 
     def _round_option(self) -> str:
-        return f" --round {self.round}" if self.round else ""
+        return f" --round {self.round.number}" if self.round is not None and self.round.number else ""
 
     def todo(self, names: list[str] | None = None) -> list[str]:
         """The stages (of `names`, by default all of this pipeline's) a run would do now."""
@@ -165,8 +163,8 @@ class Pipeline:
         have = ray.cluster_resources()
         found = {}
         for d in wanted:
-            # Train workers start together; an actor pool needs at least one actor.
-            need = {k: v * (d.count if d.stage == "train" else 1) for k, v in d.per_actor.items()}
+            # Gang-started workers (Ray Train) must all fit at once; an actor pool needs at least one actor.
+            need = {k: v * (d.count if d.gang else 1) for k, v in d.per_actor.items()}
             short = {k: v for k, v in need.items() if v > have.get(k, 0)}
             if not short or d.field in found:
                 continue
@@ -224,9 +222,9 @@ class Pipeline:
             log(f"{name}: running")
             started = time.time()
             with self.store.writer(name) as writer:
-                stats = declared.run(self, writer)
+                result = declared.run(self, writer)
                 inputs = {u: self.fingerprint(u) for u in self.upstream(name)}
-                manifests[name] = writer.commit(fp, inputs, stats)
+                manifests[name] = writer.commit(fp, inputs, result.stats())
             log(f"{name}: done in {time.time() - started:.1f}s -> {self.store.path(name)}  {_brief(manifests[name])}")
         return manifests
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from alignlib import schema as S
 from alignlib.pipeline import Pipeline
 from alignlib.raydata import log
 from alignlib.spec import JobSpec
-from alignlib.stages import SHARED, per_prompt_means
-from alignlib.store import StageStore, location, read_table
+from alignlib.stages import MODEL_STAGE, SHARED, stage
+from alignlib.stages.eval import held_out
+from alignlib.store import StageStore, location
 
 
 def round_spec(spec: JobSpec, k: int) -> JobSpec:
@@ -38,7 +38,7 @@ def round_spec(spec: JobSpec, k: int) -> JobSpec:
     if rounds.start_from == "base":
         return later
     # In an object store the export sits in the attempt its manifest names: resolved once it is committed.
-    previous = StageStore(spec.output_dir, f"round-{k - 1}").path("export") / "model"
+    previous = StageStore(spec.output_dir, f"round-{k - 1}").path(MODEL_STAGE) / "model"
     policy = later.policy.model_copy(update={"model": str(previous)})
     initial = spec.train.reference_model or spec.policy.model  # the first round's
     train = later.train.model_copy(update={"reference_model": initial if rounds.reference == "initial" else None})
@@ -60,7 +60,7 @@ class Rounds:
         for k in range(1, upto + 1):
             if k > 1 and complete and self.spec.rounds.start_from == "previous":
                 previous = out[-1]
-                if not previous.store.is_complete("export", previous.fingerprint("export")):
+                if not previous.store.is_complete(MODEL_STAGE, previous.fingerprint(MODEL_STAGE)):
                     raise _incomplete(k - 1)
             out.append(self._round(k, out))
         return out
@@ -71,9 +71,9 @@ class Rounds:
         upto = upto or self.count
         plan = {"shared": self.shared.todo()}
         redo = False
-        for p in self.pipelines(upto, complete=False):
-            plan[f"round-{p.round}"] = p.stages() if redo or self.force else p.todo()
-            redo = redo or any(n != "eval" for n in plan[f"round-{p.round}"])  # a new export
+        for k, p in enumerate(self.pipelines(upto, complete=False), start=1):
+            plan[f"round-{k}"] = p.stages() if redo or self.force else p.todo()
+            redo = redo or any(not stage(n).evaluates for n in plan[f"round-{k}"])  # a new model
         return plan
 
     def check(self) -> None:
@@ -103,8 +103,10 @@ class Rounds:
         manifests: dict[str, dict[str, Any]] = {}
         current = self._round(1, [])
         # The starting policy's held-out answers and round 1's candidates: one model, so one engine.
-        self.shared.ahead = current
+        assert self.shared.round is not None and current.round is not None
+        self.shared.round.ahead = current
         manifests["shared"] = self.shared.run()
+        self.shared.round.ahead = None
         done: list[Pipeline] = []
         for k in range(1, upto + 1):
             log(f"round {k}/{self.count}: " + ("starting from the policy" if k == 1 else _start(self.spec, k)))
@@ -112,12 +114,16 @@ class Rounds:
             if k == upto and until is not None:
                 names = names[: names.index(until) + 1]
             nxt = None
-            if k < upto and "eval" in names:
-                # Round k's export is the next round's policy: its held-out answers and the next round's
-                # candidates come from one engine (`stages.sample_ahead`).
-                manifests[f"round-{k}"] = current.run([n for n in names if n != "eval"])
-                nxt = current.ahead = self._round(k + 1, [*done, current])
-                manifests[f"round-{k}"].update(current.run(["eval"]))
+            judging = [n for n in names if stage(n).evaluates]
+            if k < upto and judging:
+                # Round k's model is the next round's policy: its held-out answers and the next round's
+                # candidates come from one engine (`alignlib.stages.ahead`).
+                manifests[f"round-{k}"] = current.run([n for n in names if n not in judging])
+                nxt = self._round(k + 1, [*done, current])
+                assert current.round is not None
+                current.round.ahead = nxt
+                manifests[f"round-{k}"].update(current.run(judging))
+                current.round.ahead = None
             else:
                 manifests[f"round-{k}"] = current.run(names)
             done.append(current)
@@ -165,66 +171,41 @@ def win_rate(a: dict[str, float], b: dict[str, float]) -> float | None:
     return sum(1.0 if a[p] > b[p] else 0.5 if a[p] == b[p] else 0.0 for p in common) / len(common)
 
 
-DATA_COLUMNS = [S.PROMPT_ID, S.GENERATOR, S.REWARD, S.NUM_TOKENS]  # what the figures read of scored and held-out answers
+def _start_stage(shared: Pipeline) -> str | None:
+    """The shared stage that judged the starting policy on the held-out prompts (`baseline`), if it has run."""
+    from alignlib.stages.eval import BaselineResult
 
-
-def _tokens(answers, generator: str | None = None) -> float | None:
-    """Mean answer length in tokens (of `generator` only, if given) over the answers that have one."""
-    import pyarrow.compute as pc
-
-    if generator is not None:
-        answers = answers.filter(pc.equal(answers[S.GENERATOR], generator))
-    return pc.mean(answers[S.NUM_TOKENS]).as_py()  # nulls (answers with no token count) are skipped; None if none
-
-
-def data_figures(scored) -> dict[str, Any]:
-    """From a round's own policy samples (an Arrow table with DATA_COLUMNS; Arrow compute, no Python object per
-    row, so millions of rows stay cheap): reward mean and max, best-worst gap, tie share, length."""
-    import pyarrow.compute as pc
-
-    policy = scored.filter(pc.equal(scored[S.GENERATOR], S.GENERATOR_POLICY))
-    spread = policy.group_by(S.PROMPT_ID).aggregate([(S.REWARD, "max"), (S.REWARD, "min")])
-    gaps = pc.subtract(spread[f"{S.REWARD}_max"], spread[f"{S.REWARD}_min"])
-    return {
-        "sample_mean_reward": pc.mean(policy[S.REWARD]).as_py(),
-        "sample_max_reward": pc.max(policy[S.REWARD]).as_py(),
-        "best_worst_gap": pc.mean(gaps).as_py(),
-        "tied_share": pc.mean(pc.cast(pc.equal(gaps, 0), "float64")).as_py(),
-        "sample_mean_tokens": pc.mean(policy[S.NUM_TOKENS]).as_py(),
-    }
+    for name in shared.stages():
+        if stage(name).result is BaselineResult and shared.store.manifest(name) is not None:
+            return name
+    return None
 
 
 def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> list[dict[str, Any]]:
-    """One dict per finished round: held-out figures (vs round 0 and the round before), data figures,
-    pairs per strategy, best-of-N mean reward, final training loss, engine starts. Read from the tables."""
+    """One dict per finished round: each stage's own figures (`Stage.figures`: data, pairs, loss), the held-out
+    figures (vs the start and the round before), engine starts and seconds. Read from the committed tables."""
+    judged = _start_stage(shared)
+    start = held_out(shared, judged)[0] if judged else {}
+    previous = start
     out = []
-    base_path = shared.table_path("baseline", "completions")
-    previous = per_prompt_means(read_table(base_path, columns=DATA_COLUMNS)) if base_path.exists() else {}
-    start = previous
-    for p in rounds:
-        figures: dict[str, Any] = {"round": p.round}
+    for k, p in enumerate(rounds, start=1):
+        figures: dict[str, Any] = {"round": k}
         manifests = {n: p.store.manifest(n) for n in p.stages()}
-        if manifests.get("score"):
-            figures.update(data_figures(read_table(p.table_path("score", "scored"), columns=DATA_COLUMNS)))
-        if manifests.get("pairs"):
-            stats = manifests["pairs"]["stats"]
-            figures["pairs"] = {k.removeprefix("pairs_"): v for k, v in stats.items() if k.startswith("pairs_")}
-            import pyarrow.compute as pc
-
-            figures["best_of_n_mean_reward"] = pc.mean(read_table(p.table_path("pairs", "sft"), columns=[S.REWARD])[S.REWARD]).as_py()
-        if manifests.get("train"):
-            metrics = read_table(p.table_path("train", "metrics")).to_pylist()
-            figures["final_train_loss"] = metrics[-1].get("train/loss") if metrics else None
-        if manifests.get("eval"):
-            answers = read_table(p.table_path("eval", "completions"), columns=DATA_COLUMNS)
-            now = per_prompt_means(answers, S.GENERATOR_TRAINED)
-            figures.update(
-                held_out_reward=_mean(list(now.values())),
-                win_rate_vs_start=win_rate(now, start),
-                win_rate_vs_previous=win_rate(now, previous),
-                held_out_mean_tokens=_tokens(answers, S.GENERATOR_TRAINED),
-            )
-            previous = now
+        for name, manifest in manifests.items():
+            declared = stage(name)
+            if manifest is None:
+                continue
+            if declared.figures is not None:
+                figures.update(declared.figures(p, declared.result.from_stats(manifest.get("stats", {}))))
+            if declared.evaluates:
+                now, tokens = held_out(p, name)
+                figures.update(
+                    held_out_reward=_mean(list(now.values())),
+                    win_rate_vs_start=win_rate(now, start),
+                    win_rate_vs_previous=win_rate(now, previous),
+                    held_out_mean_tokens=tokens,
+                )
+                previous = now
         figures["engine_starts"] = sum((m or {}).get("stats", {}).get("engine_starts", 0) for m in manifests.values())
         figures["seconds"] = round(sum((m or {}).get("seconds", 0.0) for m in manifests.values()), 1)
         out.append(figures)
@@ -234,21 +215,25 @@ def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> li
 def write_outputs(spec: JobSpec, figures: list[dict[str, Any]], rounds: list[Pipeline], shared: Pipeline) -> dict:
     """Write rounds.json and report.html; returns the figures of the start (round 0)."""
     from alignlib.report import render_rounds
+    from alignlib.stages.eval import BaselineResult
+    from alignlib.stages.train import logged_steps
 
     root = location(spec.output_dir)
-    baseline = shared.store.manifest("baseline") or {}
-    base_path = shared.table_path("baseline", "completions")
-    tokens = _tokens(read_table(base_path, columns=DATA_COLUMNS)) if base_path.exists() else None
-    start = {"held_out_reward": baseline.get("stats", {}).get("base_mean_reward"),
-             "held_out_mean_tokens": tokens,
-             "engine_starts": baseline.get("stats", {}).get("engine_starts", 0),
-             # the starting policy's held-out answers, and round 1's candidates sampled with the same engine
-             "seconds": round(sum((shared.store.manifest(n) or {}).get("seconds", 0.0) for n in shared.stages()), 1)}
+    manifests = {n: shared.store.manifest(n) for n in shared.stages()}
+    judged = _start_stage(shared)
+    baseline = BaselineResult.from_stats(manifests[judged]["stats"]) if judged else None  # type: ignore[index]
+    start = {
+        "held_out_reward": baseline.base_mean_reward if baseline else None,
+        "held_out_mean_tokens": held_out(shared, judged)[1] if judged else None,
+        "engine_starts": baseline.engine_starts if baseline else 0,
+        # the starting policy's held-out answers, and round 1's candidates sampled with the same engine
+        "seconds": round(sum((m or {}).get("seconds", 0.0) for m in manifests.values()), 1),
+    }
     (root / "rounds.json").write_text(json.dumps({"start": start, "rounds": figures}, indent=2) + "\n")
     steps = {}
-    for p in rounds:
-        path = p.table_path("train", "steps")
-        if path.exists():
-            steps[p.round] = read_table(path).to_pylist()
+    for k, p in enumerate(rounds, start=1):
+        logged = logged_steps(p)
+        if logged is not None:
+            steps[k] = logged
     (root / "report.html").write_text(render_rounds(spec, start, figures, steps))
     return start

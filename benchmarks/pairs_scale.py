@@ -128,16 +128,18 @@ def measure(side: str, rows: int, root: str, text: str = "realistic") -> dict:
     if side in ("driver", "ray"):
         import os
 
-        from alignlib import stages
+        from alignlib.stages import pairs as pairs_stage
 
         os.environ["ALIGNLIB_PAIRS_DRIVER_MAX_ROWS"] = str(10**12 if side == "driver" else 0)
         spec = spec_for(run)
         store = StageStore(run)
-        p = SimpleNamespace(spec=spec, store=store, round=None, force=False, earlier=[], ahead=None,
-                            table_path=lambda name, table: store.path(name) / table)  # fmt: skip
+        # The stage's context, for the pairs stage alone: its synthetic input has no score manifest to check.
+        p = SimpleNamespace(
+            spec=spec, store=store, round=None, force=False, table_path=lambda name, table: store.path(name) / table
+        )
         with store.writer("pairs") as out:
-            stats = stages.run_pairs(p, out)
-        result = {"pairs": sum(v for k, v in stats.items() if k.startswith("pairs_")), "sft": stats["sft_rows"]}
+            counts = pairs_stage.run(p, out).counts
+        result = {"pairs": sum(v for k, v in counts.items() if k.startswith("pairs_")), "sft": counts["sft_rows"]}
     elif side.startswith("generate-"):  # the generate stage's row check, as before / now
         from alignlib import schema as S
         from alignlib.store import read_table
@@ -185,9 +187,9 @@ def python_key_check(scored, wanted: set | None = None) -> None:
 
 
 def stages_mean(values) -> float:
-    from alignlib.stages import _column_mean
+    from alignlib.stages.score import column_mean
 
-    return _column_mean(values)
+    return column_mean(values)
 
 
 def run_one(side: str, rows: int, root: Path, limit_gib: float, timeout: float, text: str) -> dict:

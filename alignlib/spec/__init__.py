@@ -27,6 +27,7 @@ from alignlib.spec.job import (
     WeakModelSpec,
     cross_check,
     eval_temperature,
+    most,
     reference_model,
     reference_source,
     remote_code_models,
@@ -47,6 +48,6 @@ __all__ = [
     "DEFAULT_REWARD", "LOSSES_NEEDING_PAIRS", "LOSSES_NEEDING_REFERENCE", "POLICY_STRATEGIES", "DataSpec", "EvalSpec", "ExportSpec",
     "FunctionRewardSpec", "GenerateSpec", "JobSpec", "ModelRewardSpec", "ModelSpec", "PairsSpec", "ScoreSpec",
     "ServeSpec", "SpecError", "TrainSpec", "WeakModelSpec", "apply_overrides", "cross_check", "eval_temperature",
-    "expanded_size", "json_schema", "later_spec", "load_raw", "load_spec", "parse_spec", "reference_model", "reference_source",
+    "expanded_size", "json_schema", "later_spec", "load_raw", "load_spec", "most", "parse_spec", "reference_model", "reference_source",
     "remote_code_models", "resolve_function", "resolve_reward", "reward_name", "RoundsSpec",
 ]  # fmt: skip

@@ -623,6 +623,16 @@ LOSSES_NEEDING_REFERENCE = {"sft": False, "orpo": False, "dpo": True, "ipo": Tru
 LOSSES_NEEDING_PAIRS = {"sft": False, "orpo": True, "dpo": True, "ipo": True, "simpo": True}
 
 
+def rewards_needing_gold(score: ScoreSpec) -> list[tuple[str, str]]:
+    """(field, function) of each reward function that compares answers with the data's gold answer (`needs_gold`),
+    which held-out preference prompts and served requests lack."""
+    return [
+        (f"score.rewards ({column})" if score.rewards else "score.reward", reward.function)
+        for column, reward, _ in score.components()
+        if reward.type == "function" and getattr(resolve_function(reward.function), "needs_gold", False)
+    ]
+
+
 def cross_check(spec: JobSpec) -> list[str]:
     """Combinations that cannot work, each as "path: message"."""
     problems = []
@@ -662,15 +672,13 @@ def cross_check(spec: JobSpec) -> list[str]:
         problems.append("export.merge_lora: eval generates with the exported model, which needs merged LoRA weights")
     if spec.eval.enabled and not generated:
         # Held-out prompts of an imported preference set have no gold answer for the eval's reward to use.
-        for column, reward, _ in spec.score.components():
-            if reward.type == "function" and getattr(resolve_function(reward.function), "needs_gold", False):
-                where = f"score.rewards ({column})" if spec.score.rewards else "score.reward"
-                problems.append(
-                    f"eval.enabled: data.kind preferences has no gold answers, and the eval's reward "
-                    f"{reward.function} ({where}; the default when none is set) needs one; set eval.enabled=false, "
-                    "or a reward that needs no gold answer (a reward model, or a function such as "
-                    "alignlib.rewards:length_penalty)"
-                )
+        for where, function in rewards_needing_gold(spec.score):
+            problems.append(
+                f"eval.enabled: data.kind preferences has no gold answers, and the eval's reward "
+                f"{function} ({where}; the default when none is set) needs one; set eval.enabled=false, "
+                "or a reward that needs no gold answer (a reward model, or a function such as "
+                "alignlib.rewards:length_penalty)"
+            )
     if spec.rounds.count > 1:
         rounds = spec.rounds
         if not generated:
@@ -731,3 +739,8 @@ def reference_model(spec: JobSpec) -> str:
 
 def eval_temperature(spec: JobSpec) -> float:
     return spec.generate.temperature if spec.eval.temperature is None else spec.eval.temperature
+
+
+def most(concurrency: int | tuple[int, int]) -> int:
+    """The upper bound of a concurrency or replica setting: `n`, or `max` of `(min, max)`."""
+    return concurrency if isinstance(concurrency, int) else concurrency[1]

@@ -18,7 +18,8 @@ from alignlib import schema as S
 from alignlib.pipeline import Pipeline
 from alignlib.prompts import round_of
 from alignlib.report import render_rounds
-from alignlib.rounds import Rounds, data_figures, round_spec, win_rate
+from alignlib.rounds import Rounds, round_spec, win_rate
+from alignlib.stages.score import data_figures
 from alignlib.spec import SpecError, load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,7 +171,7 @@ def test_round_options_are_checked_before_anything_runs(tmp_path):
 def test_eval_summary_means_per_prompt_then_over_prompts():
     import pyarrow as pa
 
-    from alignlib.stages import summarize
+    from alignlib.stages.eval import summarize
 
     answers = pa.table({
         S.PROMPT_ID: ["a", "a", "a", "b", "b", "c", "c"],
