@@ -71,10 +71,8 @@ def _fmt(resources: dict[str, float]) -> str:
 def serve_demands(spec: JobSpec) -> list:
     """What `alignlib serve` asks Ray for at most: the engine and reward replicas (their upper bounds)."""
     from alignlib.serving import GATEWAY_CPUS, engine_resources, reward_resources
+    from alignlib.spec import most
     from alignlib.stages import Demand
-
-    def most(replicas) -> int:
-        return replicas if isinstance(replicas, int) else replicas[1]
 
     serve = spec.serve
     return [
