@@ -6,18 +6,30 @@ alignlib run job.yaml --round 2             # a multi-round job (`rounds.count`)
 alignlib score jobs/demo.yaml               # one stage (its inputs must exist)
 alignlib validate jobs/demo.yaml            # every problem, with its field path
 alignlib demo                               # = alignlib run jobs/demo.yaml
+
+Each command is one function, `COMMANDS` maps its name to it; the rules of `--round` and `--until` are in
+`_round_and_until`. Heavy modules (Ray, vLLM, torch) are imported inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from alignlib.stages import NAMES, STAGES
 
+if TYPE_CHECKING:
+    from alignlib.spec import JobSpec
+
 DEMO_SPEC = "jobs/demo.yaml"
+STAGE_COMMANDS = [stage.name for stage in STAGES if "train" in stage.flows]  # `alignlib <stage>`: one stage
+
+Command = Callable[[argparse.Namespace], int]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,50 +37,62 @@ def _parser() -> argparse.ArgumentParser:
         prog="alignlib", description="Rejection sampling and preference optimisation on Ray."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    verbose_help = "also show Ray's and vLLM's own logs and progress bars (quiet by default)"
+    force_help = "redo every stage, even complete ones"
+    until_help = "stop after this stage (e.g. pairs)"
+    round_help = (
+        "a multi-round job (rounds.count > 1): stop after round K (default: the last round; with --until, round 1)"
+    )
+    stage_round_help = "a multi-round job: the round whose stage to run (default 1)"
 
     def job_command(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = commands.add_parser(name, help=help_text)
         cmd.add_argument("spec", metavar="JOB.yaml")
         cmd.add_argument("overrides", nargs="*", metavar="key=value", help="override spec fields, e.g. train.epochs=2")
-        cmd.add_argument("--verbose", action="store_true",
-                         help="also show Ray's and vLLM's own logs and progress bars (quiet by default)")  # fmt: skip
+        cmd.add_argument("--verbose", action="store_true", help=verbose_help)
         return cmd
 
-    round_help = ("a multi-round job (rounds.count > 1): stop after round K (default: the last round; with "
-                  "--until, round 1)")
-    for cmd in (job_command("run", "run every stage (complete ones are skipped)"),):
-        cmd.add_argument("--force", action="store_true", help="redo every stage, even complete ones")
-        cmd.add_argument("--until", choices=NAMES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
-        cmd.add_argument("--round", type=int, metavar="K", help=round_help)
+    run = job_command("run", "run every stage (complete ones are skipped)")
+    run.add_argument("--force", action="store_true", help=force_help)
+    run.add_argument("--until", choices=NAMES, metavar="STAGE", help=until_help)
+    run.add_argument("--round", type=int, metavar="K", help=round_help)
     for stage in STAGES:
-        if "train" in stage.flows:
+        if stage.name in STAGE_COMMANDS:
             cmd = job_command(stage.name, f"run only this stage: {stage.help}")
             cmd.add_argument("--force", action="store_true")
-            cmd.add_argument("--round", type=int, metavar="K",
-                             help="a multi-round job: the round whose stage to run (default 1)")  # fmt: skip
+            cmd.add_argument("--round", type=int, metavar="K", help=stage_round_help)
     bon = job_command("bon", "best-of-N answers for every prompt of the data: generate N, score, keep the best")
     bon.add_argument("--out", metavar="FILE", help="also write the best answers here (.jsonl or .parquet)")
-    bon.add_argument("--force", action="store_true", help="redo every stage, even complete ones")
-    served = job_command("serve", "serve best-of-N answers behind an OpenAI-compatible API (Ray Serve): n samples "
-                         "per request, the reward picks the one returned")  # fmt: skip
-    served.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                        "only; 0.0.0.0 for every interface)")  # fmt: skip
+    bon.add_argument("--force", action="store_true", help=force_help)
+    served = job_command(
+        "serve",
+        "serve best-of-N answers behind an OpenAI-compatible API (Ray Serve): n samples per request, the reward picks "
+        "the one returned",
+    )
+    host_help = "address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)"
+    served.add_argument("--host", default="127.0.0.1", help=host_help)
     served.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     job_command("validate", "check a job spec without running it")
     demo = commands.add_parser("demo", help=f"run the CPU demo job ({DEMO_SPEC}) from any directory, into ./runs/demo")
     demo.add_argument("overrides", nargs="*", metavar="key=value")
     demo.add_argument("--force", action="store_true")
     demo.add_argument("--verbose", action="store_true", help="also show Ray's and vLLM's own logs")
-    demo.add_argument("--until", choices=NAMES, metavar="STAGE", help="stop after this stage (e.g. pairs)")
+    demo.add_argument("--until", choices=NAMES, metavar="STAGE", help=until_help)
     demo.add_argument("--round", type=int, metavar="K", help=round_help)
     commands.add_parser("schema", help="print the job spec's JSON schema")
-    export = job_command("export-pairs", "write the pairs as prompt/chosen/rejected chat JSONL (TRL, Axolotl), "
-                         "or with --table sft the best-of-N set as prompt/completion chat JSONL")  # fmt: skip
+    export = job_command(
+        "export-pairs",
+        "write the pairs as prompt/chosen/rejected chat JSONL (TRL, Axolotl), or with --table sft the best-of-N set "
+        "as prompt/completion chat JSONL",
+    )
     export.add_argument("--out", required=True, help="JSONL file to write")
     export.add_argument("--round", type=int, metavar="K", help="a multi-round job: the round whose pairs (default 1)")
-    export.add_argument("--table", choices=["pairs", "sft"], default="pairs",
-                        help="pairs (preference pairs, default) or sft (the best answer per prompt, for "
-                             "rejection-sampling fine-tuning)")  # fmt: skip
+    export.add_argument(
+        "--table",
+        choices=["pairs", "sft"],
+        default="pairs",
+        help="pairs (preference pairs, default) or sft (the best answer per prompt, for rejection-sampling fine-tuning)",
+    )
     from alignlib import k8s
 
     k8s.add_arguments(job_command("k8s", "print the KubeRay RayJob (+ ConfigMap, NetworkPolicy) that runs this job"))
@@ -99,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except BrokenPipeError:
-        import os
-
         # Python would complain again while flushing stdout at exit: point it at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # what a shell reports for a command ended by SIGPIPE
@@ -109,109 +131,146 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     if getattr(args, "verbose", False):
-        import os
-
         os.environ["ALIGNLIB_VERBOSE"] = "1"  # read by alignlib.raydata.verbose, here and in engine actors
-    from alignlib.redaction import redact
-    from alignlib.spec import SpecError, json_schema, load_spec
-
-    if args.command == "schema":
-        print(json.dumps(json_schema(), indent=2))
-        return 0
-    if args.command == "k8s":
-        from alignlib.k8s import command
-
-        return command(args)
-    spec_path = _demo_spec() if args.command == "demo" else Path(args.spec)
-    overrides = list(args.overrides)
-    if args.command == "demo":
-        # The demo's data ships with alignlib: found from any directory; its output goes to ./runs/demo.
-        overrides.insert(0, f"data.path={spec_path.parent / 'data' / 'addition.jsonl'}")
     try:
-        spec = load_spec(spec_path, overrides)
-    except SpecError as err:
-        print(redact(str(err)), file=sys.stderr)
+        return COMMANDS[args.command](args)
+    except UsageError as err:
+        print(f"alignlib: error: {err}", file=sys.stderr)
         return 2
-    if args.command == "validate":
-        from alignlib.sources import problems
-        from alignlib.stages import enabled_stages
 
-        found = problems(spec, enabled_stages(spec))
-        if found:
-            print(redact(str(SpecError(str(spec_path), found))), file=sys.stderr)
+
+class UsageError(Exception):
+    """A command line that cannot run on this job (a round it does not have, an --out it cannot write): exit 2."""
+
+
+def _job(command: Callable[[JobSpec, argparse.Namespace], int]) -> Command:
+    """A command on a job spec: `command(spec, args)` gets JOB.yaml loaded with its overrides; a spec error is
+    printed and exits 2 before the command starts."""
+
+    def on_spec(args: argparse.Namespace) -> int:
+        from alignlib.redaction import redact
+        from alignlib.spec import SpecError, load_spec
+
+        try:
+            spec = load_spec(Path(args.spec), list(args.overrides))
+        except SpecError as err:
+            print(redact(str(err)), file=sys.stderr)
             return 2
-        print(f"{spec_path}: valid (job {spec.name!r}, output_dir {spec.output_dir})")
-        return 0
+        return command(spec, args)
 
-    from alignlib.pipeline import Pipeline
-    from alignlib.report import print_summary
+    on_spec.__doc__ = command.__doc__
+    return on_spec
 
-    if args.command == "export-pairs":
-        if spec.rounds.count > 1:
-            from alignlib.rounds import Rounds
 
-            k = args.round or 1
-            if not 1 <= k <= spec.rounds.count:
-                print(f"alignlib: error: --round {k}: this job has rounds 1 to {spec.rounds.count}", file=sys.stderr)
-                return 2
-            return _export_pairs(Rounds(spec).pipelines(k, complete=False)[-1], Path(args.out), args.table)
-        return _export_pairs(Pipeline(spec), Path(args.out), args.table)
-    if args.command == "bon":
-        return _bon(spec, args, redact)
-    if args.command == "serve":
-        return _serve(spec, args, redact)
+def _round_and_until(spec: JobSpec, args: argparse.Namespace) -> tuple[int | None, str | None]:
+    """`--round K` and `--until STAGE` as given (None where not): K must be a round of the job, STAGE a stage it
+    has, else a UsageError."""
+    from alignlib.stages import enabled_stages
 
-    if spec.rounds.count > 1 or getattr(args, "round", None) is not None:
-        return _rounds(spec, args, redact)
-    pipeline = Pipeline(spec, force=args.force)
-    only = None if args.command in ("run", "demo") else [args.command]
-    if getattr(args, "until", None):
-        stages = pipeline.stages()
-        if args.until not in stages:
-            print(f"alignlib: error: --until {args.until}: this job has no such stage ({', '.join(stages)})",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        only = stages[: stages.index(args.until) + 1]
-    try:
-        manifests = pipeline.run(only)
-    except Exception as err:
-        return _failed(err, redact)
-    print_summary(spec, manifests)
+    k, until = getattr(args, "round", None), getattr(args, "until", None)
+    _check_round(spec, k)
+    if until is not None and until not in (stages := enabled_stages(spec)):
+        raise UsageError(f"--until {until}: this job has no such stage ({', '.join(stages)})")
+    return k, until
+
+
+def _check_round(spec: JobSpec, k: int | None, field: str = " (rounds.count)") -> None:
+    """--round K names one of the job's rounds, 1 to rounds.count (export-pairs' message has never named the field)."""
+    if k is not None and not 1 <= k <= spec.rounds.count:
+        raise UsageError(f"--round {k}: this job has rounds 1 to {spec.rounds.count}{field}")
+
+
+def _in_rounds(spec: JobSpec, k: int | None) -> bool:
+    """Whether a run or a stage command goes through `Rounds`: a multi-round job, or any job given --round."""
+    return spec.rounds.count > 1 or k is not None
+
+
+def _schema(args: argparse.Namespace) -> int:
+    """`alignlib schema`: the job spec's JSON schema."""
+    from alignlib.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
     return 0
 
 
-def _rounds(spec, args, redact) -> int:
-    """A multi-round job: every round (`run`, `demo`), or one stage of one round (`alignlib pairs --round 2`)."""
-    from alignlib.report import print_rounds, print_summary
-    from alignlib.rounds import Rounds
+def _k8s(args: argparse.Namespace) -> int:
+    """`alignlib k8s`: the KubeRay manifests that run this job (alignlib.k8s loads the spec itself)."""
+    from alignlib.k8s import command
+
+    return command(args)
+
+
+@_job
+def _validate(spec: JobSpec, args: argparse.Namespace) -> int:
+    """`alignlib validate`: every problem of the spec and its sources, nothing run."""
+    from alignlib.redaction import redact
+    from alignlib.sources import problems
+    from alignlib.spec import SpecError
     from alignlib.stages import enabled_stages
 
-    count, k = spec.rounds.count, args.round
-    if k is not None and not 1 <= k <= count:
-        print(f"alignlib: error: --round {k}: this job has rounds 1 to {count} (rounds.count)", file=sys.stderr)
+    spec_path = Path(args.spec)
+    found = problems(spec, enabled_stages(spec))
+    if found:
+        print(redact(str(SpecError(str(spec_path), found))), file=sys.stderr)
         return 2
-    until = getattr(args, "until", None)
-    if until is not None and until not in enabled_stages(spec):
-        print(f"alignlib: error: --until {until}: this job has no such stage ({', '.join(enabled_stages(spec))})",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    rounds = Rounds(spec, force=args.force)
+    print(f"{spec_path}: valid (job {spec.name!r}, output_dir {spec.output_dir})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """`alignlib demo`: `alignlib run` on the demo job from any directory (its data ships with alignlib)."""
+    spec = _demo_spec()
+    data = f"data.path={spec.parent / 'data' / 'addition.jsonl'}"
+    return _run(argparse.Namespace(**{**vars(args), "spec": str(spec), "overrides": [data, *args.overrides]}))
+
+
+@_job
+def _run(spec: JobSpec, args: argparse.Namespace) -> int:
+    """`alignlib run`: every stage, or those up to --until; a multi-round job through `Rounds`."""
+    from alignlib.pipeline import Pipeline
+
+    k, until = _round_and_until(spec, args)
+    if _in_rounds(spec, k):
+        return _run_rounds(spec, args.force, k, until)
+    pipeline = Pipeline(spec, force=args.force)
+    stages = pipeline.stages()
+    return _summarised(spec, lambda: pipeline.run(stages[: stages.index(until) + 1] if until else None))
+
+
+def _run_rounds(spec: JobSpec, force: bool, k: int | None, until: str | None) -> int:
+    """Every round up to K (default: the last; with --until, round 1), or only the shared stages up to --until."""
+    from alignlib.report import print_rounds, print_summary
+    from alignlib.rounds import Rounds
+
+    rounds = Rounds(spec, force=force)
     try:
-        if args.command not in ("run", "demo"):
-            print_summary(spec, rounds.run_stage(args.command, k))
-            return 0
         shared = rounds.shared.stages()
         if until in shared:  # stop before the first round
             print_summary(spec, rounds.shared.run(shared[: shared.index(until) + 1]))
             return 0
-        result = rounds.run(k or (1 if until else count), until)
+        result = rounds.run(k or (1 if until else spec.rounds.count), until)
     except Exception as err:
-        return _failed(err, redact)
+        return _failed(err)
     print_rounds(spec, result["start"], result["figures"])
     return 0
 
 
-def _bon(spec, args, redact) -> int:
+@_job
+def _stage(spec: JobSpec, args: argparse.Namespace) -> int:
+    """`alignlib <stage>`: that stage only (of round K, default 1, in a multi-round job); its inputs must exist."""
+    from alignlib.pipeline import Pipeline
+    from alignlib.rounds import Rounds
+
+    k, _ = _round_and_until(spec, args)
+    if _in_rounds(spec, k):
+        rounds = Rounds(spec, force=args.force)
+        return _summarised(spec, lambda: rounds.run_stage(args.command, k))
+    pipeline = Pipeline(spec, force=args.force)
+    return _summarised(spec, lambda: pipeline.run([args.command]))
+
+
+@_job
+def _bon(spec: JobSpec, args: argparse.Namespace) -> int:
     """`alignlib bon`: the bon flow (prompts -> generate -> score -> select) under <output_dir>/bon."""
     from alignlib.bon import bon_spec, write_out
     from alignlib.pipeline import Pipeline
@@ -220,14 +279,12 @@ def _bon(spec, args, redact) -> int:
 
     out = Path(args.out) if args.out else None
     if out is not None and (out.suffix not in (".jsonl", ".parquet") or not out.parent.is_dir()):
-        print(f"alignlib: error: --out {out}: give a .jsonl or .parquet file in an existing directory",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        raise UsageError(f"--out {out}: give a .jsonl or .parquet file in an existing directory")
     pipeline = Pipeline(bon_spec(spec), force=args.force, flow="bon")
     try:
         manifests = pipeline.run()
     except Exception as err:
-        return _failed(err, redact)
+        return _failed(err)
     print_summary(pipeline.spec, manifests)
     if out is not None:
         write_out(read_table(pipeline.table_path("select", "best")), out)
@@ -235,8 +292,10 @@ def _bon(spec, args, redact) -> int:
     return 0
 
 
-def _serve(spec, args, redact) -> int:
+@_job
+def _serve(spec: JobSpec, args: argparse.Namespace) -> int:
     """`alignlib serve`: checks what it can before starting anything, then serves until stopped."""
+    from alignlib.redaction import redact
     from alignlib.serving import preflight, serve_forever
     from alignlib.spec import SpecError
 
@@ -249,12 +308,51 @@ def _serve(spec, args, redact) -> int:
     try:
         return serve_forever(spec, args.host, args.port)
     except Exception as err:
-        return _failed(err, redact)
+        return _failed(err)
 
 
-def _failed(err: Exception, redact) -> int:
+@_job
+def _export(spec: JobSpec, args: argparse.Namespace) -> int:
+    """`alignlib export-pairs`: round K's pairs (default 1) of a multi-round job; a single-round job's own."""
+    from alignlib.pipeline import Pipeline
+    from alignlib.rounds import Rounds
+
+    if spec.rounds.count == 1:
+        return _export_pairs(Pipeline(spec), Path(args.out), args.table)
+    k = args.round or 1
+    _check_round(spec, k, field="")
+    return _export_pairs(Rounds(spec).pipelines(k, complete=False)[-1], Path(args.out), args.table)
+
+
+COMMANDS: dict[str, Command] = {
+    "run": _run,
+    **dict.fromkeys(STAGE_COMMANDS, _stage),
+    "bon": _bon,
+    "serve": _serve,
+    "validate": _validate,
+    "demo": _demo,
+    "schema": _schema,
+    "export-pairs": _export,
+    "k8s": _k8s,
+}
+
+
+def _summarised(spec: JobSpec, run: Callable[[], dict[str, Any]]) -> int:
+    """`run()` the stages, then print the summary of their manifests; a failure is reported as `_failed` says."""
+    from alignlib.report import print_summary
+
+    try:
+        manifests = run()
+    except Exception as err:
+        return _failed(err)
+    print_summary(spec, manifests)
+    return 0
+
+
+def _failed(err: Exception) -> int:
     """Print an error a run stopped on and return its exit code: 2 for a spec whose sources are missing or
     wrong (nothing ran), 1 for a problem alignlib diagnosed; anything else is re-raised with its traceback."""
+    from alignlib.redaction import redact
     from alignlib.spec import SpecError
 
     if isinstance(err, SpecError):
@@ -279,24 +377,25 @@ def _root_cause(err: BaseException) -> BaseException:
         err = inner
 
 
-def _export_pairs(pipeline, out: Path, table: str) -> int:
+def _export_pairs(pipeline: Any, out: Path, table: str) -> int:
     from alignlib.schema import to_conversational, to_sft_conversational
     from alignlib.store import read_table
 
     if not out.parent.is_dir():
-        print(f"alignlib: error: --out {out}: directory {out.parent} does not exist", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {out}: directory {out.parent} does not exist")
     if not pipeline.store.is_complete("pairs", pipeline.fingerprint("pairs")):
-        print(f"alignlib: error: no complete pairs for this spec under {pipeline.store.path('pairs')}; "
-              "run `alignlib run JOB.yaml --until pairs` first", file=sys.stderr)  # fmt: skip
+        print(
+            f"alignlib: error: no complete pairs for this spec under {pipeline.store.path('pairs')}; "
+            "run `alignlib run JOB.yaml --until pairs` first",
+            file=sys.stderr,
+        )
         return 1
     rows = read_table(pipeline.store.path("pairs") / table).to_pylist()
     records = to_conversational(rows) if table == "pairs" else to_sft_conversational(rows)
     try:
         out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     except OSError as err:
-        print(f"alignlib: error: --out {out}: {err.strerror}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--out {out}: {err.strerror}") from err
     what = "pairs" if table == "pairs" else "best-of-N rows (the SFT set)"
     print(f"wrote {len(records)} {what} to {out}")
     return 0
