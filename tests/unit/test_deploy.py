@@ -77,7 +77,9 @@ def gpu_group(raycluster: dict) -> dict:
 
 
 def containers(group: dict) -> list[dict]:
-    return group["template"]["spec"]["containers"]
+    found = group["template"]["spec"].get("containers") or []
+    assert found, f"{group.get('groupName', 'head')}: the pod template has no container"
+    return found
 
 
 def _resolve(doc, path: str):
@@ -167,10 +169,11 @@ def test_every_deploy_yaml_parses():
                     assert doc.get("metadata", {}).get("name"), f"{path.relative_to(ROOT)} lacks metadata.name"
 
 
-def test_kuberay_objects_use_ray_io_v1():
-    for obj in base_manifests():
-        if obj["kind"] in ("RayCluster", "RayJob"):
-            assert obj["apiVersion"] == "ray.io/v1", f"{obj['kind']} must use ray.io/v1"
+@pytest.mark.parametrize("variant", ["base", "dpo-zero3-8b"])
+def test_kuberay_objects_use_ray_io_v1(variant):
+    objs = base_manifests() if variant == "base" else overlay_manifests()
+    for kind in ("RayCluster", "RayJob"):
+        assert only(objs, kind)["apiVersion"] == "ray.io/v1", f"{kind} must use ray.io/v1"
 
 
 # -------------------------------------------------------------- RayCluster
@@ -201,17 +204,18 @@ def test_autoscaling_is_enabled():
 
 def test_every_worker_has_a_memory_backed_dev_shm():
     spec = only(base_manifests(), "RayCluster")["spec"]
+    assert spec["workerGroupSpecs"], "the RayCluster has no worker group"
     for g in spec["workerGroupSpecs"]:
         pod = g["template"]["spec"]
         shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
         assert len(shm) == 1 and shm[0]["emptyDir"]["sizeLimit"], f"{g['groupName']}: /dev/shm must be a sized tmpfs"
-        for c in pod["containers"]:
+        for c in containers(g):
             assert {"name": shm[0]["name"], "mountPath": "/dev/shm"} in c["volumeMounts"], g["groupName"]
 
 
 def test_head_has_no_gpu():
     head = only(base_manifests(), "RayCluster")["spec"]["headGroupSpec"]
-    for c in head["template"]["spec"]["containers"]:
+    for c in containers(head):
         for part in ("limits", "requests"):
             assert GPU not in c.get("resources", {}).get(part, {}), f"head container {c['name']} asks for a GPU"
     assert str(head.get("rayStartParams", {}).get("num-gpus", "0")) == "0"
@@ -228,7 +232,7 @@ def test_shared_volume_on_head_and_every_worker():
         claims = {
             v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
         }
-        for c in pod["containers"]:
+        for c in containers(group):
             mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
             assert SHARED in mounts, f"{name}/{c['name']} does not mount {SHARED}"
             assert claims.get(mounts[SHARED]) == pvc["metadata"]["name"], f"{name}: {SHARED} is not the shared PVC"
@@ -276,7 +280,9 @@ def test_rayjob_working_dir_is_the_image_workdir():
 def test_rayjob_entrypoint_names_an_existing_job_spec(variant):
     objs = base_manifests() if variant == "base" else overlay_manifests()
     argv = shlex.split(only(objs, "RayJob")["spec"]["entrypoint"])
-    assert argv[:4] == ["python", "-m", "alignlib", "run"], f"entrypoint should be 'python -m alignlib run ...', got {argv}"
+    assert argv[:4] == ["python", "-m", "alignlib", "run"], (
+        f"entrypoint should be 'python -m alignlib run ...', got {argv}"
+    )
     argv = argv[2:]
     spec = argv[2]
     assert re.fullmatch(r"jobs/[\w.-]+\.ya?ml", spec), f"entrypoint should name jobs/*.yaml, got {spec}"
