@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from alignlib.spec import SpecError, apply_overrides, load_spec, parse_spec
+from alignlib.spec import SpecError, apply_overrides, json_schema, load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"name": "t", "output_dir": "out", "data": {"path": "p.jsonl"}, "policy": {"model": "builtin:tiny-policy"}}
@@ -191,6 +191,7 @@ def test_schema_command_prints_json_schema():
     done = subprocess.run([sys.executable, "-m", "alignlib", "schema"], capture_output=True, text=True, check=True)
     schema = json.loads(done.stdout)
     assert {"data", "policy", "train"} <= set(schema["properties"])
+    assert schema == json.loads(json.dumps(json_schema())), "the whole schema of the spec, nothing else"
 
 
 def test_qlora_with_several_workers_is_refused_with_the_reason():
