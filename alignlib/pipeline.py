@@ -206,7 +206,7 @@ class Pipeline:
             fp = self.fingerprint(name)
             if not self.force and self.store.is_complete(name, fp):
                 log(f"{name}: complete, skipped ({self.store.path(name)})")
-                manifests[name] = self.store.manifest(name)
+                manifests[name] = self.store.manifest(name) or {}
                 continue
             if not declared.enabled(self.spec):
                 raise StageInputError(f"stage {name!r} is not part of this job: it runs only when "

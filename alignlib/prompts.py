@@ -36,6 +36,7 @@ import pyarrow as pa
 from alignlib import schema as S
 from alignlib.records import DataError, bad_row, iter_records
 from alignlib.spec import DataSpec
+from alignlib.store import StorePath
 
 RAW_CHARS = 2000  # of a rejected row's text kept in `rejected_rows.raw`
 BATCH = 1024  # rows whose prompts are tokenized together for the context check
@@ -319,7 +320,7 @@ class _Reader:
         )
 
 
-def all_rejected(spec: DataSpec, loaded: Loaded, table: Path | None) -> DataError:
+def all_rejected(spec: DataSpec, loaded: Loaded, table: StorePath | None) -> DataError:
     """The error when no row was valid: every row was set aside (where to see them), or the file held none."""
     if not loaded.rejected:
         return DataError(f"data.path: {spec.path} holds no prompts")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alignlib.redaction import redact
 from alignlib.store import StageStore
 from alignlib.uri import shown
+
+if TYPE_CHECKING:
+    from alignlib.spec import JobSpec
+
+Series = dict[str, list[tuple[float, float | None]]]  # name -> (x, y) points; a missing y is left out
 
 __all__ = ["print_rounds", "print_summary", "render_rounds", "shown", "svg_lines"]
 
@@ -16,7 +21,7 @@ def _print(text: str) -> None:
     print(redact(text))  # paths and stats could carry a secret from the environment; never print one
 
 
-def print_summary(spec, manifests: dict[str, dict[str, Any]]) -> None:
+def print_summary(spec: JobSpec, manifests: dict[str, dict[str, Any]]) -> None:
     """Where each stage's outputs are, then each stage's own summary lines (`StageResult.summary`)."""
     from alignlib.stages import stage
 
@@ -51,11 +56,11 @@ ROUND_COLUMNS = [
 ]
 
 
-def _cell(value, form: str) -> str:
+def _cell(value: object, form: str) -> str:
     return "-" if value is None else form.format(value)
 
 
-def print_rounds(spec, start: dict, figures: list[dict]) -> None:
+def print_rounds(spec: JobSpec, start: dict[str, Any], figures: list[dict[str, Any]]) -> None:
     """The per-round table the CLI ends a multi-round run with."""
     from alignlib.store import location
 
@@ -75,11 +80,11 @@ def print_rounds(spec, start: dict, figures: list[dict]) -> None:
            "(ties count half); sample/best-of-N/tied: the round's own candidates")  # fmt: skip
 
 
-def svg_lines(series: dict[str, list[tuple[float, float]]], label: str, width: int = 420, height: int = 180) -> str:
+def svg_lines(series: Series, label: str, width: int = 420, height: int = 180) -> str:
     """Line chart of named (x, y) series as an inline SVG, axes labelled with their ranges."""
     import html
 
-    points = [pt for pts in series.values() for pt in pts if pt[1] is not None]
+    points = [(x, y) for pts in series.values() for x, y in pts if y is not None]
     if not points:
         return f'<svg width="{width}" height="30"><text x="4" y="20">no values</text></svg>'
     xs, ys = [x for x, _ in points], [y for _, y in points]
@@ -87,7 +92,7 @@ def svg_lines(series: dict[str, list[tuple[float, float]]], label: str, width: i
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
     pad, base = 36, height - 20
 
-    def at(x, y):
+    def at(x: float, y: float) -> tuple[float, float]:
         return pad + (x - x0) / (x1 - x0) * (width - 2 * pad), base - (y - y0) / (y1 - y0) * (base - 14)
 
     colours = ["#4878a8", "#d0743c", "#5c9e58", "#a05195", "#777"]
@@ -98,11 +103,11 @@ def svg_lines(series: dict[str, list[tuple[float, float]]], label: str, width: i
              f'<text x="{pad}" y="{height - 4}" font-size="11">{x0:g}</text>',
              f'<text x="{width - pad}" y="{height - 4}" font-size="11" text-anchor="end">{x1:g}</text>']  # fmt: skip
     for i, (name, pts) in enumerate(series.items()):
-        pts = [pt for pt in pts if pt[1] is not None]
+        known = [(x, y) for x, y in pts if y is not None]
         colour = colours[i % len(colours)]
-        path = " ".join(f"{a:.1f},{b:.1f}" for a, b in (at(x, y) for x, y in pts))
+        path = " ".join(f"{a:.1f},{b:.1f}" for a, b in (at(x, y) for x, y in known))
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
-        for x, y in pts:
+        for x, y in known:
             cx, cy = at(x, y)
             parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{colour}">'
                          f"<title>{html.escape(name)} {x:g}: {y:.4g}</title></circle>")  # fmt: skip
@@ -112,7 +117,9 @@ def svg_lines(series: dict[str, list[tuple[float, float]]], label: str, width: i
     return "".join(parts)
 
 
-def render_rounds(spec, start: dict, figures: list[dict], steps: dict[int, list[dict]]) -> str:
+def render_rounds(
+    spec: JobSpec, start: dict[str, Any], figures: list[dict[str, Any]], steps: dict[int, list[dict[str, Any]]]
+) -> str:
     """One self-contained page for a multi-round run: curves across rounds, each round's loss, data links."""
     import html
 
@@ -122,7 +129,7 @@ def render_rounds(spec, start: dict, figures: list[dict], steps: dict[int, list[
            "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}svg{margin:.5em 1em .5em 0}"
            f"</style></head><body><h1>{html.escape(title)}</h1>"]  # fmt: skip
 
-    def curve(key, name, with_start=False):
+    def curve(key: str, name: str, with_start: bool = False) -> Series:
         pts = [(0, start.get(key))] if with_start else []
         return {name: pts + [(f["round"], f.get(key)) for f in figures]}
 

@@ -101,15 +101,17 @@ class Rounds:
         for where, names in self.plan(upto).items():
             log(f"{where}: " + (f"to do: {', '.join(names)}" if names else "complete"))
         manifests: dict[str, dict[str, Any]] = {}
-        current = self._round(1, [])
+        first = self._round(1, [])
         # The starting policy's held-out answers and round 1's candidates: one model, so one engine.
-        assert self.shared.round is not None and current.round is not None
-        self.shared.round.ahead = current
+        assert self.shared.round is not None
+        self.shared.round.ahead = first
         manifests["shared"] = self.shared.run()
         self.shared.round.ahead = None
         done: list[Pipeline] = []
+        current: Pipeline | None = first
         for k in range(1, upto + 1):
             log(f"round {k}/{self.count}: " + ("starting from the policy" if k == 1 else _start(self.spec, k)))
+            assert current is not None
             names = current.stages()
             if k == upto and until is not None:
                 names = names[: names.index(until) + 1]
@@ -212,7 +214,9 @@ def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> li
     return out
 
 
-def write_outputs(spec: JobSpec, figures: list[dict[str, Any]], rounds: list[Pipeline], shared: Pipeline) -> dict:
+def write_outputs(
+    spec: JobSpec, figures: list[dict[str, Any]], rounds: list[Pipeline], shared: Pipeline
+) -> dict[str, Any]:
     """Write rounds.json and report.html; returns the figures of the start (round 0)."""
     from alignlib.report import render_rounds
     from alignlib.stages.eval import BaselineResult

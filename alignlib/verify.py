@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignlib import schema as S
+from alignlib.store import StorePath
 
 KEY = (S.PROMPT_ID, S.GENERATOR, S.SAMPLE_INDEX)
 Key = tuple[str, str, int]
@@ -93,12 +94,12 @@ def _compare(got, wanted, where: str) -> None:
         )
 
 
-def check_completions(directory: Path, expected: dict) -> None:
+def check_completions(directory: StorePath, expected: dict) -> None:
     """One row per prompt and sample index 0..n-1 for each generator: `expected` maps generator -> (prompt ids, n),
     the ids a list or an Arrow array."""
     _compare(_key_strings(directory), _expected_keys(expected), f"generate: {directory}")
 
 
-def check_scored(scored: Path, completions: Path) -> None:
+def check_scored(scored: StorePath, completions: StorePath) -> None:
     """The scored table holds each completion exactly once, and nothing else."""
     _compare(_key_strings(scored), _key_strings(completions), f"score: {scored}")

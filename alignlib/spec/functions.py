@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import importlib
 import inspect
 import re
@@ -10,7 +13,7 @@ _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _PUBLIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
-def resolve_function(ref: str):
+def resolve_function(ref: str) -> Callable[..., Any]:
     """`module:function` -> the callable; ValueError with the reason if it cannot be had.
 
     Only a public function of a module importable by its dotted name is accepted: never a file path
@@ -38,7 +41,7 @@ def resolve_function(ref: str):
     return fn
 
 
-def resolve_reward(ref: str):
+def resolve_reward(ref: str) -> Callable[..., Any]:
     """`module:function` of a function reward -> the callable, once its signature takes what it is given.
 
     A reward is called as fn(prompt=, completion=, gold=). The gold answer used to be passed as

@@ -252,8 +252,9 @@ WeightedRewardSpec = Annotated[Union[WeightedModelReward, WeightedFunctionReward
 
 def reward_name(reward: ModelRewardSpec | FunctionRewardSpec) -> str:
     """`name` if given, else `numeric_closeness` for a function, `tiny_reward` for builtin:tiny-reward."""
-    if getattr(reward, "name", None):
-        return reward.name
+    name: str | None = getattr(reward, "name", None)
+    if name:
+        return name
     ref = reward.function.partition(":")[2] if reward.type == "function" else reward.model
     return re.sub(r"[^A-Za-z0-9_]", "_", re.split(r"[/:]", ref.rstrip("/"))[-1])
 
@@ -520,7 +521,7 @@ class ReplicaSpec(_Spec):
 
     @field_validator("replicas")
     @classmethod
-    def _bounds(cls, value):
+    def _bounds(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
         low, high = (value, value) if isinstance(value, int) else value
         if low < (1 if isinstance(value, int) else 0) or high < max(low, 1):
             raise ValueError(f"{value!r}: a count >= 1, or [min, max] with 0 <= min <= max and max >= 1")

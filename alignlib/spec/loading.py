@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import copy
 import difflib
 from pathlib import Path
@@ -66,7 +68,7 @@ def _tag(model: type[BaseModel]) -> str | None:
     return None
 
 
-def _walk(loc: tuple) -> tuple[list[str], list[type[BaseModel]]]:
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[type[BaseModel]]]:
     """An error location -> (the spec path a user writes, the models at its parent level).
 
     pydantic's locations also name union members (`train.loss.dpo.beta`, `pairs.strategy.literal[...]`);
@@ -103,7 +105,7 @@ _TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none"}
 RENAMED = {"data.reference_field": "data.gold_field"}
 
 
-def _format_error(err: dict[str, Any]) -> list[str]:
+def _format_error(err: Mapping[str, Any]) -> list[str]:
     parts, parents = _walk(tuple(err["loc"]))
     path = ".".join(parts).replace(".[", "[")
     message = err["msg"].removeprefix("Value error, ")
@@ -132,7 +134,7 @@ def _one_per_field(problems: list[str]) -> list[str]:
     return [line for field, line in by_field.items() if field not in nested]
 
 
-def _without(raw: dict[str, Any], locations: list[tuple]) -> dict[str, Any]:
+def _without(raw: dict[str, Any], locations: list[tuple[Any, ...]]) -> dict[str, Any]:
     """A copy of `raw` without the keys at `locations` (union tags in a location are skipped)."""
     out = copy.deepcopy(raw)
     for loc in locations:

@@ -38,8 +38,8 @@ def run(ctx: StageContext, out: StageWriter) -> ExportResult:
     target = out.path / "model"
     task = ray.remote(num_cpus=1)(export_model)
     policy = ctx.spec.policy
-    kind = ray.get(
-        task.remote(
+    kind: str = ray.get(
+        task.remote(  # type: ignore[call-arg]  # Ray's stub knows remote functions of at most 3 arguments
             str(checkpoint / "model"), str(target), policy.model, ctx.spec.export.merge_lora, policy.trust_remote_code
         )
     )

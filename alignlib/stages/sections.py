@@ -118,7 +118,7 @@ def round_dataset(ctx: StageContext) -> ray.data.Dataset:
         from alignlib.raydata import LIGHT_CPUS
 
         prompts = prompts.map_batches(
-            in_round,
+            in_round,  # type: ignore[arg-type]  # Ray's stub types the batch function without fn_args
             fn_args=(ctx.spec.seed, ctx.round.number, ctx.spec.rounds.count),
             batch_format="pyarrow",
             num_cpus=LIGHT_CPUS,
