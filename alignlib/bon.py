@@ -7,9 +7,9 @@ from `policy` (generate), the spec's reward(s) (score), then `select`, which wri
   at generate.max_new_tokens; `no_candidates`: nothing was generated for the prompt);
 - `candidates`: every sample with its reward, its `rank` (1 = best) and whether it tied with another.
 
-Ties: the highest reward wins; among equal rewards, a sample that ended by itself (`finish_reason: stop`)
-beats one cut at the token limit, then the shorter one (fewer tokens), then the lower `sample_index`. The
-order is total, so reruns choose the same answer.
+The order is `alignlib.ranking`'s, the one the best-of-N SFT set and `alignlib serve` choose by: the highest
+reward wins; among equal rewards, a sample that ended by itself (`finish_reason: stop`) beats one cut at the
+token limit, then the lower `sample_index` wins. The order is total, so reruns choose the same answer.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from alignlib import schema as S
+from alignlib.ranking import ranked
 
 FLAG_ALL_TRUNCATED = "all_truncated"
 FLAG_NO_CANDIDATES = "no_candidates"
@@ -25,11 +26,6 @@ RANK, TIED, FLAG, CANDIDATES, BEST_INDEX = "rank", "tied", "flag", "num_candidat
 BEST_COLUMNS = [S.PROMPT_ID, S.PROMPT, S.MESSAGES, S.SOURCE, S.COMPLETION, S.REWARD, BEST_INDEX, S.FINISH_REASON,
                 S.NUM_TOKENS, CANDIDATES, TIED, FLAG]  # fmt: skip
 CANDIDATE_COLUMNS = [S.PROMPT_ID, S.SAMPLE_INDEX, S.COMPLETION, S.REWARD, RANK, S.NUM_TOKENS, S.FINISH_REASON, TIED]
-
-
-def order_key(row: dict[str, Any]) -> tuple:
-    """Best first: higher reward, then stopped before cut, then fewer tokens, then lower sample index."""
-    return (-row[S.REWARD], row[S.FINISH_REASON] != "stop", row[S.NUM_TOKENS] or 0, row[S.SAMPLE_INDEX])
 
 
 def select(prompts: list[dict[str, Any]], scored: list[dict[str, Any]]):
@@ -41,27 +37,27 @@ def select(prompts: list[dict[str, Any]], scored: list[dict[str, Any]]):
     best_rows, candidates = [], []
     counts = {"prompts": len(prompts), FLAG_ALL_TRUNCATED: 0, FLAG_NO_CANDIDATES: 0, "tied": 0}
     for prompt in prompts:
-        ranked = sorted(by_prompt.get(prompt[S.PROMPT_ID], []), key=order_key)
-        rewards = [r[S.REWARD] for r in ranked]
-        for rank, row in enumerate(ranked, start=1):
+        order = ranked(by_prompt.get(prompt[S.PROMPT_ID], []))
+        rewards = [r[S.REWARD] for r in order]
+        for rank, row in enumerate(order, start=1):
             candidates.append({S.PROMPT_ID: row[S.PROMPT_ID], S.SAMPLE_INDEX: row[S.SAMPLE_INDEX],
                                S.COMPLETION: row[S.COMPLETION], S.REWARD: row[S.REWARD], RANK: rank,
                                S.NUM_TOKENS: row[S.NUM_TOKENS], S.FINISH_REASON: row[S.FINISH_REASON],
                                TIED: rewards.count(row[S.REWARD]) > 1})  # fmt: skip
         base = {c: prompt[c] for c in (S.PROMPT_ID, S.PROMPT, S.MESSAGES, S.SOURCE)}
-        if not ranked:
+        if not order:
             counts[FLAG_NO_CANDIDATES] += 1
             best_rows.append({**base, S.COMPLETION: None, S.REWARD: None, BEST_INDEX: None, S.FINISH_REASON: None,
                               S.NUM_TOKENS: None, CANDIDATES: 0, TIED: False, FLAG: FLAG_NO_CANDIDATES})  # fmt: skip
             continue
-        top = ranked[0]
-        truncated = all(r[S.FINISH_REASON] == "length" for r in ranked)
+        top = order[0]
+        truncated = all(r[S.FINISH_REASON] == "length" for r in order)
         tied = rewards.count(top[S.REWARD]) > 1
         counts[FLAG_ALL_TRUNCATED] += truncated
         counts["tied"] += tied
         best_rows.append({**base, S.COMPLETION: top[S.COMPLETION], S.REWARD: top[S.REWARD],
                           BEST_INDEX: top[S.SAMPLE_INDEX], S.FINISH_REASON: top[S.FINISH_REASON],
-                          S.NUM_TOKENS: top[S.NUM_TOKENS], CANDIDATES: len(ranked), TIED: tied,
+                          S.NUM_TOKENS: top[S.NUM_TOKENS], CANDIDATES: len(order), TIED: tied,
                           FLAG: FLAG_ALL_TRUNCATED if truncated else None})  # fmt: skip
     return best_rows, candidates, counts
 

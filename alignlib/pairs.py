@@ -2,7 +2,9 @@
 
 In: `score/scored` (SCORED_COLUMNS), or `prompts/preferences` for an imported preference set.
 Out: `pairs/pairs` (PAIR_COLUMNS) and `pairs/sft` (SFT_COLUMNS). Strategies, applied per prompt
-(chosen is always the highest-reward policy sample, ties to the lower sample index):
+(chosen is always the best policy sample by `alignlib.ranking`, the order `alignlib bon` and `alignlib serve`
+choose by: the highest reward; among equal rewards, one that stopped by itself before one cut at the token
+limit, which matters only with `include_truncated`; then the lower sample index):
 
 - best_vs_worst: the best vs the worst; with max_pairs_per_prompt k, the i-th best vs the i-th worst.
 - best_vs_rest: the best vs each other sample, largest margins first.
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from alignlib import schema as S
+from alignlib.ranking import best_first, ranked
 from alignlib.spec import PairsSpec
 
 Row = dict[str, Any]
@@ -64,8 +67,8 @@ def _pair(chosen: Row, rejected: Row, strategy: str) -> Row:
 
 
 def _ranked(rows: list[Row], generator: str) -> list[Row]:
-    """Rows of one generator, best first; ties broken by sample index so the choice is stable."""
-    return sorted((r for r in rows if r[S.GENERATOR] == generator), key=lambda r: (-r[S.REWARD], r[S.SAMPLE_INDEX]))
+    """Rows of one generator, best first (`alignlib.ranking`)."""
+    return ranked(r for r in rows if r[S.GENERATOR] == generator)
 
 
 def _by_margin(candidates: Candidates) -> Candidates:
@@ -219,7 +222,8 @@ def import_pairs(preferences: list[Row], train_ids: set[str], spec: PairsSpec) -
     Pairs are taken as the data gives them: rewards, where the file has them, are carried along but
     not used to re-rank or filter by margin. Same-text and repeated pairs are dropped and counted;
     pairs of held-out eval prompts are counted, not trained on. The SFT set is each prompt's chosen
-    answer with the highest reward (the first one without rewards).
+    answer ranked first by `alignlib.ranking`, the file's order standing for the sample index: the
+    highest reward, a chosen answer without one after those with one, the first in the file among equals.
     """
     counts = _zeros(spec, [IMPORTED])
     pairs, sft, seen = [], {}, set()
@@ -240,17 +244,14 @@ def import_pairs(preferences: list[Row], train_ids: set[str], spec: PairsSpec) -
                 S.CHOSEN_REWARD: chosen_reward, S.REJECTED_REWARD: rejected_reward, S.MARGIN: margin,
                 S.STRATEGY: IMPORTED, S.CHOSEN_GENERATOR: IMPORTED, S.REJECTED_GENERATOR: IMPORTED,
             })  # fmt: skip
+            answer = {c: row[c] for c in (S.PROMPT_ID, S.PROMPT, S.MESSAGES)}
+            answer |= {S.COMPLETION: row[S.CHOSEN], S.REWARD: chosen_reward, S.SAMPLE_INDEX: len(pairs)}
             best = sft.get(row[S.PROMPT_ID])
-            better = chosen_reward is not None and (
-                best is None or best[S.REWARD] is None or chosen_reward > best[S.REWARD]
-            )
-            if best is None or better:
-                sft[row[S.PROMPT_ID]] = {c: row[c] for c in (S.PROMPT_ID, S.PROMPT, S.MESSAGES)} | {
-                    S.COMPLETION: row[S.CHOSEN], S.REWARD: chosen_reward,
-                }  # fmt: skip
+            if best is None or best_first(answer) < best_first(best):
+                sft[row[S.PROMPT_ID]] = answer
     counts[f"pairs_{IMPORTED}"] = len(pairs)
     counts["sft_rows"] = len(sft)
     prompts = {r[S.PROMPT_ID] for r in preferences if r[S.PROMPT_ID] in train_ids}
     counts["prompts"] = len(prompts)
     counts["prompts_without_pairs"] = len(prompts) - len({p[S.PROMPT_ID] for p in pairs})
-    return pairs, list(sft.values()), dict(counts)
+    return pairs, [{c: r[c] for c in S.SFT_COLUMNS} for r in sft.values()], dict(counts)

@@ -7,12 +7,15 @@ Three deployments make one Serve application:
 - `PolicyEngine`: vLLM's async engine for the policy (continuous batching across requests; the `n` samples
   of one request are one vLLM request, so their prompt is computed once).
 - `RewardScorer`: the spec's reward(s), a reward model or a function or their weighted sum, scoring the
-  candidates of all requests in flight together (`serve.batch`).
+  candidates of all requests in flight together (`serve.batch`) with the score stage's own code
+  (`alignlib.score`: FunctionScorer, ModelScorer, combine, on an Arrow table).
 
-The best candidate is chosen by the order `alignlib bon` uses (`bon.order_key`): highest reward, then one that
-ended by itself over one cut at the token limit, then the shorter, then the lower sample index. A candidate
-whose reward failed (the function raised, or returned no finite number) ranks below every scored one; when
-no candidate could be scored the request fails with status 500 and the reward's error.
+The best candidate is chosen by `alignlib.ranking`, the order `alignlib bon` and the best-of-N SFT set use:
+highest reward, then one that ended by itself over one cut at the token limit, then the lower sample index.
+Rewards fail as in the score stage: a reward function that raises or returns no finite number for one candidate
+fails its request (status 500 and the reward's error), as it stops the stage; the other requests scored with it
+are served. A reward model's non-finite output leaves that candidate unscored: it ranks below every scored one,
+and when no candidate is scored the request fails with status 500.
 
 Request extensions (send them with the `openai` client's `extra_body`):
 - `return_candidates: true` adds `alignlib.candidates`: every candidate with its reward, rank, token count and
@@ -34,6 +37,7 @@ from typing import Any
 from fastapi import Request  # at module level: FastAPI resolves the route's annotations in this module
 
 from alignlib import schema as S
+from alignlib.ranking import ranked
 
 APP_NAME = "alignlib"
 DEFAULT_FUNCTION_CPUS = 0.5
@@ -116,12 +120,32 @@ def parse_request(body: Any, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def rank(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Candidates best first (`bon.order_key`), the unscored last; each gets its `rank` (1 = best)."""
-    from alignlib.bon import order_key
+    """Candidates best first (`alignlib.ranking`: the unscored last); each gets its `rank` (1 = best)."""
+    return [{**c, "rank": i} for i, c in enumerate(ranked(candidates), start=1)]
 
-    scored = sorted((c for c in candidates if c[S.REWARD] is not None), key=order_key)
-    unscored = sorted((c for c in candidates if c[S.REWARD] is None), key=lambda c: c[S.SAMPLE_INDEX])
-    return [{**c, "rank": i} for i, c in enumerate(scored + unscored, start=1)]
+
+def reward_rows(messages: list[dict[str, str]], candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A request's candidates as the score stage's rows (COMPLETION_COLUMNS): no gold answer; `source` names the
+    candidate in a reward's error."""
+    from alignlib.prompts import _prompt_text
+
+    prompt = _prompt_text(messages)
+    return [
+        {
+            S.PROMPT_ID: "request",
+            S.PROMPT: prompt,
+            S.MESSAGES: messages,
+            S.GOLD: None,
+            S.SOURCE: f"request (candidate {c[S.SAMPLE_INDEX]})",
+            S.COMPLETION: c[S.COMPLETION],
+            S.GENERATOR: S.GENERATOR_POLICY,
+            S.SAMPLE_INDEX: c[S.SAMPLE_INDEX],
+            S.SEED: None,
+            S.FINISH_REASON: c[S.FINISH_REASON],
+            S.NUM_TOKENS: c[S.NUM_TOKENS],
+        }
+        for c in candidates
+    ]
 
 
 def response(request: dict[str, Any], ranked: list[dict[str, Any]], prompt_tokens: int, model_name: str) -> dict:
@@ -200,14 +224,15 @@ def reward_resources(spec) -> dict[str, float]:
 
 
 def reward_plan(spec) -> list[dict[str, Any]]:
-    """Each reward component as plain data: how RewardScorer loads and weighs it."""
+    """Each reward component as plain data: how RewardScorer loads and weighs it, and the column it writes."""
     plan = []
-    for _, reward, weight in spec.score.components():
+    for column, reward, weight in spec.score.components():
         if reward.type == "function":
-            plan.append({"type": "function", "function": reward.function, "weight": weight})
+            plan.append({"type": "function", "function": reward.function, "column": column, "weight": weight})
         else:
-            plan.append({"type": "model", "model": reward.model, "dtype": reward.dtype, "weight": weight,
-                         "max_length": reward.max_length, "trust_remote_code": reward.trust_remote_code})  # fmt: skip
+            plan.append({"type": "model", "model": reward.model, "dtype": reward.dtype, "column": column,
+                         "weight": weight, "max_length": reward.max_length,
+                         "trust_remote_code": reward.trust_remote_code})  # fmt: skip
     return plan
 
 
@@ -260,62 +285,71 @@ class PolicyEngine:
 
 
 class RewardScorer:
-    """The spec's reward(s) for (chat, answer) items; `score` is batched across all requests in flight."""
+    """The spec's reward(s) for the candidates of requests, computed by the score stage's own code
+    (`alignlib.score`: FunctionScorer, ModelScorer, combine) on an Arrow table of `reward_rows`; `score` is
+    batched across all requests in flight."""
 
     def __init__(self, plan: list[dict[str, Any]]):
-        from alignlib.spec import resolve_reward
+        from alignlib.score import FunctionScorer, ModelScorer
 
-        self.parts = []  # (name, a function or a ModelScorer, weight)
+        self.functions: list[FunctionScorer] = []
+        self.models: list[ModelScorer] = []
         for part in plan:
             if part["type"] == "function":
-                self.parts.append((part["function"], resolve_reward(part["function"]), part["weight"]))
+                self.functions.append(FunctionScorer(part["function"], part["column"]))
             else:
-                from alignlib.score import ModelScorer
+                scorer = ModelScorer(
+                    part["model"],
+                    part["dtype"],
+                    part["max_length"],
+                    part["column"],
+                    trust_remote_code=part["trust_remote_code"],
+                )
+                self.models.append(scorer)
+        self.components = [(p["column"], p.get("function") or p["model"], p["weight"]) for p in plan]
 
-                scorer = ModelScorer(part["model"], part["dtype"], part["max_length"],
-                                     trust_remote_code=part["trust_remote_code"])  # fmt: skip
-                self.parts.append((part["model"], scorer, part["weight"]))
+    def _score_all(self, requests: list[list[dict[str, Any]]]) -> list[list[tuple[float | None, str | None]]]:
+        """Each request's `reward_rows` -> (reward, None) per candidate, or (None, why) for one left unscored.
 
-    def _component(self, name: str, reward, items: list[tuple]) -> list[tuple[float | None, str | None]]:
-        from alignlib.score import ModelScorer
+        A reward function that fails on one candidate fails every candidate of its request, as it stops the score
+        stage; the other requests are scored on. Reward models score the candidates of every request together,
+        as one batch of the score stage; a non-finite reward leaves its candidate unscored.
+        """
+        import pyarrow as pa
 
-        if not isinstance(reward, ModelScorer):
-            out = []
-            for _, prompt, completion in items:
-                try:
-                    value = float(reward(prompt=prompt, completion=completion, gold=None))
-                except Exception as err:  # one failing candidate must not fail the others
-                    out.append((None, f"reward {name} failed: {type(err).__name__}: {err}"))
-                    continue
-                out.append((value, None) if math.isfinite(value) else (None, f"reward {name} returned {value}"))
-            return out
-        from alignlib.models import reward_sequence
+        from alignlib.score import RewardError, combine
 
-        sequences = [reward_sequence(reward.tokenizer, messages, completion, reward.max_length)
-                     for messages, _, completion in items]  # fmt: skip
-        return [(value, None) for value in reward.rewards(sequences)]
-
-    def _score_all(self, items: list[tuple]) -> list[tuple[float | None, str | None]]:
-        totals: list[float | None] = [0.0] * len(items)
-        errors: list[str | None] = [None] * len(items)
-        for name, reward, weight in self.parts:
-            for i, (value, error) in enumerate(self._component(name, reward, items)):
-                if value is None:
-                    totals[i], errors[i] = None, errors[i] or error
-                elif totals[i] is not None:
-                    totals[i] += value * (1.0 if weight is None else weight)
-        return list(zip(totals, errors, strict=True))
-
-    async def score(self, requests: list[list[tuple]]) -> list[list[tuple[float | None, str | None]]]:
-        # Batched by serve.batch in `build_app`: one call per request with all its candidates; the candidates
-        # of every request waiting are scored together, then handed back per request.
-        flat = [item for items in requests for item in items]
-        scores = await asyncio.get_running_loop().run_in_executor(None, self._score_all, flat)
+        tables, failed = [], {}
+        for i, rows in enumerate(requests):
+            table = pa.Table.from_pylist(rows, schema=S.arrow_schema(S.COMPLETION_COLUMNS))
+            try:
+                for function in self.functions:
+                    table = function.scored(table)
+            except RewardError as err:
+                failed[i] = str(err)
+                continue
+            tables.append(table)
+        scores: list[tuple[float | None, str | None]] = []
+        if tables:
+            scored = pa.concat_tables(tables)
+            for model in self.models:
+                scored = model.scored(scored)
+            scored = combine(scored, self.components)
+            for value, source in zip(scored[S.REWARD].to_pylist(), scored[S.REWARD_SOURCE].to_pylist(), strict=True):
+                scores.append((value, None) if math.isfinite(value) else (None, f"reward {source} returned {value}"))
         out, start = [], 0
-        for items in requests:
-            out.append(scores[start : start + len(items)])
-            start += len(items)
+        for i, rows in enumerate(requests):
+            if i in failed:
+                out.append([(None, failed[i])] * len(rows))
+            else:
+                out.append(scores[start : start + len(rows)])
+                start += len(rows)
         return out
+
+    async def score(self, requests: list[list[dict[str, Any]]]) -> list[list[tuple[float | None, str | None]]]:
+        # Batched by serve.batch in `build_app`: one call per request with all its candidates (`reward_rows`); the
+        # requests waiting are scored together (`_score_all`), then handed back per request.
+        return await asyncio.get_running_loop().run_in_executor(None, self._score_all, requests)
 
 
 def gateway_class():
@@ -354,7 +388,6 @@ def gateway_class():
 
         async def _complete(self, request: dict[str, Any]) -> dict[str, Any]:
             from alignlib.models import encode_prompt
-            from alignlib.prompts import _prompt_text
 
             try:
                 ids = encode_prompt(self.tokenizer, request["messages"])
@@ -371,8 +404,7 @@ def gateway_class():
                 # n = 1: the one sample is the answer whatever its reward; it is scored only when asked for.
                 candidates[0][S.REWARD], candidates[0]["error"] = None, None
                 return response(request, rank(candidates), len(ids), self.settings["model_name"])
-            prompt = _prompt_text(request["messages"])
-            scores = await self.reward.score.remote([(request["messages"], prompt, c[S.COMPLETION]) for c in candidates])
+            scores = await self.reward.score.remote(reward_rows(request["messages"], candidates))
             for candidate, (value, error) in zip(candidates, scores, strict=True):
                 candidate[S.REWARD], candidate["error"] = value, error
             ranked = rank(candidates)
@@ -443,16 +475,14 @@ def app_builder(args: dict[str, Any]):
 
 def preflight_spec(spec) -> list[str]:
     """Settings that cannot serve, found from the spec alone (also checked when rendering a RayService)."""
-    from alignlib.spec import resolve_function
+    from alignlib.spec.job import rewards_needing_gold
 
-    found = []
-    for column, reward, _ in spec.score.components():
-        if reward.type == "function" and getattr(resolve_function(reward.function), "needs_gold", False):
-            where = f"score.rewards ({column})" if spec.score.rewards else "score.reward"
-            found.append(f"{where}: {reward.function} compares answers with the data's gold answer, which a served "
-                         "request does not have; serve with a reward model or a function that needs no gold answer, "
-                         "e.g. 'score.reward={type: model, model: MODEL}'")  # fmt: skip
-    return found
+    return [
+        f"{where}: {function} compares answers with the data's gold answer, which a served request does not have; "
+        "serve with a reward model or a function that needs no gold answer, e.g. "
+        "'score.reward={type: model, model: MODEL}'"
+        for where, function in rewards_needing_gold(spec.score)
+    ]
 
 
 def preflight(spec) -> list[str]:

@@ -7,7 +7,8 @@ with one output: an HF actor pool scoring length-grouped micro-batches, or vLLM'
 with `engine: vllm`) or a Python function (`type: function`).
 With `score.rewards`, each reward writes its own `reward_<name>` column and `reward` is their
 weighted sum; `reward_source` then spells the sum out, e.g. `1*a:f + 0.5*builtin:tiny-reward`.
-A reward that fails or is not a finite number stops the stage with the row it failed on.
+A reward function that fails or returns no finite number stops the stage with the row it failed on.
+`alignlib serve` scores with these same classes and `combine`, on an Arrow table of a request's candidates.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class RewardError(ValueError):
 
 
 class FunctionScorer:
+    """A reward function (`module:function`) over a batch: `scored(batch)` adds its column, or raises RewardError
+    naming the first row it failed on (the function raised, or returned no finite number)."""
+
     def __init__(self, function: str, column: str = S.REWARD):
         from alignlib.spec import resolve_reward
 
@@ -40,6 +44,9 @@ class FunctionScorer:
         self.column = column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.scored(batch)
+
+    def scored(self, batch: pa.Table) -> pa.Table:
         rewards = []
         for row in batch.select([S.PROMPT_ID, S.PROMPT, S.COMPLETION, S.GOLD, S.SOURCE]).to_pylist():
             try:
@@ -87,7 +94,8 @@ class ModelScorer:
 
     Each Ray Data batch is sorted by token length and run as micro-batches of similar length
     (`length_groups`); rewards are scattered back to the rows' order. `group_by_length=False`
-    pads the whole batch to its longest row (the benchmark's baseline).
+    pads the whole batch to its longest row (the benchmark's baseline). Called by Ray Data, it counts
+    each batch's starts (`counted_batch`); `scored(batch)` is the same work without the counting.
     """
 
     def __init__(self, model: str, dtype: str, max_length: int, column: str = S.REWARD, group_by_length: bool = True,
@@ -107,16 +115,20 @@ class ModelScorer:
         self.group_by_length = group_by_length
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from alignlib.models import reward_sequence
         from alignlib.raydata import counted_batch
 
         with counted_batch(batch, f"reward model {self.name}"):
-            sequences = [
-                reward_sequence(self.tokenizer, m, c, self.max_length)
-                for m, c in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True)
-            ]
-            rewards = self.rewards(sequences)
-        return batch.append_column(self.column, pa.array(rewards, pa.float64()))
+            return self.scored(batch)
+
+    def scored(self, batch: pa.Table) -> pa.Table:
+        """`batch` (MESSAGES and COMPLETION columns) plus this reward's column."""
+        from alignlib.models import reward_sequence
+
+        sequences = [
+            reward_sequence(self.tokenizer, m, c, self.max_length)
+            for m, c in zip(batch[S.MESSAGES].to_pylist(), batch[S.COMPLETION].to_pylist(), strict=True)
+        ]
+        return batch.append_column(self.column, pa.array(self.rewards(sequences), pa.float64()))
 
     def rewards(self, sequences: list[list[int]]) -> list[float]:
         if not sequences:

@@ -27,14 +27,20 @@ def test_one_best_answer_per_prompt_in_input_order_with_every_candidate_ranked()
     assert counts == {"prompts": 3, FLAG_ALL_TRUNCATED: 0, FLAG_NO_CANDIDATES: 0, "tied": 0}
 
 
-def test_ties_break_by_stopping_then_length_then_sample_index():
-    scored = [sample(0, 0, 1.0, finish="length"), sample(0, 1, 1.0, tokens=5), sample(0, 2, 1.0, tokens=2),
-              sample(0, 3, 1.0, tokens=2)]  # fmt: skip
+def test_ties_break_by_stopping_then_sample_index_not_by_length():
+    scored = [
+        sample(0, 0, 1.0, finish="length", tokens=1),
+        sample(0, 1, 1.0, tokens=5),
+        sample(0, 2, 1.0, tokens=2),
+        sample(0, 3, 0.5, tokens=1),
+    ]
     (best,), candidates, counts = select([prompt(0)], scored)
-    assert best["best_sample_index"] == 2 and best["tied"] is True and counts["tied"] == 1
-    assert [c[S.SAMPLE_INDEX] for c in candidates] == [2, 3, 1, 0] and all(c["tied"] for c in candidates)
+    assert best["best_sample_index"] == 1, "stopped beats cut; then the lower index, however many tokens"
+    assert best["tied"] is True and counts["tied"] == 1
+    assert [c[S.SAMPLE_INDEX] for c in candidates] == [1, 2, 0, 3]
+    assert [c["tied"] for c in candidates] == [True, True, True, False]
     again, _, _ = select([prompt(0)], list(reversed(scored)))
-    assert again[0]["best_sample_index"] == 2, "the order is total: the input order changes nothing"
+    assert again[0]["best_sample_index"] == 1, "the order is total: the input order changes nothing"
 
 
 def test_prompts_whose_choice_means_nothing_are_flagged_not_dropped():

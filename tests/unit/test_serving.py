@@ -5,6 +5,8 @@ The server itself, with Ray Serve, vLLM and the openai client, is tests/integrat
 
 from __future__ import annotations
 
+import asyncio
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,16 @@ from pathlib import Path
 import pytest
 
 from alignlib import schema as S
-from alignlib.serving import RequestError, RewardScorer, parse_request, rank, replica_options, response, serve_settings
+from alignlib.serving import (
+    RequestError,
+    RewardScorer,
+    parse_request,
+    rank,
+    replica_options,
+    response,
+    reward_rows,
+    serve_settings,
+)
 from alignlib.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,13 +69,19 @@ def candidate(index, reward, tokens=4, finish="stop", error=None):
             S.FINISH_REASON: finish, "error": error}  # fmt: skip
 
 
-def test_ranking_is_bons_order_with_unscored_candidates_last():
-    ranked = rank([
-        candidate(0, None, error="reward f failed"), candidate(1, 0.5, tokens=6), candidate(2, 0.5, tokens=3),
-        candidate(3, 0.9, finish="length"), candidate(4, 0.9), candidate(5, 0.5, tokens=3),
-    ])  # fmt: skip
-    # Highest reward; then stopped over cut; then fewer tokens; then the lower sample index; unscored last.
-    assert [c[S.SAMPLE_INDEX] for c in ranked] == [4, 3, 2, 5, 1, 0]
+def test_ranking_is_the_one_rule_with_unscored_candidates_last():
+    ranked = rank(
+        [
+            candidate(0, None, error="reward f failed"),
+            candidate(1, 0.5, tokens=6),
+            candidate(2, 0.5, tokens=3),
+            candidate(3, 0.9, finish="length"),
+            candidate(4, 0.9),
+            candidate(5, 0.5, tokens=3, finish="length"),
+        ]
+    )
+    # Highest reward; then stopped over cut; then the lower sample index (token counts play no part); unscored last.
+    assert [c[S.SAMPLE_INDEX] for c in ranked] == [4, 3, 1, 2, 5, 0]
     assert [c["rank"] for c in ranked] == [1, 2, 3, 4, 5, 6]
     body = response({"return_candidates": True}, ranked, prompt_tokens=10, model_name="m")
     assert body["choices"][0]["message"]["content"] == "answer 4" and body["alignlib"]["reward"] == 0.9
@@ -78,15 +95,42 @@ def failing_reward(prompt: str, completion: str, gold: str | None) -> float:
     return float("nan") if "nan" in completion else float(len(completion))
 
 
-def test_rewards_are_weighed_and_a_failing_candidate_does_not_fail_the_others():
-    scorer = RewardScorer([
-        {"type": "function", "function": "alignlib.rewards:length_penalty", "weight": 2.0},
-        {"type": "function", "function": "tests.unit.test_serving:failing_reward", "weight": 0.5},
-    ])  # fmt: skip
-    out = scorer._score_all([(CHAT, "q", "abcd"), (CHAT, "q", "boom"), (CHAT, "q", "nan")])
-    assert out[0] == (pytest.approx(2 * -0.04 + 0.5 * 4), None)
-    assert out[1][0] is None and "cannot score this" in out[1][1]
-    assert out[2][0] is None and "returned nan" in out[2][1]
+def served(*texts):
+    return reward_rows(CHAT, [candidate(i, None) | {S.COMPLETION: t} for i, t in enumerate(texts)])
+
+
+def test_rewards_are_the_score_stages_weighted_sum_and_a_failing_function_fails_only_its_request():
+    failing = "tests.unit.test_serving:failing_reward"
+    scorer = RewardScorer(
+        [
+            {"type": "function", "function": "alignlib.rewards:length_penalty", "column": "reward_a", "weight": 2.0},
+            {"type": "function", "function": failing, "column": "reward_b", "weight": 0.5},
+        ]
+    )
+    # What serve.batch hands the deployment: the waiting requests, each a list of its candidates' rows.
+    out = asyncio.run(scorer.score([served("abcd", "ab"), served("abcd", "boom"), served("nan"), served("a")]))
+    assert out[0] == [(pytest.approx(2 * -0.04 + 0.5 * 4), None), (pytest.approx(2 * -0.02 + 0.5 * 2), None)]
+    # As in the score stage, one failed row fails the batch: here, the request it belongs to, every candidate.
+    assert [value for value, _ in out[1]] == [None, None]
+    assert out[1][0][1] == out[1][1][1] == f"reward {failing} failed on prompt request (candidate 1): cannot score this"
+    assert out[2] == [(None, f"reward {failing} returned nan for prompt request (candidate 0)")]
+    assert out[3] == [(pytest.approx(2 * -0.01 + 0.5 * 1), None)], "the requests scored with a failed one are served"
+
+
+def test_a_single_reward_writes_reward_itself_and_a_non_finite_model_output_leaves_its_candidate_unscored():
+    import pyarrow as pa
+
+    class NanModel:  # stands in for a ModelScorer whose reward model returned NaN for one answer
+        def scored(self, table):
+            rewards = [math.nan if c == "bad" else 1.5 for c in table[S.COMPLETION].to_pylist()]
+            return table.append_column(S.REWARD, pa.array(rewards, pa.float64()))
+
+    scorer = RewardScorer([])
+    scorer.models, scorer.components = [NanModel()], [(S.REWARD, "builtin:tiny-reward", None)]
+    out = scorer._score_all([served("good", "bad"), served("bad")])
+    nan = (None, "reward builtin:tiny-reward returned nan")
+    assert out == [[(1.5, None), nan], [nan]]
+    assert [c[S.SAMPLE_INDEX] for c in rank([candidate(0, math.nan), candidate(1, 0.1)])] == [1, 0]
 
 
 def test_settings_and_replicas_come_from_the_spec(tmp_path):

@@ -1,0 +1,37 @@
+"""The one order of a prompt's answers, best first: what the best-of-N SFT set and each pair's chosen answer (`pairs`),
+`alignlib bon` (`bon.select`) and `alignlib serve` (`serving.rank`) choose by.
+
+- the higher reward first; an answer without one (None or NaN: not scored, or its reward failed) after every
+  scored answer;
+- among equal rewards, an answer that stopped by itself (`finish_reason: stop`) before one cut at the token limit
+  (`length`); a row without `finish_reason` (an imported preference) counts as not cut;
+- then the lower `sample_index`.
+
+A prompt's samples have distinct sample indices, so the order is total: a rerun, or the same rows read in another
+order, choose the same answer. Pure: rows are dicts; no Ray, no Arrow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from alignlib import schema as S
+
+Row = TypeVar("Row", bound=Mapping[str, Any])
+
+# The rule in words: the fingerprint section of the stages that rank (a changed rule redoes their work).
+RULE = "reward, stop before length, lower sample_index"
+
+
+def best_first(row: Mapping[str, Any]) -> tuple[bool, float, bool, int]:
+    """The sort key of one answer: sorting by it puts the best first."""
+    reward = row.get(S.REWARD)
+    scored = reward is not None and not math.isnan(reward)
+    return (not scored, -reward if scored else 0.0, row.get(S.FINISH_REASON) == "length", row[S.SAMPLE_INDEX])
+
+
+def ranked(rows: Iterable[Row]) -> list[Row]:
+    """The rows best first."""
+    return sorted(rows, key=best_first)
