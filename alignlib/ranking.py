@@ -27,9 +27,10 @@ RULE = "reward, stop before length, lower sample_index"
 
 def best_first(row: Mapping[str, Any]) -> tuple[bool, float, bool, int]:
     """The sort key of one answer: sorting by it puts the best first."""
-    reward = row.get(S.REWARD)
-    scored = reward is not None and not math.isnan(reward)
-    return (not scored, -reward if scored else 0.0, row.get(S.FINISH_REASON) == "length", row[S.SAMPLE_INDEX])
+    reward, cut = row.get(S.REWARD), row.get(S.FINISH_REASON) == "length"
+    if reward is None or math.isnan(reward):
+        return (True, 0.0, cut, row[S.SAMPLE_INDEX])
+    return (False, -reward, cut, row[S.SAMPLE_INDEX])
 
 
 def ranked(rows: Iterable[Row]) -> list[Row]:

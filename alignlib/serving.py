@@ -230,9 +230,17 @@ def reward_plan(spec) -> list[dict[str, Any]]:
         if reward.type == "function":
             plan.append({"type": "function", "function": reward.function, "column": column, "weight": weight})
         else:
-            plan.append({"type": "model", "model": reward.model, "dtype": reward.dtype, "column": column,
-                         "weight": weight, "max_length": reward.max_length,
-                         "trust_remote_code": reward.trust_remote_code})  # fmt: skip
+            plan.append(
+                {
+                    "type": "model",
+                    "model": reward.model,
+                    "dtype": reward.dtype,
+                    "column": column,
+                    "weight": weight,
+                    "max_length": reward.max_length,
+                    "trust_remote_code": reward.trust_remote_code,
+                }
+            )
     return plan
 
 
