@@ -1,4 +1,5 @@
-"""Stage `export`: the final training checkpoint -> a Hugging Face model directory.
+"""Exporting a model: a training checkpoint -> a Hugging Face model directory (run by the stage
+`alignlib.stages.export`).
 
 In: the checkpoint named in the `train` manifest (`model/` holds full weights or a LoRA
 adapter, plus the tokenizer). Out: `export/model`, loadable by `from_pretrained` and by the vLLM

@@ -1,4 +1,5 @@
-"""Stage `pairs`: scored completions -> preference pairs and a best-of-N SFT set.
+"""The pair rules: scored completions -> preference pairs and a best-of-N SFT set (run by the stage
+`alignlib.stages.pairs`).
 
 In: `score/scored` (SCORED_COLUMNS), or `prompts/preferences` for an imported preference set.
 Out: `pairs/pairs` (PAIR_COLUMNS) and `pairs/sft` (SFT_COLUMNS). Strategies, applied per prompt

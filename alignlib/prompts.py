@@ -1,4 +1,5 @@
-"""Stage `prompts`: a JSONL or Parquet file -> `prompts/train` and `prompts/eval` tables.
+"""Reading prompt data: a JSONL or Parquet file -> checked prompt rows and their train / held-out split (run by the
+stage `alignlib.stages.prompts`).
 
 In: `data.path`, in any of these layouts (JSONL or Parquet):
 - prompts: `data.prompt_field` is a string or a chat list of {role, content}; a chat ending with an
@@ -28,7 +29,6 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa

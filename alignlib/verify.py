@@ -11,8 +11,6 @@ or unexpected, so a bad table is never committed (and so never trusted on rerun)
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alignlib import schema as S
 from alignlib.store import StorePath
 

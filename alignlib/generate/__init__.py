@@ -1,4 +1,5 @@
-"""Stage `generate`: prompts -> completions, N samples per prompt, in Ray Data actor pools.
+"""Sampling: prompts -> completions, N samples per prompt, in Ray Data actor pools (run by the stages
+`alignlib.stages.generate` and `alignlib.stages.eval`).
 
 In: `prompts/train` (PROMPT_COLUMNS). Out: `generate/completions` (COMPLETION_COLUMNS): for each
 prompt `generate.num_samples` policy samples, `weak_model.num_samples` weak-model samples if a weak

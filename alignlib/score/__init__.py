@@ -1,4 +1,5 @@
-"""Stage `score`: completions -> scored completions, with a `reward` column.
+"""Scoring: completions -> scored completions, with a `reward` column (run by the stage `alignlib.stages.score`,
+the held-out answers of `alignlib.stages.eval`, and `alignlib serve`).
 
 In: `generate/completions` (COMPLETION_COLUMNS). Out: `score/scored` (SCORED_COLUMNS) with
 `reward` (float64) and `reward_source` (the reward model or `module:function`).

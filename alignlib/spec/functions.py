@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import importlib
 import inspect
 import re
+from collections.abc import Callable
+from typing import Any
 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _PUBLIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")

@@ -4,6 +4,10 @@ This module is the only home of defaults and field descriptions. Unknown keys ar
 (`extra="forbid"`); loss and backend are discriminated unions so each variant carries only its
 own knobs; cross-field problems are collected and reported together with their field paths.
 Loading a file (YAML safety, overrides, every problem at once) is `alignlib.spec.loading`.
+
+Why one module of this length: the schema is one document, read top to bottom like the spec reference
+(docs/spec.md); splitting its sections across files would scatter the defaults this module exists to keep in one
+place. It holds only field declarations, their validators and the decisions read from a whole spec.
 """
 
 from __future__ import annotations

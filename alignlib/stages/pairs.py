@@ -194,6 +194,17 @@ def figures(ctx: StageContext, result: PairsResult) -> dict[str, Any]:
     return {"pairs": result.kept, "best_of_n_mean_reward": pc.mean(rewards).as_py()}
 
 
+def sections(spec: JobSpec) -> dict[str, Any]:
+    # The loss is in too: it decides which of the two sets must not come out empty.
+    out = {"pairs": spec.pairs.model_dump(mode="json"), "seed": spec.seed, "training_table": training_table(spec)}
+    if spec.pairs.include_truncated:
+        # Only where cut answers take part does the ranking rule's stop-before-cut step change a pick.
+        from alignlib.ranking import RULE
+
+        out["rule"] = RULE
+    return out
+
+
 def _reads(spec: JobSpec) -> dict[str, list[str]]:
     if generated(spec):
         return {"score/scored": S.SCORED_COLUMNS}
@@ -205,12 +216,7 @@ STAGE = Stage(
     help="turn scores into preference pairs and a best-of-N set (or import a preference file's pairs)",
     run=run,
     result=PairsResult,
-    # The loss is in too: it decides which of the two sets must not come out empty.
-    sections=lambda spec: {
-        "pairs": spec.pairs.model_dump(mode="json"),
-        "seed": spec.seed,
-        "training_table": training_table(spec),
-    },
+    sections=sections,
     # An imported preference set skips generate and score.
     inputs=lambda spec: ["score"] if generated(spec) else ["prompts"],
     reads=_reads,

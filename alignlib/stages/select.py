@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from alignlib import schema as S
+from alignlib.ranking import RULE
 from alignlib.raydata import log
 from alignlib.stages.contract import Stage, StageContext, StageResult
 from alignlib.stages.sections import generated
@@ -57,7 +58,7 @@ STAGE = Stage(
     help="best-of-N: rank each prompt's scored samples and keep the best (alignlib bon)",
     run=run,
     result=SelectResult,
-    sections=lambda spec: {"rule": "reward, stop before length, fewer tokens, lower sample_index"},
+    sections=lambda spec: {"rule": RULE},
     inputs=lambda spec: ["prompts", "score"],
     reads=lambda spec: {"prompts/train": S.PROMPT_COLUMNS, "score/scored": S.SCORED_COLUMNS},
     enabled=generated,

@@ -1,4 +1,5 @@
-"""Stage `ref_logps`: reference log-probs of every pair, computed once, so DPO/IPO workers hold no reference.
+"""Reference log-probs of every pair, computed once, so DPO/IPO workers hold no reference (run by the stage
+`alignlib.stages.ref_logps`).
 
 In: `pairs/pairs`. Out: `ref_logps/pairs`, the same rows plus `ref_chosen_logps` and
 `ref_rejected_logps`: summed log-probs of the completion tokens (EOS included) under the starting
