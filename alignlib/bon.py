@@ -23,8 +23,20 @@ FLAG_ALL_TRUNCATED = "all_truncated"
 FLAG_NO_CANDIDATES = "no_candidates"
 RANK, TIED, FLAG, CANDIDATES, BEST_INDEX = "rank", "tied", "flag", "num_candidates", "best_sample_index"
 
-BEST_COLUMNS = [S.PROMPT_ID, S.PROMPT, S.MESSAGES, S.SOURCE, S.COMPLETION, S.REWARD, BEST_INDEX, S.FINISH_REASON,
-                S.NUM_TOKENS, CANDIDATES, TIED, FLAG]  # fmt: skip
+BEST_COLUMNS = [
+    S.PROMPT_ID,
+    S.PROMPT,
+    S.MESSAGES,
+    S.SOURCE,
+    S.COMPLETION,
+    S.REWARD,
+    BEST_INDEX,
+    S.FINISH_REASON,
+    S.NUM_TOKENS,
+    CANDIDATES,
+    TIED,
+    FLAG,
+]
 CANDIDATE_COLUMNS = [S.PROMPT_ID, S.SAMPLE_INDEX, S.COMPLETION, S.REWARD, RANK, S.NUM_TOKENS, S.FINISH_REASON, TIED]
 
 
@@ -40,25 +52,53 @@ def select(prompts: list[dict[str, Any]], scored: list[dict[str, Any]]):
         order = ranked(by_prompt.get(prompt[S.PROMPT_ID], []))
         rewards = [r[S.REWARD] for r in order]
         for rank, row in enumerate(order, start=1):
-            candidates.append({S.PROMPT_ID: row[S.PROMPT_ID], S.SAMPLE_INDEX: row[S.SAMPLE_INDEX],
-                               S.COMPLETION: row[S.COMPLETION], S.REWARD: row[S.REWARD], RANK: rank,
-                               S.NUM_TOKENS: row[S.NUM_TOKENS], S.FINISH_REASON: row[S.FINISH_REASON],
-                               TIED: rewards.count(row[S.REWARD]) > 1})  # fmt: skip
+            candidates.append(
+                {
+                    S.PROMPT_ID: row[S.PROMPT_ID],
+                    S.SAMPLE_INDEX: row[S.SAMPLE_INDEX],
+                    S.COMPLETION: row[S.COMPLETION],
+                    S.REWARD: row[S.REWARD],
+                    RANK: rank,
+                    S.NUM_TOKENS: row[S.NUM_TOKENS],
+                    S.FINISH_REASON: row[S.FINISH_REASON],
+                    TIED: rewards.count(row[S.REWARD]) > 1,
+                }
+            )
         base = {c: prompt[c] for c in (S.PROMPT_ID, S.PROMPT, S.MESSAGES, S.SOURCE)}
         if not order:
             counts[FLAG_NO_CANDIDATES] += 1
-            best_rows.append({**base, S.COMPLETION: None, S.REWARD: None, BEST_INDEX: None, S.FINISH_REASON: None,
-                              S.NUM_TOKENS: None, CANDIDATES: 0, TIED: False, FLAG: FLAG_NO_CANDIDATES})  # fmt: skip
+            best_rows.append(
+                {
+                    **base,
+                    S.COMPLETION: None,
+                    S.REWARD: None,
+                    BEST_INDEX: None,
+                    S.FINISH_REASON: None,
+                    S.NUM_TOKENS: None,
+                    CANDIDATES: 0,
+                    TIED: False,
+                    FLAG: FLAG_NO_CANDIDATES,
+                }
+            )
             continue
         top = order[0]
         truncated = all(r[S.FINISH_REASON] == "length" for r in order)
         tied = rewards.count(top[S.REWARD]) > 1
         counts[FLAG_ALL_TRUNCATED] += truncated
         counts["tied"] += tied
-        best_rows.append({**base, S.COMPLETION: top[S.COMPLETION], S.REWARD: top[S.REWARD],
-                          BEST_INDEX: top[S.SAMPLE_INDEX], S.FINISH_REASON: top[S.FINISH_REASON],
-                          S.NUM_TOKENS: top[S.NUM_TOKENS], CANDIDATES: len(order), TIED: tied,
-                          FLAG: FLAG_ALL_TRUNCATED if truncated else None})  # fmt: skip
+        best_rows.append(
+            {
+                **base,
+                S.COMPLETION: top[S.COMPLETION],
+                S.REWARD: top[S.REWARD],
+                BEST_INDEX: top[S.SAMPLE_INDEX],
+                S.FINISH_REASON: top[S.FINISH_REASON],
+                S.NUM_TOKENS: top[S.NUM_TOKENS],
+                CANDIDATES: len(order),
+                TIED: tied,
+                FLAG: FLAG_ALL_TRUNCATED if truncated else None,
+            }
+        )
     return best_rows, candidates, counts
 
 
@@ -70,20 +110,24 @@ def arrow_tables(best_rows: list[dict], candidates: list[dict]):
     def schema(columns):
         return pa.schema([(c, types[c]) if c in types else S.arrow_schema([c]).field(0) for c in columns])
 
-    return (pa.Table.from_pylist(best_rows, schema=schema(BEST_COLUMNS)),
-            pa.Table.from_pylist(candidates, schema=schema(CANDIDATE_COLUMNS)))  # fmt: skip
+    return (
+        pa.Table.from_pylist(best_rows, schema=schema(BEST_COLUMNS)),
+        pa.Table.from_pylist(candidates, schema=schema(CANDIDATE_COLUMNS)),
+    )
 
 
 def bon_spec(spec):
     """The spec the `bon` flow runs: every prompt (no held-out split), no weak model, under `<output_dir>/bon`."""
     from pathlib import Path
 
-    return spec.model_copy(update={
-        "output_dir": str(Path(spec.output_dir) / "bon"),
-        "data": spec.data.model_copy(update={"eval_fraction": 0.0}),
-        "generate": spec.generate.model_copy(update={"weak_model": None}),
-        "eval": spec.eval.model_copy(update={"enabled": False}),
-    })  # fmt: skip
+    return spec.model_copy(
+        update={
+            "output_dir": str(Path(spec.output_dir) / "bon"),
+            "data": spec.data.model_copy(update={"eval_fraction": 0.0}),
+            "generate": spec.generate.model_copy(update={"weak_model": None}),
+            "eval": spec.eval.model_copy(update={"enabled": False}),
+        }
+    )
 
 
 def write_out(table, path) -> None:

@@ -56,8 +56,11 @@ class ContextCheck:
                 if out[i] is not None:
                     continue  # one reason per prompt: the first model it does not fit
                 if n is None:
-                    out[i] = ("no_chat_template", f"the {m.role} model {m.source} has no chat template, so a "
-                              f"{len(chats[i])}-turn prompt cannot be rendered; set its chat_template")  # fmt: skip
+                    out[i] = (
+                        "no_chat_template",
+                        f"the {m.role} model {m.source} has no chat template, so a "
+                        f"{len(chats[i])}-turn prompt cannot be rendered; set its chat_template",
+                    )
                 elif m.limit is not None and n + self.max_new_tokens > m.limit:
                     out[i] = (
                         "prompt_too_long",

@@ -17,8 +17,9 @@ from pathlib import Path
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
-def export_model(checkpoint_model: str, target: str, base_model: str, merge_lora: bool,
-                 trust_remote_code: bool = False) -> str:  # fmt: skip
+def export_model(
+    checkpoint_model: str, target: str, base_model: str, merge_lora: bool, trust_remote_code: bool = False
+) -> str:
     """Returns the kind of model written: `full`, `merged-lora` or `lora-adapter`; weights are safetensors.
 
     Either side may be in an object store (a URI): the checkpoint is read from a local copy, and the model

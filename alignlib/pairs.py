@@ -241,10 +241,17 @@ def import_pairs(preferences: list[Row], train_ids: set[str], spec: PairsSpec) -
             chosen_reward, rejected_reward = row[S.CHOSEN_REWARD], row[S.REJECTED_REWARD]
             margin = None if chosen_reward is None or rejected_reward is None else chosen_reward - rejected_reward
             pair = {c: row[c] for c in (S.PROMPT_ID, S.PROMPT, S.MESSAGES, S.CHOSEN, S.REJECTED)}
-            pairs.append(pair | {
-                S.CHOSEN_REWARD: chosen_reward, S.REJECTED_REWARD: rejected_reward, S.MARGIN: margin,
-                S.STRATEGY: IMPORTED, S.CHOSEN_GENERATOR: IMPORTED, S.REJECTED_GENERATOR: IMPORTED,
-            })  # fmt: skip
+            pairs.append(
+                pair
+                | {
+                    S.CHOSEN_REWARD: chosen_reward,
+                    S.REJECTED_REWARD: rejected_reward,
+                    S.MARGIN: margin,
+                    S.STRATEGY: IMPORTED,
+                    S.CHOSEN_GENERATOR: IMPORTED,
+                    S.REJECTED_GENERATOR: IMPORTED,
+                }
+            )
             answer = {c: row[c] for c in (S.PROMPT_ID, S.PROMPT, S.MESSAGES)}
             answer |= {S.COMPLETION: row[S.CHOSEN], S.REWARD: chosen_reward, S.SAMPLE_INDEX: len(pairs)}
             best = sft.get(row[S.PROMPT_ID])

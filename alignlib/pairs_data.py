@@ -74,8 +74,7 @@ class BlockPairs:
     every row of its prompts (see `build_on_ray`). Block -> one row: the block's pairs and best-of-N rows (as
     lists), its partial figures (`sums` and sample, as JSON), and its first and last prompt id."""
 
-    def __init__(self, spec: dict[str, Any], seed: int, columns: list[str], rate: float, pairs_dir: str,
-                 sft_dir: str):  # fmt: skip
+    def __init__(self, spec: dict[str, Any], seed: int, columns: list[str], rate: float, pairs_dir: str, sft_dir: str):
         self.spec, self.seed, self.columns, self.rate = PairsSpec.model_validate(spec), seed, columns, rate
         self.pairs_dir, self.sft_dir = pairs_dir, sft_dir
 
@@ -98,17 +97,21 @@ class BlockPairs:
             from alignlib.locations import fs_path, location
 
             name = f"part-{hashlib.blake2b(rows[0][S.PROMPT_ID].encode(), digest_size=8).hexdigest()}.parquet"
-            for directory, table_rows, columns in ((self.pairs_dir, pairs, S.PAIR_COLUMNS),
-                                                   (self.sft_dir, sft, S.SFT_COLUMNS)):  # fmt: skip
+            for directory, table_rows, columns in (
+                (self.pairs_dir, pairs, S.PAIR_COLUMNS),
+                (self.sft_dir, sft, S.SFT_COLUMNS),
+            ):
                 where = location(directory)
                 where.mkdir(parents=True, exist_ok=True)
                 fs, path = fs_path(where / name)
                 pq.write_table(pa.Table.from_pylist(table_rows, schema=S.arrow_schema(columns)), path, filesystem=fs)
-        return pa.table({
-            "partial": [json.dumps({"sums": sums, "samples": samples})],
-            "first": [rows[0][S.PROMPT_ID] if rows else None],
-            "last": [rows[-1][S.PROMPT_ID] if rows else None],
-        })  # fmt: skip
+        return pa.table(
+            {
+                "partial": [json.dumps({"sums": sums, "samples": samples})],
+                "first": [rows[0][S.PROMPT_ID] if rows else None],
+                "last": [rows[-1][S.PROMPT_ID] if rows else None],
+            }
+        )
 
     def prompt(self, rows: list[dict], out_pairs: list, out_sft: list, sums: dict, samples: dict) -> None:
         """One prompt's rows: its pairs and best-of-N row appended, its figures added."""
@@ -138,8 +141,14 @@ class BlockPairs:
                 if value is None or not math.isfinite(value):
                     continue
                 values[column] = value
-                for name, amount in (("n", 1), ("sum", value), ("sumsq", value * value), ("len", length),
-                                     ("lensq", length * length), ("lenxv", length * value)):  # fmt: skip
+                for name, amount in (
+                    ("n", 1),
+                    ("sum", value),
+                    ("sumsq", value * value),
+                    ("len", length),
+                    ("lensq", length * length),
+                    ("lenxv", length * value),
+                ):
                     _add(sums, prefix + name, amount)
                 _add(sums, _MIN + prefix, value)
                 _add(sums, _MAX + prefix, value)
@@ -200,9 +209,13 @@ def build_on_ray(scored_dir: str, spec: PairsSpec, seed: int, total_rows: int, p
         names = scored.schema().names
         columns = [S.REWARD] + sorted(c for c in names if c.startswith("reward_") and c != S.REWARD_SOURCE)
         per_block = (
-            scored.repartition(partitions).sort(S.PROMPT_ID)
-            .map_batches(_task(BlockPairs(spec.model_dump(mode="json"), seed, columns, rate, pairs_dir, sft_dir)),
-                         batch_format="pyarrow", batch_size=None)  # fmt: skip
+            scored.repartition(partitions)
+            .sort(S.PROMPT_ID)
+            .map_batches(
+                _task(BlockPairs(spec.model_dump(mode="json"), seed, columns, rate, pairs_dir, sft_dir)),
+                batch_format="pyarrow",
+                batch_size=None,
+            )
             .take_all()
         )
     finally:
@@ -227,8 +240,14 @@ def _exact(sums: dict[str, float], prefix: str, sample: list[float]) -> dict[str
         return {"count": 0}
     out = describe(sorted(sample)) if sample else {}
     mean = sums[prefix + "sum"] / n
-    out.update(count=n, mean=mean, std=math.sqrt(max(0.0, sums[prefix + "sumsq"] / n - mean * mean)),
-               min=sums[_MIN + prefix], max=sums[_MAX + prefix], sampled=len(sample))  # fmt: skip
+    out.update(
+        count=n,
+        mean=mean,
+        std=math.sqrt(max(0.0, sums[prefix + "sumsq"] / n - mean * mean)),
+        min=sums[_MIN + prefix],
+        max=sums[_MAX + prefix],
+        sampled=len(sample),
+    )
     return out
 
 
@@ -253,13 +272,20 @@ def figures(total: dict[str, Any], columns: list[str], counts: dict[str, Any], r
         stats, correlation = {}, {}
         for g in generators:
             prefix = f"{column}:{g}:"
-            picked = [(length, values[column]) for gen, length, values in sample["completions"]
-                      if gen == g and column in values]  # fmt: skip
+            picked = [
+                (length, values[column])
+                for gen, length, values in sample["completions"]
+                if gen == g and column in values
+            ]
             stats[g] = _exact(sums, prefix, [v for _, v in picked]) | {
-                "non_finite": int(sums.get(prefix + "rows", 0) - sums.get(prefix + "n", 0))}
-            correlation[g] = {"n": int(sums.get(prefix + "n", 0)), "pearson": _exact_pearson(sums, prefix),
-                              "spearman": spearman([x for x, _ in picked], [y for _, y in picked]),
-                              "spearman_sampled": len(picked)}  # fmt: skip
+                "non_finite": int(sums.get(prefix + "rows", 0) - sums.get(prefix + "n", 0))
+            }
+            correlation[g] = {
+                "n": int(sums.get(prefix + "n", 0)),
+                "pearson": _exact_pearson(sums, prefix),
+                "spearman": spearman([x for x, _ in picked], [y for _, y in picked]),
+                "spearman_sampled": len(picked),
+            }
         return stats, correlation
 
     rewards, correlation = by_generator(S.REWARD)
@@ -274,13 +300,18 @@ def figures(total: dict[str, Any], columns: list[str], counts: dict[str, Any], r
         "reward_length_correlation": correlation,
         "components": components,
         "margin": _exact(sums, "margin:", [m for _, m in sample["pairs"]]),
-        "margin_by_strategy": {s: _exact(sums, f"margin@{s}:", [m for t, m in sample["pairs"] if t == s])
-                               for s in strategies},  # fmt: skip
+        "margin_by_strategy": {
+            s: _exact(sums, f"margin@{s}:", [m for t, m in sample["pairs"] if t == s]) for s in strategies
+        },
         "chosen_longer_fraction": sums["pairs:chosen_longer"] / n_pairs if n_pairs else None,
         "chosen_mean_chars": sums["pairs:chosen_chars"] / n_pairs if n_pairs else None,
         "rejected_mean_chars": sums["pairs:rejected_chars"] / n_pairs if n_pairs else None,
         "counts": {k: v for k, v in counts.items() if isinstance(v, int)},
-        "method": {"exact": "counts, means, std, min, max, Pearson, chosen-longer share, mean lengths",
-                   "sampled": "quantiles, histograms, Spearman", "sample_rate": rate,
-                   "sampled_completions": len(sample["completions"]), "sampled_pairs": len(sample["pairs"])},
-    }  # fmt: skip
+        "method": {
+            "exact": "counts, means, std, min, max, Pearson, chosen-longer share, mean lengths",
+            "sampled": "quantiles, histograms, Spearman",
+            "sample_rate": rate,
+            "sampled_completions": len(sample["completions"]),
+            "sampled_pairs": len(sample["pairs"]),
+        },
+    }

@@ -32,15 +32,25 @@ class Pipeline:
     round may read (accumulated training data). Stages see them as `self.round` (a `RoundContext`).
     """
 
-    def __init__(self, spec: JobSpec, force: bool = False, flow: str = "train", *, round: int | None = None,
-                 shared: Pipeline | None = None, earlier: list[Pipeline] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        spec: JobSpec,
+        force: bool = False,
+        flow: str = "train",
+        *,
+        round: int | None = None,
+        shared: Pipeline | None = None,
+        earlier: list[Pipeline] | None = None,
+    ):
         self.spec = spec
         self.round = RoundContext(round, list(earlier or [])) if round is not None else None
         self.shared = shared
         self.store = StageStore(spec.output_dir, f"round-{round}" if round else None, SHARED if round else ())
         if round is None and spec.rounds.count > 1 and flow == "train":
-            raise ValueError(f"job {spec.name!r} has {spec.rounds.count} rounds: run it with "
-                             "alignlib.rounds.Rounds(spec) (as `alignlib run` does), or set rounds.count=1")  # fmt: skip
+            raise ValueError(
+                f"job {spec.name!r} has {spec.rounds.count} rounds: run it with "
+                "alignlib.rounds.Rounds(spec) (as `alignlib run` does), or set rounds.count=1"
+            )
         self.force = force
         self.flow = flow  # `train` (alignlib run) or `bon` (alignlib bon): which declared stages this job has
         self._fingerprints: dict[str, str] = {}
@@ -155,9 +165,10 @@ class Pipeline:
         attached = ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
         wanted: list[Demand] = [d for n in self._todo(names) for d in stage(n).demands(self.spec)]
         cpus = os.cpu_count() or 1
-        if not wanted or (not attached and all(
-            set(d.per_actor) <= {"CPU"} and d.per_actor.get("CPU", 0) * d.count <= cpus for d in wanted
-        )):  # fmt: skip
+        if not wanted or (
+            not attached
+            and all(set(d.per_actor) <= {"CPU"} and d.per_actor.get("CPU", 0) * d.count <= cpus for d in wanted)
+        ):
             return  # nothing to ask for, or it fits this machine's CPUs: no need to start Ray just to ask it
         ensure_ray()
         have = ray.cluster_resources()
@@ -171,8 +182,10 @@ class Pipeline:
             what = ", ".join(f"{v:g} {k}" for k, v in sorted(short.items()))
             has = ", ".join(f"{have.get(k, 0):g} {k}" for k in sorted(short))
             if attached:
-                found[d.field] = f"{d.stage}: asks for {what} ({d.field}); the cluster has {has} now, so it will " \
-                                 "wait for the autoscaler to add nodes (or lower the request)"  # fmt: skip
+                found[d.field] = (
+                    f"{d.stage}: asks for {what} ({d.field}); the cluster has {has} now, so it will "
+                    "wait for the autoscaler to add nodes (or lower the request)"
+                )
                 log(found[d.field])
                 continue
             hint = _RESOURCE_HINTS.get(d.field, f"lower {d.field}")
@@ -209,16 +222,19 @@ class Pipeline:
                 manifests[name] = self.store.manifest(name) or {}
                 continue
             if not declared.enabled(self.spec):
-                raise StageInputError(f"stage {name!r} is not part of this job: it runs only when "
-                                      f"{declared.enabled_when}")  # fmt: skip
+                raise StageInputError(
+                    f"stage {name!r} is not part of this job: it runs only when {declared.enabled_when}"
+                )
             self.check_inputs(name)
             previous = self.store.manifest(name)
             if previous is not None and previous.get("fingerprint") != fp:
                 # Never replaced in silence: a user comparing two variants (ORPO vs DPO) in one output_dir would
                 # otherwise lose the first one's model and eval without a word.
-                log(f"{name}: {self.store.path(name)} holds the output of a different spec or input "
+                log(
+                    f"{name}: {self.store.path(name)} holds the output of a different spec or input "
                     f"(fingerprint {previous.get('fingerprint')}, now {fp}); replacing it. To keep both, give each "
-                    "variant its own output_dir")  # fmt: skip
+                    "variant its own output_dir"
+                )
             log(f"{name}: running")
             started = time.time()
             with self.store.writer(name) as writer:

@@ -37,8 +37,9 @@ def _report(batch, counter):
 
 def counted(dataset, progress: Progress):
     """`dataset` with every batch's rows counted into `progress` as it passes (0 CPU, rows unchanged)."""
-    return dataset.map_batches(_report, fn_args=(progress.counter,), batch_format="pyarrow", batch_size=None,
-                               num_cpus=0)  # fmt: skip
+    return dataset.map_batches(
+        _report, fn_args=(progress.counter,), batch_format="pyarrow", batch_size=None, num_cpus=0
+    )
 
 
 def _duration(seconds: float) -> str:

@@ -110,17 +110,24 @@ def _implicit_prompt(record: dict, spec: DataSpec, where: str) -> list[dict[str,
         hint = ""
         if spec.kind == "prompts" and spec.chosen_field in record and spec.rejected_field in record:
             hint = "; for a preference set without a prompt field, chosen and rejected must be chat lists"
-        raise bad_row(where, spec.prompt_field, "missing_field",
-                   f"missing field {spec.prompt_field!r} (fields: {sorted(record)}){hint}")  # fmt: skip
+        raise bad_row(
+            where,
+            spec.prompt_field,
+            "missing_field",
+            f"missing field {spec.prompt_field!r} (fields: {sorted(record)}){hint}",
+        )
     chosen, rejected = _chat(chosen, where, spec.chosen_field), _chat(rejected, where, spec.rejected_field)
     n = 0
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
         raise bad_row(
-            where, spec.prompt_field, "missing_field", f"no field {spec.prompt_field!r}, and {spec.chosen_field!r} "
+            where,
+            spec.prompt_field,
+            "missing_field",
+            f"no field {spec.prompt_field!r}, and {spec.chosen_field!r} "
             f"and {spec.rejected_field!r} share no leading prompt turns",
-        )  # fmt: skip
+        )
     return chosen[:n]
 
 
@@ -129,15 +136,19 @@ def _gold(record: dict, spec: DataSpec, answer: str | None, where: str) -> str |
         return answer
     if answer is not None:
         raise bad_row(
-            where, spec.gold_field, "ambiguous_gold", f"{spec.prompt_field} ends with an assistant answer "
+            where,
+            spec.gold_field,
+            "ambiguous_gold",
+            f"{spec.prompt_field} ends with an assistant answer "
             "and data.gold_field is set too; which one is the gold answer? (unset data.gold_field to use "
             "the chat's answer)",
-        )  # fmt: skip
+        )
     value = record.get(spec.gold_field)
     if value is None or isinstance(value, (dict, list)):
         reason = "missing_field" if spec.gold_field not in record else _kind_of(value)
-        raise bad_row(where, spec.gold_field, reason,
-                   f"field {spec.gold_field!r} must be a string or number, got {value!r}")  # fmt: skip
+        raise bad_row(
+            where, spec.gold_field, reason, f"field {spec.gold_field!r} must be a string or number, got {value!r}"
+        )
     return str(value)
 
 
@@ -164,22 +175,29 @@ def _parse(record: dict, spec: DataSpec, where: str) -> tuple[dict[str, Any], di
         messages, answer = _implicit_prompt(record, spec, where), None
     pid = prompt_id(messages)
     prompt = {
-        S.PROMPT_ID: pid, S.PROMPT: _prompt_text(messages), S.MESSAGES: messages,
-        S.GOLD: _gold(record, spec, answer, where), S.SOURCE: where,
-    }  # fmt: skip
+        S.PROMPT_ID: pid,
+        S.PROMPT: _prompt_text(messages),
+        S.MESSAGES: messages,
+        S.GOLD: _gold(record, spec, answer, where),
+        S.SOURCE: where,
+    }
     if spec.kind == "prompts":
         return prompt, None
     for field in (spec.chosen_field, spec.rejected_field):
         if field not in record:
-            raise bad_row(where, field, "missing_field",
-                       f"missing field {field!r} of a preference set (fields: {sorted(record)})")  # fmt: skip
+            raise bad_row(
+                where, field, "missing_field", f"missing field {field!r} of a preference set (fields: {sorted(record)})"
+            )
     preference = {
-        S.PROMPT_ID: pid, S.PROMPT: prompt[S.PROMPT], S.MESSAGES: messages,
+        S.PROMPT_ID: pid,
+        S.PROMPT: prompt[S.PROMPT],
+        S.MESSAGES: messages,
         S.CHOSEN: _answer(record[spec.chosen_field], messages, where, spec.chosen_field),
         S.REJECTED: _answer(record[spec.rejected_field], messages, where, spec.rejected_field),
         S.CHOSEN_REWARD: _score(record, S.TRL_SCORE_CHOSEN, where),
-        S.REJECTED_REWARD: _score(record, S.TRL_SCORE_REJECTED, where), S.SOURCE: where,
-    }  # fmt: skip
+        S.REJECTED_REWARD: _score(record, S.TRL_SCORE_REJECTED, where),
+        S.SOURCE: where,
+    }
     return prompt, preference
 
 
@@ -290,9 +308,12 @@ class _Reader:
             if first[S.GOLD] != row[S.GOLD]:
                 field = self.spec.gold_field or self.spec.prompt_field
                 raise bad_row(
-                    where, field, "conflicting_gold", f"same prompt as {first[S.SOURCE]} but a different "
+                    where,
+                    field,
+                    "conflicting_gold",
+                    f"same prompt as {first[S.SOURCE]} but a different "
                     f"gold answer (field {field!r}: {row[S.GOLD]!r} vs {first[S.GOLD]!r})",
-                )  # fmt: skip
+                )
             if preference is not None:
                 self.loaded.preferences.append(preference)  # a prompt often has several pairs
             self.loaded.duplicates += 1
@@ -309,8 +330,10 @@ class _Reader:
         if self.spec.on_bad_rows == "error":
             raise DataError(
                 f"{err.detail} (data.on_bad_rows: reject would set such rows aside)",
-                where=err.where, field=err.field, reason=err.reason,
-            )  # fmt: skip
+                where=err.where,
+                field=err.field,
+                reason=err.reason,
+            )
         text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
         text = text.rstrip("\r\n")
         if len(text) > RAW_CHARS:

@@ -87,10 +87,16 @@ def describe(values: list[float]) -> dict[str, Any]:
         return {"count": 0}
     q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
     return {
-        "count": len(values), "mean": statistics.fmean(values), "std": statistics.pstdev(values),
-        "min": min(values), "p25": q[0], "median": q[1], "p75": q[2], "max": max(values),
+        "count": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.pstdev(values),
+        "min": min(values),
+        "p25": q[0],
+        "median": q[1],
+        "p75": q[2],
+        "max": max(values),
         "histogram": histogram(values),
-    }  # fmt: skip
+    }
 
 
 def _by_generator(by_generator: dict[str, list[dict]], column: str) -> tuple[dict, dict]:
@@ -101,8 +107,11 @@ def _by_generator(by_generator: dict[str, list[dict]], column: str) -> tuple[dic
         values = [float(r[column]) for r in rows]
         lengths = [float(len(r[S.COMPLETION])) for r in rows]
         stats[generator] = describe(values) | {"non_finite": len(by_generator[generator]) - len(rows)}
-        correlation[generator] = {"n": len(rows), "pearson": pearson(lengths, values),
-                                  "spearman": spearman(lengths, values)}  # fmt: skip
+        correlation[generator] = {
+            "n": len(rows),
+            "pearson": pearson(lengths, values),
+            "spearman": spearman(lengths, values),
+        }
     return stats, correlation
 
 
@@ -163,14 +172,18 @@ def svg_histogram(hist: dict[str, list[float]], label: str, width: int = 360, he
         return f'<svg class="hist" width="{width}" height="30"><text x="4" y="20">no values</text></svg>'
     top, pad, base = max(counts), 4, height - 18
     bar = (width - 2 * pad) / len(counts)
-    parts = [f'<svg class="hist" role="img" aria-label="{html.escape(label)}" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">']  # fmt: skip
+    parts = [
+        f'<svg class="hist" role="img" aria-label="{html.escape(label)}" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">'
+    ]
     for i, n in enumerate(counts):
         h = max((base - 12) * n / top, 1.0 if n else 0.0)  # a bin with any rows stays visible
         x = pad + i * bar
         title = f"[{fmt(edges[i])}, {fmt(edges[i + 1])}]: {n}"
-        parts.append(f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{max(bar - 1, 1):.1f}" height="{h:.1f}" '
-                     f'fill="#4878a8"><title>{html.escape(title)}</title></rect>')  # fmt: skip
+        parts.append(
+            f'<rect x="{x:.1f}" y="{base - h:.1f}" width="{max(bar - 1, 1):.1f}" height="{h:.1f}" '
+            f'fill="#4878a8"><title>{html.escape(title)}</title></rect>'
+        )
     parts.append(f'<line x1="{pad}" y1="{base}" x2="{width - pad}" y2="{base}" stroke="#333"/>')
     parts.append(f'<text x="{pad}" y="{height - 4}" font-size="11">{fmt(edges[0])}</text>')
     parts.append(f'<text x="{width - pad}" y="{height - 4}" font-size="11" text-anchor="end">{fmt(edges[-1])}</text>')
@@ -190,15 +203,21 @@ _STATS = ["count", "mean", "std", "min", "p25", "median", "p75", "max"]
 def render_html(quality: dict[str, Any], title: str) -> str:
     """A self-contained page: drop counts, reward and margin distributions, reward-length correlation."""
     counts = quality["counts"]
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-           "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
-           "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}"
-           f"</style></head><body><h1>{html.escape(title)}</h1>"]  # fmt: skip
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}"
+        f"</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
     out.append("<h2>Counts</h2>" + _table(["count", "value"], [[k, v] for k, v in sorted(counts.items())]))
     out.append("<h2>Reward by generator</h2>")
     rewards = quality["reward_by_generator"]
-    out.append(_table(["generator", *_STATS, "non-finite"],
-                      [[g, *[d.get(k) for k in _STATS], d["non_finite"]] for g, d in rewards.items()]))  # fmt: skip
+    out.append(
+        _table(
+            ["generator", *_STATS, "non-finite"],
+            [[g, *[d.get(k) for k in _STATS], d["non_finite"]] for g, d in rewards.items()],
+        )
+    )
     for generator, d in rewards.items():
         out.append(f"<h3>reward of {html.escape(generator)}</h3>")
         out.append(svg_histogram(d.get("histogram", {}), f"reward histogram of {generator}"))
@@ -210,19 +229,39 @@ def render_html(quality: dict[str, Any], title: str) -> str:
     out.append(_table(["generator", "n", "Pearson", "Spearman", f"|Spearman| >= {LENGTH_FLAG}"], rows))
     for column, part in quality["components"].items():
         out.append(f"<h3>{html.escape(column)} (one of the combined rewards)</h3>")
-        out.append(_table(["generator", "count", "mean", "std", "min", "max", "Pearson with length",
-                           "Spearman with length"],
-                          [[g, d.get("count"), d.get("mean"), d.get("std"), d.get("min"), d.get("max"),
-                            part["length_correlation"][g]["pearson"], part["length_correlation"][g]["spearman"]]
-                           for g, d in part["by_generator"].items()]))  # fmt: skip
-    out.append(f"<p>chosen longer than rejected in {html.escape(fmt(quality['chosen_longer_fraction']))} of pairs; "
-               f"mean characters chosen {html.escape(fmt(quality['chosen_mean_chars']))}, rejected "
-               f"{html.escape(fmt(quality['rejected_mean_chars']))}.</p>")  # fmt: skip
+        out.append(
+            _table(
+                ["generator", "count", "mean", "std", "min", "max", "Pearson with length", "Spearman with length"],
+                [
+                    [
+                        g,
+                        d.get("count"),
+                        d.get("mean"),
+                        d.get("std"),
+                        d.get("min"),
+                        d.get("max"),
+                        part["length_correlation"][g]["pearson"],
+                        part["length_correlation"][g]["spearman"],
+                    ]
+                    for g, d in part["by_generator"].items()
+                ],
+            )
+        )
+    out.append(
+        f"<p>chosen longer than rejected in {html.escape(fmt(quality['chosen_longer_fraction']))} of pairs; "
+        f"mean characters chosen {html.escape(fmt(quality['chosen_mean_chars']))}, rejected "
+        f"{html.escape(fmt(quality['rejected_mean_chars']))}.</p>"
+    )
     out.append("<h2>Margin of kept pairs</h2>")
     margin = quality["margin"]
     strategies = quality["margin_by_strategy"]
-    out.append(_table(["strategy", *_STATS], [["all", *[margin.get(k) for k in _STATS]]]
-                      + [[s, *[d.get(k) for k in _STATS]] for s, d in strategies.items()]))  # fmt: skip
+    out.append(
+        _table(
+            ["strategy", *_STATS],
+            [["all", *[margin.get(k) for k in _STATS]]]
+            + [[s, *[d.get(k) for k in _STATS]] for s, d in strategies.items()],
+        )
+    )
     out.append(svg_histogram(margin.get("histogram", {}), "margin histogram"))
     out.append("</body></html>\n")
     return "\n".join(out)

@@ -22,9 +22,20 @@ from alignlib.spec import DataSpec
 
 # Reason codes of a bad row, as `rejected_rows.reason` and the manifest's `rejected` counts name them.
 REASONS = (
-    "not_utf8", "invalid_json", "not_an_object", "missing_field", "null_field", "empty_prompt", "wrong_type",
-    "bad_chat", "not_finite", "ambiguous_gold", "conflicting_gold", "prompt_too_long", "no_chat_template",
-)  # fmt: skip
+    "not_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "null_field",
+    "empty_prompt",
+    "wrong_type",
+    "bad_chat",
+    "not_finite",
+    "ambiguous_gold",
+    "conflicting_gold",
+    "prompt_too_long",
+    "no_chat_template",
+)
 
 
 class DataError(ValueError):

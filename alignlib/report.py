@@ -73,11 +73,15 @@ def print_rounds(spec: JobSpec, start: dict[str, Any], figures: list[dict[str, A
         rows.append([str(f["round"]), *[_cell(f.get(k), form) for k, _, form in ROUND_COLUMNS], pairs])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        _print("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+        _print(
+            "  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        )
     _print(f"  per-round figures: {shown(root / 'rounds.json')}; curves: {shown(root / 'report.html')}")
-    _print("  held-out reward: mean reward of the round's trained model on the held-out prompts (start: the "
-           "policy before round 1); win: share of held-out prompts where it beats the start / the round before "
-           "(ties count half); sample/best-of-N/tied: the round's own candidates")  # fmt: skip
+    _print(
+        "  held-out reward: mean reward of the round's trained model on the held-out prompts (start: the "
+        "policy before round 1); win: share of held-out prompts where it beats the start / the round before "
+        "(ties count half); sample/best-of-N/tied: the round's own candidates"
+    )
 
 
 def svg_lines(series: Series, label: str, width: int = 420, height: int = 180) -> str:
@@ -96,12 +100,14 @@ def svg_lines(series: Series, label: str, width: int = 420, height: int = 180) -
         return pad + (x - x0) / (x1 - x0) * (width - 2 * pad), base - (y - y0) / (y1 - y0) * (base - 14)
 
     colours = ["#4878a8", "#d0743c", "#5c9e58", "#a05195", "#777"]
-    parts = [f'<svg role="img" aria-label="{html.escape(label)}" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
-             f'<line x1="{pad}" y1="{base}" x2="{width - pad}" y2="{base}" stroke="#333"/>',
-             f'<text x="2" y="{base}" font-size="11">{y0:.3g}</text><text x="2" y="14" font-size="11">{y1:.3g}</text>',
-             f'<text x="{pad}" y="{height - 4}" font-size="11">{x0:g}</text>',
-             f'<text x="{width - pad}" y="{height - 4}" font-size="11" text-anchor="end">{x1:g}</text>']  # fmt: skip
+    parts = [
+        f'<svg role="img" aria-label="{html.escape(label)}" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" xmlns="http://www.w3.org/2000/svg">',
+        f'<line x1="{pad}" y1="{base}" x2="{width - pad}" y2="{base}" stroke="#333"/>',
+        f'<text x="2" y="{base}" font-size="11">{y0:.3g}</text><text x="2" y="14" font-size="11">{y1:.3g}</text>',
+        f'<text x="{pad}" y="{height - 4}" font-size="11">{x0:g}</text>',
+        f'<text x="{width - pad}" y="{height - 4}" font-size="11" text-anchor="end">{x1:g}</text>',
+    ]
     for i, (name, pts) in enumerate(series.items()):
         known = [(x, y) for x, y in pts if y is not None]
         colour = colours[i % len(colours)]
@@ -109,10 +115,14 @@ def svg_lines(series: Series, label: str, width: int = 420, height: int = 180) -
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"/>')
         for x, y in known:
             cx, cy = at(x, y)
-            parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{colour}">'
-                         f"<title>{html.escape(name)} {x:g}: {y:.4g}</title></circle>")  # fmt: skip
-        parts.append(f'<text x="{width - pad + 2}" y="{14 + 12 * i}" font-size="11" fill="{colour}" '
-                     f'text-anchor="end">{html.escape(name)}</text>')  # fmt: skip
+            parts.append(
+                f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3" fill="{colour}">'
+                f"<title>{html.escape(name)} {x:g}: {y:.4g}</title></circle>"
+            )
+        parts.append(
+            f'<text x="{width - pad + 2}" y="{14 + 12 * i}" font-size="11" fill="{colour}" '
+            f'text-anchor="end">{html.escape(name)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -124,10 +134,12 @@ def render_rounds(
     import html
 
     title = f"alignlib {spec.name}: {len(figures)} round(s)"
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-           "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
-           "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}svg{margin:.5em 1em .5em 0}"
-           f"</style></head><body><h1>{html.escape(title)}</h1>"]  # fmt: skip
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}svg{margin:.5em 1em .5em 0}"
+        f"</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
 
     def curve(key: str, name: str, with_start: bool = False) -> Series:
         pts = [(0, start.get(key))] if with_start else []
@@ -135,23 +147,34 @@ def render_rounds(
 
     out.append("<h2>Across rounds</h2>")
     out.append(svg_lines(curve("held_out_reward", "held-out reward", with_start=True), "held-out reward"))
-    out.append(svg_lines({**curve("win_rate_vs_start", "vs start"), **curve("win_rate_vs_previous", "vs previous")},
-                         "win rates"))  # fmt: skip
-    out.append(svg_lines({**curve("sample_mean_tokens", "candidates"), **curve("held_out_mean_tokens", "held-out")},
-                         "mean completion tokens"))  # fmt: skip
+    out.append(
+        svg_lines(
+            {**curve("win_rate_vs_start", "vs start"), **curve("win_rate_vs_previous", "vs previous")}, "win rates"
+        )
+    )
+    out.append(
+        svg_lines(
+            {**curve("sample_mean_tokens", "candidates"), **curve("held_out_mean_tokens", "held-out")},
+            "mean completion tokens",
+        )
+    )
     out.append(svg_lines(curve("tied_share", "tied prompts"), "share of tied prompts"))
     header = "".join(f"<th>{html.escape(h)}</th>" for h in ["round", *[h for _, h, _ in ROUND_COLUMNS], "pairs kept"])
     body = "".join(
-        "<tr>" + f"<td>{f['round']}</td>" + "".join(f"<td>{_cell(f.get(k), form)}</td>" for k, _, form in ROUND_COLUMNS)
+        "<tr>"
+        + f"<td>{f['round']}</td>"
+        + "".join(f"<td>{_cell(f.get(k), form)}</td>" for k, _, form in ROUND_COLUMNS)
         + f"<td>{html.escape(json.dumps(f.get('pairs') or {}))}</td></tr>"
         for f in figures
-    )  # fmt: skip
+    )
     out.append(f"<table><tr>{header}</tr>{body}</table>")
     out.append("<h2>Training loss per round</h2>")
     for k, rows in sorted(steps.items()):
         out.append(svg_lines({f"round {k}": [(r["step"], r.get("loss")) for r in rows]}, f"round {k} loss"))
     out.append("<h2>Preference data per round</h2><ul>")
     for f in figures:
-        out.append(f"<li><a href='round-{f['round']}/pairs/report.html'>round {f['round']} data-quality report</a></li>")
+        out.append(
+            f"<li><a href='round-{f['round']}/pairs/report.html'>round {f['round']} data-quality report</a></li>"
+        )
     out.append("</ul></body></html>\n")
     return "\n".join(out)

@@ -80,8 +80,9 @@ class Rounds:
         """Every check a single pass makes before starting (spec sources, remote code, Ray resources), once,
         for all rounds: round 2's models are round 1's exports, everything else is the same."""
         # A single pass of the same job, forced: as if every stage were still to do.
-        every = Pipeline(self.spec.model_copy(update={"rounds": self.spec.rounds.model_copy(update={"count": 1})}),
-                         force=True)  # fmt: skip
+        every = Pipeline(
+            self.spec.model_copy(update={"rounds": self.spec.rounds.model_copy(update={"count": 1})}), force=True
+        )
         names = every.stages()
         every.check_remote_code()
         every.check_sources(names)
@@ -154,8 +155,10 @@ def _start(spec: JobSpec, k: int) -> str:
 def _incomplete(k: int) -> Exception:
     from alignlib.stages import StageInputError
 
-    return StageInputError(f"round {k} is not complete for this spec (its export is missing or was made from a "
-                           f"different spec); run `alignlib run JOB.yaml --round {k}` first")  # fmt: skip
+    return StageInputError(
+        f"round {k} is not complete for this spec (its export is missing or was made from a "
+        f"different spec); run `alignlib run JOB.yaml --round {k}` first"
+    )
 
 
 # -- figures ------------------------------------------------------------------------------------

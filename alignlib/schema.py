@@ -50,9 +50,18 @@ PROMPT_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, GOLD, SOURCE]
 COMPLETION_COLUMNS = PROMPT_COLUMNS + [COMPLETION, GENERATOR, SAMPLE_INDEX, SEED, FINISH_REASON, NUM_TOKENS]
 SCORED_COLUMNS = COMPLETION_COLUMNS + [REWARD, REWARD_SOURCE]
 PAIR_COLUMNS = [
-    PROMPT_ID, PROMPT, MESSAGES, CHOSEN, REJECTED, CHOSEN_REWARD, REJECTED_REWARD, MARGIN,
-    STRATEGY, CHOSEN_GENERATOR, REJECTED_GENERATOR,
-]  # fmt: skip
+    PROMPT_ID,
+    PROMPT,
+    MESSAGES,
+    CHOSEN,
+    REJECTED,
+    CHOSEN_REWARD,
+    REJECTED_REWARD,
+    MARGIN,
+    STRATEGY,
+    CHOSEN_GENERATOR,
+    REJECTED_GENERATOR,
+]
 REF_PAIR_COLUMNS = PAIR_COLUMNS + [REF_CHOSEN_LOGPS, REF_REJECTED_LOGPS]
 SFT_COLUMNS = [PROMPT_ID, PROMPT, MESSAGES, COMPLETION, REWARD]
 # An imported preference set (data.kind: preferences), as the prompts stage stores it.
@@ -68,15 +77,34 @@ TRL_SCORE_CHOSEN, TRL_SCORE_REJECTED = "score_chosen", "score_rejected"
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 _TYPES = {
-    PROMPT_ID: pa.string(), PROMPT: pa.string(), MESSAGES: MESSAGES_TYPE, GOLD: pa.string(),
-    SOURCE: pa.string(), COMPLETION: pa.string(), GENERATOR: pa.string(), SAMPLE_INDEX: pa.int32(),
-    SEED: pa.int64(), FINISH_REASON: pa.string(), NUM_TOKENS: pa.int32(), REWARD: pa.float64(),
-    REWARD_SOURCE: pa.string(), CHOSEN: pa.string(), REJECTED: pa.string(), CHOSEN_REWARD: pa.float64(),
-    REJECTED_REWARD: pa.float64(), MARGIN: pa.float64(), STRATEGY: pa.string(),
-    CHOSEN_GENERATOR: pa.string(), REJECTED_GENERATOR: pa.string(), REF_CHOSEN_LOGPS: pa.float64(),
-    REF_REJECTED_LOGPS: pa.float64(), FIELD: pa.string(), REASON: pa.string(), MESSAGE: pa.string(),
+    PROMPT_ID: pa.string(),
+    PROMPT: pa.string(),
+    MESSAGES: MESSAGES_TYPE,
+    GOLD: pa.string(),
+    SOURCE: pa.string(),
+    COMPLETION: pa.string(),
+    GENERATOR: pa.string(),
+    SAMPLE_INDEX: pa.int32(),
+    SEED: pa.int64(),
+    FINISH_REASON: pa.string(),
+    NUM_TOKENS: pa.int32(),
+    REWARD: pa.float64(),
+    REWARD_SOURCE: pa.string(),
+    CHOSEN: pa.string(),
+    REJECTED: pa.string(),
+    CHOSEN_REWARD: pa.float64(),
+    REJECTED_REWARD: pa.float64(),
+    MARGIN: pa.float64(),
+    STRATEGY: pa.string(),
+    CHOSEN_GENERATOR: pa.string(),
+    REJECTED_GENERATOR: pa.string(),
+    REF_CHOSEN_LOGPS: pa.float64(),
+    REF_REJECTED_LOGPS: pa.float64(),
+    FIELD: pa.string(),
+    REASON: pa.string(),
+    MESSAGE: pa.string(),
     RAW: pa.string(),
-}  # fmt: skip
+}
 
 
 def arrow_schema(columns: list[str]) -> pa.Schema:
@@ -131,7 +159,10 @@ def to_conversational(pairs_rows: list[dict]) -> list[dict]:
 def to_sft_conversational(sft_rows: list[dict]) -> list[dict]:
     """alignlib's best-of-N (SFT) rows -> the prompt/completion chat layout TRL's SFTTrainer reads, with the reward."""
     return [
-        {TRL_PROMPT: messages_of(row), "completion": [{"role": "assistant", "content": row[COMPLETION]}],
-         REWARD: row[REWARD]}
+        {
+            TRL_PROMPT: messages_of(row),
+            "completion": [{"role": "assistant", "content": row[COMPLETION]}],
+            REWARD: row[REWARD],
+        }
         for row in sft_rows
-    ]  # fmt: skip
+    ]

@@ -47,8 +47,14 @@ GATEWAY_CPUS = 0.25
 class RequestError(ValueError):
     """A request that cannot be served as sent: answered with an OpenAI-style error, the server keeps going."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error", code: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.param, self.status, self.kind, self.code = param, status, kind, code
 
@@ -82,12 +88,19 @@ def parse_request(body: Any, settings: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     if body.get("stream"):
-        raise RequestError("stream is not supported: the best of the n candidates is known only after all are "
-                           "scored; send stream=false", "stream")  # fmt: skip
+        raise RequestError(
+            "stream is not supported: the best of the n candidates is known only after all are "
+            "scored; send stream=false",
+            "stream",
+        )
     model = body.get("model")
     if model is not None and model != settings["model_name"]:
-        raise RequestError(f"the model {model!r} does not exist; this server serves {settings['model_name']!r}",
-                           "model", status=404, code="model_not_found")  # fmt: skip
+        raise RequestError(
+            f"the model {model!r} does not exist; this server serves {settings['model_name']!r}",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
@@ -97,8 +110,10 @@ def parse_request(body: Any, settings: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(message.get("content"), str):
             raise RequestError(f"messages[{i}].content must be a string", f"messages[{i}].content")
     if messages[-1]["role"] == "assistant":
-        raise RequestError("the last message must be a user or system turn: the answer is the model's to write",
-                           f"messages[{len(messages) - 1}].role")  # fmt: skip
+        raise RequestError(
+            "the last message must be a user or system turn: the answer is the model's to write",
+            f"messages[{len(messages) - 1}].role",
+        )
     n = _number(body, "n", int, 1, settings["max_num_samples"])
     max_tokens = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
     temperature = _number(body, "temperature", float, 0.0, 2.0)
@@ -153,24 +168,43 @@ def response(request: dict[str, Any], ranked: list[dict[str, Any]], prompt_token
     when asked, every candidate."""
     best = ranked[0]
     generated = sum(c[S.NUM_TOKENS] for c in ranked)
-    extension: dict[str, Any] = {"reward": best[S.REWARD], "num_candidates": len(ranked),
-                                 "best_sample_index": best[S.SAMPLE_INDEX]}  # fmt: skip
+    extension: dict[str, Any] = {
+        "reward": best[S.REWARD],
+        "num_candidates": len(ranked),
+        "best_sample_index": best[S.SAMPLE_INDEX],
+    }
     if request["return_candidates"]:
         extension["candidates"] = [
-            {"index": c[S.SAMPLE_INDEX], "content": c[S.COMPLETION], "reward": c[S.REWARD], "rank": c["rank"],
-             "num_tokens": c[S.NUM_TOKENS], "finish_reason": c[S.FINISH_REASON], "reward_error": c.get("error")}
+            {
+                "index": c[S.SAMPLE_INDEX],
+                "content": c[S.COMPLETION],
+                "reward": c[S.REWARD],
+                "rank": c["rank"],
+                "num_tokens": c[S.NUM_TOKENS],
+                "finish_reason": c[S.FINISH_REASON],
+                "reward_error": c.get("error"),
+            }
             for c in ranked
-        ]  # fmt: skip
+        ]
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": best[S.COMPLETION]},
-                     "finish_reason": best[S.FINISH_REASON], "logprobs": None}],  # fmt: skip
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": best[S.COMPLETION]},
+                "finish_reason": best[S.FINISH_REASON],
+                "logprobs": None,
+            }
+        ],
         # completion_tokens counts every candidate: that is what the server generated for this request.
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
-                  "total_tokens": prompt_tokens + generated},  # fmt: skip
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": generated,
+            "total_tokens": prompt_tokens + generated,
+        },
         "alignlib": extension,
     }
 
@@ -202,8 +236,12 @@ def replica_options(replicas: Any, resources: dict[str, float], target: float) -
         options["num_replicas"] = replicas
     else:
         low, high = replicas
-        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high,
-                                         "initial_replicas": max(low, 1), "target_ongoing_requests": target}  # fmt: skip
+        options["autoscaling_config"] = {
+            "min_replicas": low,
+            "max_replicas": high,
+            "initial_replicas": max(low, 1),
+            "target_ongoing_requests": target,
+        }
     return options
 
 
@@ -250,8 +288,7 @@ def reward_plan(spec) -> list[dict[str, Any]]:
 class PolicyEngine:
     """vLLM's async engine for the policy; `sample` returns the `n` candidates of one prompt."""
 
-    def __init__(self, model: str, dtype: str, engine_kwargs: dict[str, Any], trust_remote_code: bool,
-                 on_gpu: bool):  # fmt: skip
+    def __init__(self, model: str, dtype: str, engine_kwargs: dict[str, Any], trust_remote_code: bool, on_gpu: bool):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -262,23 +299,34 @@ class PolicyEngine:
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=resolve_model(model), **arguments))
         self.stop_ids = {load_tokenizer(model, trust_remote_code=trust_remote_code).eos_token_id}
 
-    async def sample(self, prompt_token_ids: list[int], n: int, max_tokens: int, temperature: float, top_p: float,
-                     seed: int | None) -> list[dict[str, Any]]:  # fmt: skip
+    async def sample(
+        self, prompt_token_ids: list[int], n: int, max_tokens: int, temperature: float, top_p: float, seed: int | None
+    ) -> list[dict[str, Any]]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         from alignlib.generate.vllm_engine import finish_reason
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
-                                output_kind=RequestOutputKind.FINAL_ONLY)  # fmt: skip
+        params = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
         final = None
         async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, uuid.uuid4().hex):
             final = output
         return [
-            {S.SAMPLE_INDEX: c.index, S.COMPLETION: c.text, S.NUM_TOKENS: len(c.token_ids),
-             S.FINISH_REASON: finish_reason(c.token_ids, max_tokens, self.stop_ids)}
+            {
+                S.SAMPLE_INDEX: c.index,
+                S.COMPLETION: c.text,
+                S.NUM_TOKENS: len(c.token_ids),
+                S.FINISH_REASON: finish_reason(c.token_ids, max_tokens, self.stop_ids),
+            }
             for c in sorted(final.outputs, key=lambda c: c.index)
-        ]  # fmt: skip
+        ]
 
     def __del__(self):
         # Serve calls this when it stops the replica: the engine core is a process of its own, stopped with it.
@@ -374,14 +422,17 @@ def gateway_class():
             from alignlib.models import context_length, load_tokenizer
 
             self.engine, self.reward, self.settings = engine, reward, settings
-            self.tokenizer = load_tokenizer(policy["model"], chat_template=policy["chat_template"],
-                                            trust_remote_code=policy["trust_remote_code"])  # fmt: skip
+            self.tokenizer = load_tokenizer(
+                policy["model"], chat_template=policy["chat_template"], trust_remote_code=policy["trust_remote_code"]
+            )
             self.context = policy["max_model_len"] or context_length(policy["model"], policy["trust_remote_code"])
 
         @app.get("/v1/models")
         async def models(self):
-            return {"object": "list", "data": [{"id": self.settings["model_name"], "object": "model",
-                                                "created": 0, "owned_by": "alignlib"}]}  # fmt: skip
+            return {
+                "object": "list",
+                "data": [{"id": self.settings["model_name"], "object": "model", "created": 0, "owned_by": "alignlib"}],
+            }
 
         @app.post("/v1/chat/completions")
         async def chat(self, http: Request):
@@ -405,9 +456,12 @@ def gateway_class():
                 raise RequestError(
                     f"the prompt is {len(ids)} tokens and max_tokens {request['max_tokens']}: together over the "
                     f"model's context of {self.context} tokens; shorten the messages or lower max_tokens",
-                    "messages", code="context_length_exceeded")  # fmt: skip
-            candidates = await self.engine.sample.remote(ids, request["n"], request["max_tokens"],
-                                                         request["temperature"], request["top_p"], request["seed"])  # fmt: skip
+                    "messages",
+                    code="context_length_exceeded",
+                )
+            candidates = await self.engine.sample.remote(
+                ids, request["n"], request["max_tokens"], request["temperature"], request["top_p"], request["seed"]
+            )
             if len(candidates) == 1 and not request["return_candidates"]:
                 # n = 1: the one sample is the answer whatever its reward; it is scored only when asked for.
                 candidates[0][S.REWARD], candidates[0]["error"] = None, None
@@ -417,8 +471,9 @@ def gateway_class():
                 candidate[S.REWARD], candidate["error"] = value, error
             ranked = rank(candidates)
             if ranked[0][S.REWARD] is None:
-                raise RequestError(f"no candidate could be scored: {ranked[0]['error']}", status=500,
-                                   kind="server_error")  # fmt: skip
+                raise RequestError(
+                    f"no candidate could be scored: {ranked[0]['error']}", status=500, kind="server_error"
+                )
             return response(request, ranked, len(ids), self.settings["model_name"])
 
     return Gateway
@@ -436,22 +491,34 @@ def build_app(spec):
     on_gpu = resources.get("GPU", 0) > 0
     engine_options = replica_options(spec.serve.engine.replicas, resources, target)
     engine_options["ray_actor_options"]["runtime_env"] = {"env_vars": engine_env(resources)}
-    engine = serve.deployment(PolicyEngine, name="PolicyEngine").options(
-        max_ongoing_requests=max(64, int(4 * target)), health_check_period_s=5, **engine_options
-    ).bind(spec.policy.model, spec.policy.dtype, spec.generate.engine_kwargs, spec.policy.trust_remote_code, on_gpu)  # fmt: skip
+    engine = (
+        serve.deployment(PolicyEngine, name="PolicyEngine")
+        .options(max_ongoing_requests=max(64, int(4 * target)), health_check_period_s=5, **engine_options)
+        .bind(spec.policy.model, spec.policy.dtype, spec.generate.engine_kwargs, spec.policy.trust_remote_code, on_gpu)
+    )
     scorer = type("RewardScorer", (RewardScorer,), {})
-    scorer.score = serve.batch(max_batch_size=spec.serve.reward_batch_size,
-                               batch_wait_timeout_s=spec.serve.reward_batch_wait_s)(RewardScorer.score)  # fmt: skip
-    reward = serve.deployment(scorer, name="RewardScorer").options(
-        max_ongoing_requests=max(256, 4 * spec.serve.reward_batch_size),
-        **replica_options(spec.serve.reward.replicas, reward_resources(spec), target),
-    ).bind(reward_plan(spec))
-    policy = {"model": spec.policy.model, "chat_template": spec.policy.chat_template,
-              "trust_remote_code": spec.policy.trust_remote_code,
-              "max_model_len": spec.generate.engine_kwargs.get("max_model_len")}  # fmt: skip
-    return serve.deployment(gateway_class(), name="Gateway").options(
-        num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": GATEWAY_CPUS}
-    ).bind(engine, reward, policy, settings)  # fmt: skip
+    scorer.score = serve.batch(
+        max_batch_size=spec.serve.reward_batch_size, batch_wait_timeout_s=spec.serve.reward_batch_wait_s
+    )(RewardScorer.score)
+    reward = (
+        serve.deployment(scorer, name="RewardScorer")
+        .options(
+            max_ongoing_requests=max(256, 4 * spec.serve.reward_batch_size),
+            **replica_options(spec.serve.reward.replicas, reward_resources(spec), target),
+        )
+        .bind(reward_plan(spec))
+    )
+    policy = {
+        "model": spec.policy.model,
+        "chat_template": spec.policy.chat_template,
+        "trust_remote_code": spec.policy.trust_remote_code,
+        "max_model_len": spec.generate.engine_kwargs.get("max_model_len"),
+    }
+    return (
+        serve.deployment(gateway_class(), name="Gateway")
+        .options(num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": GATEWAY_CPUS})
+        .bind(engine, reward, policy, settings)
+    )
 
 
 def app_builder(args: dict[str, Any]):
@@ -499,12 +566,18 @@ def preflight(spec) -> list[str]:
 
     from alignlib.sources import model_problem, models_read
 
-    found = [p for field, model in [("policy.model", spec.policy.model), *models_read(spec, ["score"])]
-             for p in [model_problem(field, model)] if p]  # fmt: skip
+    found = [
+        p
+        for field, model in [("policy.model", spec.policy.model), *models_read(spec, ["score"])]
+        for p in [model_problem(field, model)]
+        if p
+    ]
     found += preflight_spec(spec)
     if importlib.util.find_spec("vllm") is None:
-        found.append("generate.engine: alignlib serve runs the policy on vLLM, which is not installed "
-                     "(pip install 'alignlib[cpu]' or 'alignlib[gpu]')")  # fmt: skip
+        found.append(
+            "generate.engine: alignlib serve runs the policy on vLLM, which is not installed "
+            "(pip install 'alignlib[cpu]' or 'alignlib[gpu]')"
+        )
     return found
 
 
@@ -533,9 +606,11 @@ def serve_forever(spec, host: str, port: int) -> int:
     serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
     serve.run(build_app(spec), name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
     settings = serve_settings(spec)
-    log(f"serving {settings['model_name']} ({spec.policy.model}, best of n={settings['num_samples']} by "
+    log(
+        f"serving {settings['model_name']} ({spec.policy.model}, best of n={settings['num_samples']} by "
         f"{', '.join(p.get('function') or p.get('model') for p in reward_plan(spec))}) at http://{host}:{port}/v1 "
-        f"after {time.monotonic() - started:.0f} s; stop with Ctrl-C or SIGTERM")  # fmt: skip
+        f"after {time.monotonic() - started:.0f} s; stop with Ctrl-C or SIGTERM"
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -35,8 +35,12 @@ def looks_like_path(value: str) -> bool:
 
     if value.startswith("builtin:") or is_uri(value):
         return False
-    return (value.startswith(("/", "./", "../", "~")) or value.count("/") >= 2 or value.endswith(".gguf")
-            or Path(value).expanduser().exists())  # fmt: skip
+    return (
+        value.startswith(("/", "./", "../", "~"))
+        or value.count("/") >= 2
+        or value.endswith(".gguf")
+        or Path(value).expanduser().exists()
+    )
 
 
 def _absolute(value: str, base: Path) -> str:
@@ -103,7 +107,9 @@ def model_problem(field: str, value: str) -> str | None:
         problem = gguf_problem(path)
         return f"{field}: {problem}" if problem else None
     if not path.exists():
-        return f"{field}: no such model directory {value} (relative paths are relative to the directory alignlib runs in)"
+        return (
+            f"{field}: no such model directory {value} (relative paths are relative to the directory alignlib runs in)"
+        )
     if not path.is_dir() or not (path / "config.json").exists():
         return f"{field}: {value} is not a Hugging Face model directory (no config.json in it)"
     return None
@@ -129,12 +135,18 @@ def problems(spec, stages: list[str]) -> list[str]:
     if "prompts" in stages:
         path = Path(spec.data.path)
         if not path.exists():
-            found.append(f"data.path: {spec.data.path} does not exist (relative paths are relative to the "
-                         "directory alignlib runs in)")  # fmt: skip
-    found += [p for field, model in dict.fromkeys(models_read(spec, stages)) for p in [model_problem(field, model)] if p]
-    found += [f"{field}: {model} is a GGUF causal LM; a reward model is a sequence classifier (num_labels=1)"
-              for field, model in models_read(spec, stages)
-              if field.startswith("score.") and (model.endswith(".gguf") or model == "builtin:smollm2-135m-instruct")]
+            found.append(
+                f"data.path: {spec.data.path} does not exist (relative paths are relative to the "
+                "directory alignlib runs in)"
+            )
+    found += [
+        p for field, model in dict.fromkeys(models_read(spec, stages)) for p in [model_problem(field, model)] if p
+    ]
+    found += [
+        f"{field}: {model} is a GGUF causal LM; a reward model is a sequence classifier (num_labels=1)"
+        for field, model in models_read(spec, stages)
+        if field.startswith("score.") and (model.endswith(".gguf") or model == "builtin:smollm2-135m-instruct")
+    ]
     from alignlib.uri import is_uri
 
     if is_uri(spec.output_dir):
@@ -232,5 +244,7 @@ def function_digest(ref: str) -> str:
 
 def reward_digests(spec) -> list[str]:
     """What each reward of the score section is, by content."""
-    return [function_digest(r.function) if r.type == "function" else model_digest(r.model)
-            for _, r, _ in spec.score.components()]  # fmt: skip
+    return [
+        function_digest(r.function) if r.type == "function" else model_digest(r.model)
+        for _, r, _ in spec.score.components()
+    ]

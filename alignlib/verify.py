@@ -79,8 +79,9 @@ def _compare(got, wanted, where: str) -> None:
     problems = []
     if len(repeated):
         first = repeated[0].as_py()
-        problems.append(f"{len(repeated)} written more than once (e.g. {_describe(_key(first['values']))}, "
-                        f"{first['counts']} rows)")  # fmt: skip
+        problems.append(
+            f"{len(repeated)} written more than once (e.g. {_describe(_key(first['values']))}, {first['counts']} rows)"
+        )
     if len(missing):
         problems.append(f"{len(missing)} missing (e.g. {_describe(_key(missing[0].as_py()))})")
     if len(extra):

@@ -70,10 +70,19 @@ def engine_arguments(dtype: str, on_gpu: bool, engine_kwargs: dict[str, Any], tr
     }
 
 
-def processor_config(model_source: str, *, dtype: str, batch_size: int, concurrency: int | tuple[int, int],
-                     resources: dict[str, float], engine_kwargs: dict[str, Any], task_type: str = "generate",
-                     accelerator_type: str | None = None, max_pending_requests: int | None = None,
-                     trust_remote_code: bool = False):  # fmt: skip
+def processor_config(
+    model_source: str,
+    *,
+    dtype: str,
+    batch_size: int,
+    concurrency: int | tuple[int, int],
+    resources: dict[str, float],
+    engine_kwargs: dict[str, Any],
+    task_type: str = "generate",
+    accelerator_type: str | None = None,
+    max_pending_requests: int | None = None,
+    trust_remote_code: bool = False,
+):
     """The `vLLMEngineProcessorConfig` for one model; `dtype` is the spec's (auto resolved here).
 
     `trust_remote_code` goes into the engine arguments, where both vLLM and ray.data.llm's own
@@ -119,7 +128,10 @@ def run_processor(config, dataset, preprocess, postprocess):
 
     light = {"num_cpus": LIGHT_CPUS}
     processor = build_processor(
-        config, preprocess=preprocess, postprocess=postprocess,
-        preprocess_map_kwargs=light, postprocess_map_kwargs=light,
-    )  # fmt: skip
+        config,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
+    )
     return processor(dataset)

@@ -36,10 +36,15 @@ def prompt_rows(n: int) -> list[dict]:
     from alignlib import schema as S
 
     return [
-        {S.PROMPT_ID: f"q{i}", S.PROMPT: f"What is {i % 97} + {i % 89}?", S.GOLD: None, S.SOURCE: f"b:{i}",
-         S.MESSAGES: [{"role": "user", "content": f"What is {i % 97} + {i % 89}?"}]}
+        {
+            S.PROMPT_ID: f"q{i}",
+            S.PROMPT: f"What is {i % 97} + {i % 89}?",
+            S.GOLD: None,
+            S.SOURCE: f"b:{i}",
+            S.MESSAGES: [{"role": "user", "content": f"What is {i % 97} + {i % 89}?"}],
+        }
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def prompt_file(n: int, directory: str) -> str:
@@ -61,11 +66,19 @@ def ray_path(ray, prompts: str, max_new: int, runner: str, batch_size: int) -> t
     from alignlib.generate import Sampling, generate
     from alignlib.spec import GenerateSpec, ModelSpec
 
-    settings = GenerateSpec(engine="vllm", resources={"CPU": 1}, batch_size=batch_size, engine_kwargs=ENGINE_KWARGS,
-                            vllm_runner=runner)  # fmt: skip
+    settings = GenerateSpec(
+        engine="vllm", resources={"CPU": 1}, batch_size=batch_size, engine_kwargs=ENGINE_KWARGS, vllm_runner=runner
+    )
     started = time.perf_counter()
-    ds = generate(ray.data.read_parquet(prompts), ModelSpec(model="builtin:tiny-policy"),
-                  Sampling(max_new, 1.0, 1.0), settings, "policy", 1, 0).materialize()  # fmt: skip
+    ds = generate(
+        ray.data.read_parquet(prompts),
+        ModelSpec(model="builtin:tiny-policy"),
+        Sampling(max_new, 1.0, 1.0),
+        settings,
+        "policy",
+        1,
+        0,
+    ).materialize()
     seconds = time.perf_counter() - started
     return seconds, int(ds.sum(S.NUM_TOKENS))
 
@@ -81,10 +94,11 @@ def requests(n: int, max_new: int):
     rows = prompt_rows(n)
     prompts = [{"prompt_token_ids": encode_prompt(tokenizer, r["messages"])} for r in rows]
     params = [
-        vllm.SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_new,
-                            seed=sample_seed(0, "policy", r["prompt_id"], 0))
+        vllm.SamplingParams(
+            temperature=1.0, top_p=1.0, max_tokens=max_new, seed=sample_seed(0, "policy", r["prompt_id"], 0)
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
     return prompts, params
 
 
@@ -164,8 +178,11 @@ def main() -> None:
         return [t / s for t, s in runs[side, n]]
 
     for n in sizes:
-        print(f"{n} prompts, end to end: loop {span(rates('loop', n))} tok/s (generate call only"
-              f" {span(rates('engine', n))})", flush=True)  # fmt: skip
+        print(
+            f"{n} prompts, end to end: loop {span(rates('loop', n))} tok/s (generate call only"
+            f" {span(rates('engine', n))})",
+            flush=True,
+        )
         for runner in runners:
             ratios = [r / lp for r, lp in zip(rates(runner, n), rates("loop", n), strict=True)]
             print(f"  Ray path, {runner} runner: {span(rates(runner, n))} tok/s | Ray/loop {span(ratios, '{:.2f}')}")
@@ -181,12 +198,16 @@ def main() -> None:
         def fixed(side: str) -> list[float]:
             return [s - t / m for (t, s), m in zip(runs[side, small], marginal(side), strict=True)]
 
-        print(f"marginal rate ({small} -> {large} prompts, fixed costs cancel): loop {span(marginal('loop'))} tok/s,"
-              f" fixed cost {span(fixed('loop'), '{:.1f}')}s")  # fmt: skip
+        print(
+            f"marginal rate ({small} -> {large} prompts, fixed costs cancel): loop {span(marginal('loop'))} tok/s,"
+            f" fixed cost {span(fixed('loop'), '{:.1f}')}s"
+        )
         for runner in runners:
             ratios = [r / lp for r, lp in zip(marginal(runner), marginal("loop"), strict=True)]
-            print(f"  Ray path, {runner} runner: {span(marginal(runner))} tok/s | Ray/loop {span(ratios, '{:.2f}')};"
-                  f" fixed cost {span(fixed(runner), '{:.1f}')}s")  # fmt: skip
+            print(
+                f"  Ray path, {runner} runner: {span(marginal(runner))} tok/s | Ray/loop {span(ratios, '{:.2f}')};"
+                f" fixed cost {span(fixed(runner), '{:.1f}')}s"
+            )
 
 
 if __name__ == "__main__":

@@ -65,21 +65,23 @@ def make_table(rows: int, directory: Path, text: str = "realistic") -> None:
         prompt_text = [prompt_pool[i % len(prompt_pool)] for i in prompt]
         answers = rng.integers(0, len(answer_pool), size=n)
         completion = [answer_pool[i] for i in answers]
-        table = pa.table({
-            S.PROMPT_ID: [f"p{i:08d}" for i in prompt],
-            S.PROMPT: prompt_text,
-            S.MESSAGES: [[{"role": "user", "content": t}] for t in prompt_text],
-            S.GOLD: [None] * n,
-            S.SOURCE: [f"data.jsonl:{i + 1}" for i in prompt],
-            S.COMPLETION: completion,
-            S.GENERATOR: ["policy"] * n,
-            S.SAMPLE_INDEX: (index % PER_PROMPT).astype("int64"),
-            S.SEED: index.astype("int64"),
-            S.FINISH_REASON: np.where(rng.random(n) < 0.1, "length", "stop").tolist(),
-            S.NUM_TOKENS: [len(c) // 4 for c in completion],
-            S.REWARD: rng.normal(0.0, 1.0, size=n).round(3),
-            S.REWARD_SOURCE: ["bench"] * n,
-        }).cast(schema)  # fmt: skip
+        table = pa.table(
+            {
+                S.PROMPT_ID: [f"p{i:08d}" for i in prompt],
+                S.PROMPT: prompt_text,
+                S.MESSAGES: [[{"role": "user", "content": t}] for t in prompt_text],
+                S.GOLD: [None] * n,
+                S.SOURCE: [f"data.jsonl:{i + 1}" for i in prompt],
+                S.COMPLETION: completion,
+                S.GENERATOR: ["policy"] * n,
+                S.SAMPLE_INDEX: (index % PER_PROMPT).astype("int64"),
+                S.SEED: index.astype("int64"),
+                S.FINISH_REASON: np.where(rng.random(n) < 0.1, "length", "stop").tolist(),
+                S.NUM_TOKENS: [len(c) // 4 for c in completion],
+                S.REWARD: rng.normal(0.0, 1.0, size=n).round(3),
+                S.REWARD_SOURCE: ["bench"] * n,
+            }
+        ).cast(schema)
         pq.write_table(table, directory / f"part-{start // chunk:05d}.parquet")
 
 
@@ -104,11 +106,15 @@ def prepare(rows: int, root: Path, text: str = "realistic") -> Path:
 def spec_for(run: Path):
     from alignlib.spec import parse_spec
 
-    return parse_spec({
-        "name": "bench", "output_dir": str(run), "data": {"path": str(ROOT / "jobs/data/addition.jsonl")},
-        "policy": {"model": "builtin:tiny-policy"},
-        "pairs": {"strategy": ["best_vs_worst", "best_vs_rest"], "min_margin": 0.1, "max_pairs_per_prompt": 2},
-    })  # fmt: skip
+    return parse_spec(
+        {
+            "name": "bench",
+            "output_dir": str(run),
+            "data": {"path": str(ROOT / "jobs/data/addition.jsonl")},
+            "policy": {"model": "builtin:tiny-policy"},
+            "pairs": {"strategy": ["best_vs_worst", "best_vs_rest"], "min_margin": 0.1, "max_pairs_per_prompt": 2},
+        }
+    )
 
 
 def measure(side: str, rows: int, root: str, text: str = "realistic") -> dict:
@@ -148,8 +154,9 @@ def measure(side: str, rows: int, root: str, text: str = "realistic") -> dict:
         completions = run / "score" / "scored"  # the synthetic table holds completion keys: 8 per prompt
         ids = read_table(run / "prompts" / "train", columns=[S.PROMPT_ID])[S.PROMPT_ID]
         if side == "generate-before":
-            python_key_check(completions, {(p, S.GENERATOR_POLICY, i) for p in ids.to_pylist()
-                                           for i in range(PER_PROMPT)})  # fmt: skip
+            python_key_check(
+                completions, {(p, S.GENERATOR_POLICY, i) for p in ids.to_pylist() for i in range(PER_PROMPT)}
+            )
         else:
             check_completions(completions, {S.GENERATOR_POLICY: (ids, PER_PROMPT)})
         result = {"prompts": len(ids)}
@@ -195,8 +202,13 @@ def stages_mean(values) -> float:
 def run_one(side: str, rows: int, root: Path, limit_gib: float, timeout: float, text: str) -> dict:
     import psutil
 
-    proc = subprocess.Popen([sys.executable, __file__, "--measure", side, str(rows), str(root), text],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--measure", side, str(rows), str(root), text],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     watched, peak, started = psutil.Process(proc.pid), 0.0, time.time()
     while proc.poll() is None:
         try:
@@ -219,13 +231,18 @@ def run_one(side: str, rows: int, root: Path, limit_gib: float, timeout: float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
-    parser.add_argument("--sides", nargs="+", default=["driver", "ray", "score-before", "score-now",
-                                                       "generate-before", "generate-now"])  # fmt: skip
+    parser.add_argument(
+        "--sides", nargs="+", default=["driver", "ray", "score-before", "score-now", "generate-before", "generate-now"]
+    )
     parser.add_argument("--dir", default=None, help="where the synthetic tables are kept (default: a temp dir)")
     parser.add_argument("--rss-limit-gib", type=float, default=14.0)
     parser.add_argument("--timeout", type=float, default=3600)
-    parser.add_argument("--text", choices=sorted(TEXT), default="realistic",
-                        help="realistic: prompts ~300, answers 200-1,200 characters; short: ~60 and 20-120")
+    parser.add_argument(
+        "--text",
+        choices=sorted(TEXT),
+        default="realistic",
+        help="realistic: prompts ~300, answers 200-1,200 characters; short: ~60 and 20-120",
+    )
     parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -254,7 +271,9 @@ def report(results: list[dict]) -> None:
         cells = []
         for s in sides:
             r = by.get((s, n), {})
-            cells.append(r.get("failed", "")[:26] if "failed" in r else f"{r['seconds']:8.1f} s {r['peak_rss_gib']:6.2f} GiB")
+            cells.append(
+                r.get("failed", "")[:26] if "failed" in r else f"{r['seconds']:8.1f} s {r['peak_rss_gib']:6.2f} GiB"
+            )
         d, y = by.get(("driver", n), {}), by.get(("ray", n), {})
         ratio = f"{d['seconds'] / y['seconds']:.2f}" if "seconds" in d and "seconds" in y else "-"
         print(f"{n:<12,}" + "".join(f"{c:>26}" for c in cells) + f"   {ratio:>8}")

@@ -32,8 +32,20 @@ LOSSES = {"sft": "{name: sft}", "orpo": "{name: orpo, lambda_: 0.1}", "dpo": "{n
 def run(loss: str, extra: list[str]) -> tuple[Path, float]:
     out = ROOT / "runs" / f"smollm2-arithmetic-{loss}"
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "alignlib", "run", str(RECIPE), f"train.loss={LOSSES[loss]}",
-                    f"output_dir={out}", *extra], cwd=ROOT, check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alignlib",
+            "run",
+            str(RECIPE),
+            f"train.loss={LOSSES[loss]}",
+            f"output_dir={out}",
+            *extra,
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     return out, time.perf_counter() - start
 
 
@@ -51,15 +63,22 @@ def by_kind(answers: Path) -> str:
 def rows(loss: str, out: Path) -> list[str]:
     saved = json.loads((out / "rounds.json").read_text())
     start, lines = saved["start"], []
-    lines.append(f"| {loss} | base | **{start['held_out_reward']:.1%}** | {by_kind(out / 'baseline' / 'completions')} | "
-                 f"{start['held_out_mean_tokens']:.1f} | {start['seconds'] / 60:.1f} | | |")  # fmt: skip
+    lines.append(
+        f"| {loss} | base | **{start['held_out_reward']:.1%}** | {by_kind(out / 'baseline' / 'completions')} | "
+        f"{start['held_out_mean_tokens']:.1f} | {start['seconds'] / 60:.1f} | | |"
+    )
     for f in saved["rounds"]:
         k, n = f["round"], sum((f.get("pairs") or {}).values())
-        examples = n if loss != "sft" else json.loads((out / f"round-{k}" / "pairs" / "manifest.json").read_text())[
-            "tables"]["sft"]  # fmt: skip
-        lines.append(f"| {loss} | {k} | **{f['held_out_reward']:.1%}** | "
-                     f"{by_kind(out / f'round-{k}' / 'eval' / 'completions')} | {f['held_out_mean_tokens']:.1f} | "
-                     f"{f['seconds'] / 60:.1f} | {f['sample_mean_reward']:.1%} | {examples} |")  # fmt: skip
+        examples = (
+            n
+            if loss != "sft"
+            else json.loads((out / f"round-{k}" / "pairs" / "manifest.json").read_text())["tables"]["sft"]
+        )
+        lines.append(
+            f"| {loss} | {k} | **{f['held_out_reward']:.1%}** | "
+            f"{by_kind(out / f'round-{k}' / 'eval' / 'completions')} | {f['held_out_mean_tokens']:.1f} | "
+            f"{f['seconds'] / 60:.1f} | {f['sample_mean_reward']:.1%} | {examples} |"
+        )
     return lines
 
 
@@ -68,8 +87,11 @@ def main() -> None:
     parser.add_argument("--loss", choices=list(LOSSES), action="append", help="default: all three")
     parser.add_argument("overrides", nargs="*", help="key=value, applied to every run")
     args = parser.parse_args()
-    table = ["| loss | round | held-out accuracy (greedy) | add / sub | answer tokens | minutes | sample accuracy "
-             "| trained on |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    table = [
+        "| loss | round | held-out accuracy (greedy) | add / sub | answer tokens | minutes | sample accuracy "
+        "| trained on |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     calls = []
     for loss in args.loss or list(LOSSES):
         out, seconds = run(loss, args.overrides)

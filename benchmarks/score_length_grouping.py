@@ -58,8 +58,10 @@ def main() -> None:
         for m, c in zip(table[S.MESSAGES].to_pylist(), table[S.COMPLETION].to_pylist(), strict=True)
     ]
     q = statistics.quantiles(lengths, n=100)
-    print(f"{args.rows} rows, batch {args.batch_size}; tokens per row: median {q[49]:.0f}, p90 {q[89]:.0f}, "
-          f"p99 {q[98]:.0f}, max {max(lengths)}; {torch.get_num_threads()} torch thread(s)")  # fmt: skip
+    print(
+        f"{args.rows} rows, batch {args.batch_size}; tokens per row: median {q[49]:.0f}, p90 {q[89]:.0f}, "
+        f"p99 {q[98]:.0f}, max {max(lengths)}; {torch.get_num_threads()} torch thread(s)"
+    )
 
     for batch in batches[:2]:  # warm-up: first calls allocate
         for scorer in scorers.values():
@@ -77,12 +79,16 @@ def main() -> None:
             wall[name].append(time.perf_counter() - started)
     worst = max(abs(a - b) for a, b in zip(rewards["grouped"], rewards["padded"], strict=True))
     for name in scorers:
-        print(f"{name:8s} CPU {' '.join(f'{t:.2f}s' for t in cpu[name])} ({args.rows / min(cpu[name]):.0f} rows per "
-              f"CPU-second at best) | wall {' '.join(f'{t:.2f}s' for t in wall[name])}")  # fmt: skip
+        print(
+            f"{name:8s} CPU {' '.join(f'{t:.2f}s' for t in cpu[name])} ({args.rows / min(cpu[name]):.0f} rows per "
+            f"CPU-second at best) | wall {' '.join(f'{t:.2f}s' for t in wall[name])}"
+        )
     for label, times in (("CPU time", cpu), ("wall time", wall)):
         ratios = [p / g for p, g in zip(times["padded"], times["grouped"], strict=True)]
-        print(f"speed-up grouped vs padded, {label}: {statistics.median(ratios):.2f}x "
-              f"(range {min(ratios):.2f}-{max(ratios):.2f}x over {args.repeats} runs)")  # fmt: skip
+        print(
+            f"speed-up grouped vs padded, {label}: {statistics.median(ratios):.2f}x "
+            f"(range {min(ratios):.2f}-{max(ratios):.2f}x over {args.repeats} runs)"
+        )
     print(f"largest reward difference grouped vs padded: {worst:.1e}")
 
 

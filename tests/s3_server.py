@@ -42,15 +42,23 @@ def _free_port_pair() -> int:
 
 class S3Server:
     def __init__(self) -> None:
-        self.ports = {"s3": _free_port_pair(), "master": _free_port_pair(), "volume": _free_port_pair(),
-                      "filer": _free_port_pair()}  # fmt: skip
+        self.ports = {
+            "s3": _free_port_pair(),
+            "master": _free_port_pair(),
+            "volume": _free_port_pair(),
+            "filer": _free_port_pair(),
+        }
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.proc: subprocess.Popen | None = None
         self.dir: Path | None = None
 
     def environment(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-                "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": "us-east-1"}  # fmt: skip
+        return {
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_REGION": "us-east-1",
+        }
 
     def start(self, directory: Path) -> None:
         weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
@@ -58,17 +66,41 @@ class S3Server:
         self.dir = directory
         (directory / "data").mkdir(parents=True, exist_ok=True)
         config = directory / "s3.json"
-        config.write_text(json.dumps({"identities": [{
-            "name": "alignlib", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))  # fmt: skip
+        config.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "alignlib",
+                            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         p = self.ports
         self.proc = subprocess.Popen(
-            [weed, "server", f"-dir={directory / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
-             f"-s3.port={p['s3']}", f"-s3.config={config}", f"-master.port={p['master']}",
-             f"-volume.port={p['volume']}", f"-filer.port={p['filer']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             "-master.telemetry=false"],
-            stdout=open(directory / "weed.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                weed,
+                "server",
+                f"-dir={directory / 'data'}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-s3",
+                f"-s3.port={p['s3']}",
+                f"-s3.config={config}",
+                f"-master.port={p['master']}",
+                f"-volume.port={p['volume']}",
+                f"-filer.port={p['filer']}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-master.telemetry=false",
+            ],
+            stdout=open(directory / "weed.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 90
         while time.time() < deadline:
             assert self.proc.poll() is None, (directory / "weed.log").read_text()[-3000:]
@@ -82,9 +114,14 @@ class S3Server:
     def filesystem(self):
         import pyarrow.fs as pafs
 
-        return pafs.S3FileSystem(endpoint_override=self.endpoint.removeprefix("http://"), scheme="http",
-                                 access_key=ACCESS_KEY, secret_key=SECRET_KEY, region="us-east-1",
-                                 allow_bucket_creation=True)  # fmt: skip
+        return pafs.S3FileSystem(
+            endpoint_override=self.endpoint.removeprefix("http://"),
+            scheme="http",
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            region="us-east-1",
+            allow_bucket_creation=True,
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

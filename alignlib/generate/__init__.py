@@ -33,8 +33,9 @@ def sample_seed(job_seed: int, generator: str, prompt_id: str, sample_index: int
     return int(digest[:8], 16) & 0x7FFFFFFF
 
 
-def expand_requests(batch: pa.Table, generator: str, num_samples: int, job_seed: int, seed_key: str,
-                    sampling: Sampling | None = None) -> pa.Table:  # fmt: skip
+def expand_requests(
+    batch: pa.Table, generator: str, num_samples: int, job_seed: int, seed_key: str, sampling: Sampling | None = None
+) -> pa.Table:
     """Each prompt row -> `num_samples` request rows with `generator`, `sample_index` and `seed`
     (and, given `sampling`, its settings as columns).
 
@@ -109,34 +110,46 @@ class Part:
     seed_key: str
 
 
-def generate(prompts, model, sampling: Sampling, settings, generator: str, num_samples: int, job_seed: int,
-             seed_key: str | None = None):  # fmt: skip
+def generate(
+    prompts,
+    model,
+    sampling: Sampling,
+    settings,
+    generator: str,
+    num_samples: int,
+    job_seed: int,
+    seed_key: str | None = None,
+):
     """A Ray Dataset of prompts -> a Ray Dataset of COMPLETION_COLUMNS rows from one model.
 
     `model` is a ModelSpec; `settings` is the GenerateSpec (engine, batch size, concurrency, resources).
     """
-    return _engine(_requests(prompts, model, generator, num_samples, job_seed, seed_key or generator), model,
-                   sampling, settings)  # fmt: skip
+    return _engine(
+        _requests(prompts, model, generator, num_samples, job_seed, seed_key or generator), model, sampling, settings
+    )
 
 
 def sample_parts(parts: list[Part], model, settings):
     """Several kinds of requests to one model through one engine pool (one engine start, not one per part):
     each row carries its own sampling settings; the output's `generator` column tells the parts apart."""
-    requests = [_requests(p.prompts, model, p.generator, p.num_samples, p.job_seed, p.seed_key, p.sampling)
-                for p in parts]  # fmt: skip
+    requests = [
+        _requests(p.prompts, model, p.generator, p.num_samples, p.job_seed, p.seed_key, p.sampling) for p in parts
+    ]
     union = requests[0].union(*requests[1:]) if len(requests) > 1 else requests[0]
     return _engine(union, model, parts[0].sampling, settings)
 
 
-def _requests(prompts, model, generator: str, num_samples: int, job_seed: int, seed_key: str,
-              sampling: Sampling | None = None):  # fmt: skip
+def _requests(
+    prompts, model, generator: str, num_samples: int, job_seed: int, seed_key: str, sampling: Sampling | None = None
+):
     # Expand and encode are plain tasks, fused with the read: they stream into the engine pool, so
     # the engine actors start (process, import, weights) while the first prompts are being encoded,
     # rather than after a separate tokenizer actor has finished the whole set.
     return prompts.map_batches(
         expand_requests,
-        fn_kwargs=dict(generator=generator, num_samples=num_samples, job_seed=job_seed, seed_key=seed_key,
-                       sampling=sampling),  # fmt: skip
+        fn_kwargs=dict(
+            generator=generator, num_samples=num_samples, job_seed=job_seed, seed_key=seed_key, sampling=sampling
+        ),
         batch_format="pyarrow",
         num_cpus=LIGHT_CPUS,
     ).map_batches(

@@ -14,8 +14,16 @@ from alignlib import schema as S
 from alignlib.raydata import actor_pool, actor_resources, one_batch_per_block
 
 
-def sample_tokens(model, prompts: list[list[int]], seeds: list[int], max_new_tokens: int, temperature: float,
-                  top_p: float, eos_id: int, pad_id: int) -> list[list[int]]:  # fmt: skip
+def sample_tokens(
+    model,
+    prompts: list[list[int]],
+    seeds: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_id: int,
+    pad_id: int,
+) -> list[list[int]]:
     """Sample completions; returns each row's new tokens up to and including EOS."""
     import torch
 
@@ -34,8 +42,9 @@ def sample_tokens(model, prompts: list[list[int]], seeds: list[int], max_new_tok
     with torch.no_grad():
         for _ in range(max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-            result = model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                           past_key_values=past, use_cache=True)  # fmt: skip
+            result = model(
+                input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True
+            )
             past = result.past_key_values
             logits = result.logits[:, -1, :].float().cpu()
             next_ids = []
@@ -69,8 +78,16 @@ def _draw(logits, temperature: float, top_p: float, generator) -> int:
 
 
 class HFGenerator:
-    def __init__(self, model: str, dtype: str, chat_template: str | None, max_new_tokens: int,
-                 temperature: float, top_p: float, trust_remote_code: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        dtype: str,
+        chat_template: str | None,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        trust_remote_code: bool = False,
+    ):
         import torch
 
         from alignlib.models import load_causal_lm, load_tokenizer
@@ -102,10 +119,15 @@ class HFGenerator:
         (sampling,) = groups or [default]
         prompts = batch["prompt_token_ids"].to_pylist()
         tokens = sample_tokens(
-            self.model, prompts, batch[S.SEED].to_pylist(), eos_id=self.tokenizer.eos_token_id,
-            pad_id=self.tokenizer.pad_token_id, max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature, top_p=sampling.top_p,
-        )  # fmt: skip
+            self.model,
+            prompts,
+            batch[S.SEED].to_pylist(),
+            eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.tokenizer.pad_token_id,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+        )
         eos = self.tokenizer.eos_token_id
         # A cut can end inside a multi-byte character; like vLLM's detokenizer, leave the partial bytes out
         # rather than decode them as U+FFFD, so both engines write the same text.
@@ -132,7 +154,7 @@ def hf_generate(requests, model, sampling, settings):
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             trust_remote_code=model.trust_remote_code,
-        ),  # fmt: skip
+        ),
         batch_size=settings.batch_size,
         batch_format="pyarrow",
         compute=actor_pool(settings.concurrency),

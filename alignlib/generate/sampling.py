@@ -24,8 +24,5 @@ def row_sampling(batch: pa.Table, default: Sampling) -> list[Sampling]:
     """Each request row's sampling settings (its columns where present, else `default`)."""
     if MAX_TOKENS not in batch.column_names:
         return [default] * batch.num_rows
-    columns = zip(batch[MAX_TOKENS].to_pylist(), batch[TEMPERATURE].to_pylist(), batch[TOP_P].to_pylist(),
-                  strict=True)  # fmt: skip
+    columns = zip(batch[MAX_TOKENS].to_pylist(), batch[TEMPERATURE].to_pylist(), batch[TOP_P].to_pylist(), strict=True)
     return [Sampling(int(m), float(t), float(p)) for m, t, p in columns]
-
-

@@ -24,11 +24,16 @@ from alignlib.vllm_processor import engine_arguments, engine_env, processor_conf
 def generate_config(model, settings):
     """GenerateSpec + ModelSpec -> the generation processor config."""
     return processor_config(
-        model.model, dtype=model.dtype, batch_size=settings.batch_size, concurrency=settings.concurrency,
-        resources=settings.resources, engine_kwargs=settings.engine_kwargs,
-        accelerator_type=settings.accelerator_type, max_pending_requests=settings.max_pending_requests,
+        model.model,
+        dtype=model.dtype,
+        batch_size=settings.batch_size,
+        concurrency=settings.concurrency,
+        resources=settings.resources,
+        engine_kwargs=settings.engine_kwargs,
+        accelerator_type=settings.accelerator_type,
+        max_pending_requests=settings.max_pending_requests,
         trust_remote_code=model.trust_remote_code,
-    )  # fmt: skip
+    )
 
 
 def finish_reason(tokens, max_tokens: int, stop_ids: set[int]) -> str:
@@ -46,14 +51,24 @@ class LLMGenerator:
     The prompts, per-row seeds and finish rule are the processor runner's, so both fill the same columns.
     """
 
-    def __init__(self, model: str, dtype: str, engine_kwargs: dict[str, Any], trust_remote_code: bool, on_gpu: bool,
-                 max_tokens: int, temperature: float, top_p: float):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        dtype: str,
+        engine_kwargs: dict[str, Any],
+        trust_remote_code: bool,
+        on_gpu: bool,
+        max_tokens: int,
+        temperature: float,
+        top_p: float,
+    ):
         import vllm
 
         from alignlib.models import load_tokenizer, resolve_model
 
-        self.llm = vllm.LLM(model=resolve_model(model), **engine_arguments(dtype, on_gpu, engine_kwargs,
-                                                                            trust_remote_code))  # fmt: skip
+        self.llm = vllm.LLM(
+            model=resolve_model(model), **engine_arguments(dtype, on_gpu, engine_kwargs, trust_remote_code)
+        )
         self.sampling = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         self.stop_ids = {load_tokenizer(model, trust_remote_code=trust_remote_code).eos_token_id}
         self.name = f"vLLM engine ({model})"
@@ -69,18 +84,26 @@ class LLMGenerator:
         from alignlib.generate.sampling import Sampling, row_sampling
 
         prompts = [{"prompt_token_ids": ids} for ids in batch["prompt_token_ids"].to_pylist()]
-        rows = row_sampling(batch, Sampling(self.sampling["max_tokens"], self.sampling["temperature"],
-                                            self.sampling["top_p"]))  # fmt: skip
-        params = [vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens,
-                                      seed=int(seed)) for r, seed in zip(rows, batch[S.SEED].to_pylist(), strict=True)]  # fmt: skip
+        rows = row_sampling(
+            batch, Sampling(self.sampling["max_tokens"], self.sampling["temperature"], self.sampling["top_p"])
+        )
+        params = [
+            vllm.SamplingParams(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_new_tokens, seed=int(seed))
+            for r, seed in zip(rows, batch[S.SEED].to_pylist(), strict=True)
+        ]
         outputs = [o.outputs[0] for o in self.llm.generate(prompts, params, use_tqdm=False)]  # in input order
         return (
             batch.select(S.PROMPT_COLUMNS + [S.GENERATOR, S.SAMPLE_INDEX, S.SEED])
             .append_column(S.COMPLETION, pa.array([o.text for o in outputs], pa.string()))
             .append_column(
                 S.FINISH_REASON,
-                pa.array([finish_reason(o.token_ids, r.max_new_tokens, self.stop_ids)
-                          for o, r in zip(outputs, rows, strict=True)], pa.string()),  # fmt: skip
+                pa.array(
+                    [
+                        finish_reason(o.token_ids, r.max_new_tokens, self.stop_ids)
+                        for o, r in zip(outputs, rows, strict=True)
+                    ],
+                    pa.string(),
+                ),
             )
             .append_column(S.NUM_TOKENS, pa.array([len(o.token_ids) for o in outputs], pa.int32()))
         )
@@ -93,9 +116,14 @@ def llm_generate(requests, model, sampling, settings):
     return one_batch_per_block(requests, settings.batch_size).map_batches(
         LLMGenerator,
         fn_constructor_kwargs=dict(
-            model=model.model, dtype=model.dtype, engine_kwargs=settings.engine_kwargs,
-            trust_remote_code=model.trust_remote_code, on_gpu=on_gpu, max_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature, top_p=sampling.top_p,
+            model=model.model,
+            dtype=model.dtype,
+            engine_kwargs=settings.engine_kwargs,
+            trust_remote_code=model.trust_remote_code,
+            on_gpu=on_gpu,
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
         ),
         batch_size=settings.batch_size,
         batch_format="pyarrow",
@@ -103,7 +131,7 @@ def llm_generate(requests, model, sampling, settings):
         runtime_env={"env_vars": engine_env(settings.resources)},
         **actor_resources(settings.resources),
         **extra,
-    )  # fmt: skip
+    )
 
 
 def vllm_generate(requests, model, sampling, settings):
@@ -120,9 +148,11 @@ def vllm_generate(requests, model, sampling, settings):
 
     def preprocess(row):
         params = dict(  # the row's own settings when it carries them (`sample_parts`)
-            temperature=float(row.get(TEMPERATURE, sampling.temperature)), top_p=float(row.get(TOP_P, sampling.top_p)),
-            max_tokens=int(row.get(MAX_TOKENS, max_tokens)), seed=int(row[S.SEED]),
-        )  # fmt: skip
+            temperature=float(row.get(TEMPERATURE, sampling.temperature)),
+            top_p=float(row.get(TOP_P, sampling.top_p)),
+            max_tokens=int(row.get(MAX_TOKENS, max_tokens)),
+            seed=int(row[S.SEED]),
+        )
         return dict(row, tokenized_prompt=row["prompt_token_ids"], sampling_params=params)
 
     def postprocess(row):

@@ -99,8 +99,15 @@ class ModelScorer:
     each batch's starts (`counted_batch`); `scored(batch)` is the same work without the counting.
     """
 
-    def __init__(self, model: str, dtype: str, max_length: int, column: str = S.REWARD, group_by_length: bool = True,
-                 trust_remote_code: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        dtype: str,
+        max_length: int,
+        column: str = S.REWARD,
+        group_by_length: bool = True,
+        trust_remote_code: bool = False,
+    ):
         import torch
 
         from alignlib.models import load_reward_model, load_tokenizer

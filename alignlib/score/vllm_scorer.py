@@ -34,10 +34,15 @@ class RewardEncoder:
 def reward_config(reward):
     """ModelRewardSpec -> the classify processor config."""
     return processor_config(
-        reward.model, dtype=reward.dtype, batch_size=reward.batch_size, concurrency=reward.concurrency,
-        resources=reward.resources, engine_kwargs=reward.engine_kwargs, task_type="classify",
+        reward.model,
+        dtype=reward.dtype,
+        batch_size=reward.batch_size,
+        concurrency=reward.concurrency,
+        resources=reward.resources,
+        engine_kwargs=reward.engine_kwargs,
+        task_type="classify",
         trust_remote_code=reward.trust_remote_code,
-    )  # fmt: skip
+    )
 
 
 def vllm_score(completions, reward, column: str):
@@ -52,10 +57,14 @@ def vllm_score(completions, reward, column: str):
     check_reward_config(reward.model, trust_remote_code=reward.trust_remote_code)
     config = reward_config(reward)
     tokenized = completions.map_batches(
-        RewardEncoder, fn_constructor_kwargs=dict(model=reward.model, max_length=reward.max_length,
-                                                  trust_remote_code=reward.trust_remote_code),
-        batch_format="pyarrow", compute=actor_pool(1), num_cpus=LIGHT_CPUS,
-    )  # fmt: skip
+        RewardEncoder,
+        fn_constructor_kwargs=dict(
+            model=reward.model, max_length=reward.max_length, trust_remote_code=reward.trust_remote_code
+        ),
+        batch_format="pyarrow",
+        compute=actor_pool(1),
+        num_cpus=LIGHT_CPUS,
+    )
 
     def preprocess(row):
         return dict(row, tokenized_prompt=row[REWARD_TOKENS], pooling_params={"use_activation": False})

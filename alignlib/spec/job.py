@@ -367,7 +367,9 @@ LossSpec = Annotated[
 class DDPBackendSpec(_Spec):
     name: Literal["ddp"]
     num_workers: int = Field(
-        1, ge=1, description="Training workers (processes), one per GPU when use_gpu. One runs in a single Ray "
+        1,
+        ge=1,
+        description="Training workers (processes), one per GPU when use_gpu. One runs in a single Ray "
         "actor; several (and any deepspeed job) run under Ray Train.",
     )
     use_gpu: bool = True
@@ -421,7 +423,8 @@ class TrainSpec(_Spec):
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters instead of all weights.")
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Stop after this many optimizer steps, mid-epoch if need be (the final checkpoint is taken "
         "there; the schedule spans them); null: every step of `epochs`. For smoke tests and fixed budgets.",
     )
@@ -456,8 +459,10 @@ class TrainSpec(_Spec):
         "of keeping a reference model in every training worker.",
     )
     max_failures: int = Field(
-        1, ge=0, description="Times a failed training worker (under Ray Train, the worker group) is replaced and "
-        "resumed from the last checkpoint."
+        1,
+        ge=0,
+        description="Times a failed training worker (under Ray Train, the worker group) is replaced and "
+        "resumed from the last checkpoint.",
     )
     gradient_checkpointing: bool = False
     log_every: int = Field(10, ge=1, description="Print a progress line every N optimizer steps.")
@@ -479,10 +484,12 @@ class RoundsSpec(_Spec):
     """Iterative rounds: the model trained in round k samples round k+1's candidates (docs/rounds.md)."""
 
     count: int = Field(
-        1, ge=1, le=100,
+        1,
+        ge=1,
+        le=100,
         description="Rounds of generate -> score -> pairs -> train -> export -> eval. 1 is a single pass, "
         "laid out as without this section.",
-    )  # fmt: skip
+    )
     start_from: Literal["previous", "base"] = Field(
         "previous",
         description="The model each round samples with and trains from: `previous`, the export of the round "
@@ -689,18 +696,24 @@ def cross_check(spec: JobSpec) -> list[str]:
         if not generated:
             problems.append("rounds.count: rounds sample the trained model again, which needs data.kind prompts")
         if spec.train.lora is not None and not spec.export.merge_lora and rounds.start_from == "previous":
-            problems.append("export.merge_lora: each round samples with the previous round's export, which needs "
-                            "merged LoRA weights (or rounds.start_from=base)")  # fmt: skip
+            problems.append(
+                "export.merge_lora: each round samples with the previous round's export, which needs "
+                "merged LoRA weights (or rounds.start_from=base)"
+            )
         if rounds.train_on == "accumulated" and rounds.reference == "previous" and spec.train.precompute_reference:
-            problems.append("rounds.reference: earlier rounds' precomputed reference log-probs are of their own "
-                            "reference, not this round's; with rounds.train_on=accumulated use reference=initial "
-                            "or train.precompute_reference=false")  # fmt: skip
+            problems.append(
+                "rounds.reference: earlier rounds' precomputed reference log-probs are of their own "
+                "reference, not this round's; with rounds.train_on=accumulated use reference=initial "
+                "or train.precompute_reference=false"
+            )
     serve = spec.serve
     if serve.num_samples is not None and serve.num_samples > serve.max_num_samples:
         problems.append(f"serve.num_samples: {serve.num_samples} is over serve.max_num_samples {serve.max_num_samples}")
     elif serve.num_samples is None and spec.generate.num_samples > serve.max_num_samples:
-        problems.append(f"serve.max_num_samples: {serve.max_num_samples} is under generate.num_samples "
-                        f"{spec.generate.num_samples}, the default n; raise it or set serve.num_samples")  # fmt: skip
+        problems.append(
+            f"serve.max_num_samples: {serve.max_num_samples} is under generate.num_samples "
+            f"{spec.generate.num_samples}, the default n; raise it or set serve.num_samples"
+        )
     if spec.eval.enabled and spec.data.eval_fraction == 0:
         problems.append(
             "data.eval_fraction: eval is enabled but no prompts are held out (set > 0 or eval.enabled=false)"

@@ -1,6 +1,6 @@
 """Reading a job spec: bounded safe YAML, `key=value` overrides, and every problem reported at once.
 
-    spec = load_spec("jobs/demo.yaml", overrides=["train.epochs=2"])
+spec = load_spec("jobs/demo.yaml", overrides=["train.epochs=2"])
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ class SpecError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s) in the job spec:\n{lines}")
 
 
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides; values are parsed as YAML (so `x=[1, 4]` is a list)."""
     for item in overrides:
@@ -46,8 +45,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node[parts[-1]] = yaml.safe_load(text) if text else ""
         except yaml.YAMLError as err:
             problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise SpecError("command line", [f"{item!r}: the value is not valid YAML ({problem}); quote it, "
-                                             "e.g. 'train.loss={name: dpo, beta: 0.1}'"]) from None
+            raise SpecError(
+                "command line",
+                [
+                    f"{item!r}: the value is not valid YAML ({problem}); quote it, "
+                    "e.g. 'train.loss={name: dpo, beta: 0.1}'"
+                ],
+            ) from None
     return raw
 
 

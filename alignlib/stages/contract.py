@@ -168,4 +168,3 @@ class Stage:
     makes_model: bool = False
     evaluates: bool = False
     figures: Callable[[StageContext, Any], dict[str, Any]] | None = None
-

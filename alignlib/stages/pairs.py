@@ -58,8 +58,7 @@ class PairsResult(StageResult):
         report = where / "report.html"
         if report.exists():
             lines.append(
-                "  data-quality report (reward and margin distributions, reward-length correlation): "
-                f"{shown(report)}"
+                f"  data-quality report (reward and margin distributions, reward-length correlation): {shown(report)}"
             )
         return lines
 

@@ -34,7 +34,9 @@ class PromptsResult(StageResult):
 
         line = f"  prompts: {self.prompts} distinct, {self.duplicates_merged} duplicate(s) merged"
         if self.rejected_rows is not None:
-            line += f"; {self.rejected_rows} bad row(s) rejected {self.rejected}" if self.rejected_rows else "; no bad rows"
+            line += (
+                f"; {self.rejected_rows} bad row(s) rejected {self.rejected}" if self.rejected_rows else "; no bad rows"
+            )
             if self.rejected_rows:
                 line += f" -> {shown(where / 'rejected_rows')}"
         return [line]

@@ -21,10 +21,14 @@ def problems(seed: int = SEED, per_kind: int = PER_KIND) -> list[dict]:
     rng = random.Random(seed)
     additions = [(a, b) for a in range(10, 50) for b in range(10, 50)]
     subtractions = [(a, b) for a in range(20, 100) for b in range(10, a)]
-    rows = [{"question": f"What is {a} + {b}? {INSTRUCTION}", "answer": str(a + b), "kind": "add"}
-            for a, b in rng.sample(additions, per_kind)]  # fmt: skip
-    rows += [{"question": f"What is {a} - {b}? {INSTRUCTION}", "answer": str(a - b), "kind": "sub"}
-             for a, b in rng.sample(subtractions, per_kind)]  # fmt: skip
+    rows = [
+        {"question": f"What is {a} + {b}? {INSTRUCTION}", "answer": str(a + b), "kind": "add"}
+        for a, b in rng.sample(additions, per_kind)
+    ]
+    rows += [
+        {"question": f"What is {a} - {b}? {INSTRUCTION}", "answer": str(a - b), "kind": "sub"}
+        for a, b in rng.sample(subtractions, per_kind)
+    ]
     rng.shuffle(rows)
     return rows
 

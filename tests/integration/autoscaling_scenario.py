@@ -93,8 +93,12 @@ class NodeWatch(threading.Thread):
 def main(output_dir: str, temp_dir: str) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         config_path = f.name
-    head = LocalHead(num_cpus=0, autoscaling_config=config_path,
-                     env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}, temp_dir=temp_dir)  # fmt: skip
+    head = LocalHead(
+        num_cpus=0,
+        autoscaling_config=config_path,
+        env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+        temp_dir=temp_dir,
+    )
     Path(config_path).write_text(json.dumps(autoscaling_config(head.gcs_address)))
     # Before Ray is imported: it reads the auth mode once.
     os.environ.update(head.auth_env, RAY_ADDRESS=head.gcs_address)
@@ -111,12 +115,23 @@ def main(output_dir: str, temp_dir: str) -> dict:
         from alignlib.pipeline import Pipeline
         from alignlib.spec import load_spec
 
-        spec = load_spec(ROOT / "jobs" / "demo.yaml", [
-            # small on purpose: the point is where the actors run, not how much they generate
-            f"output_dir={output_dir}", "rounds.count=1", "data.limit=12", "data.gold_field=null", "generate.engine=transformers",
-            "generate.num_samples=2", "generate.weak_model=null", "pairs.strategy=best_vs_worst", "generate.batch_size=4",
-            "generate.concurrency=2", "generate.resources={CPU: 1, engine: 1}",
-        ])  # fmt: skip
+        spec = load_spec(
+            ROOT / "jobs" / "demo.yaml",
+            [
+                # small on purpose: the point is where the actors run, not how much they generate
+                f"output_dir={output_dir}",
+                "rounds.count=1",
+                "data.limit=12",
+                "data.gold_field=null",
+                "generate.engine=transformers",
+                "generate.num_samples=2",
+                "generate.weak_model=null",
+                "pairs.strategy=best_vs_worst",
+                "generate.batch_size=4",
+                "generate.concurrency=2",
+                "generate.resources={CPU: 1, engine: 1}",
+            ],
+        )
         started = time.time()
         manifests = Pipeline(spec).run(["prompts", "generate"])
         finished = time.time()

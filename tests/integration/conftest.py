@@ -18,16 +18,26 @@ TRAIN_PROMPTS, SAMPLES = 43, 2  # data.limit 48, 10% held out
 SMALL_JOB = {
     "name": "small",
     "seed": 0,
-    "data": {"path": str(ROOT / "jobs/data/addition.jsonl"), "prompt_field": "question", "gold_field": "answer",
-             "eval_fraction": 0.1, "limit": 48},
+    "data": {
+        "path": str(ROOT / "jobs/data/addition.jsonl"),
+        "prompt_field": "question",
+        "gold_field": "answer",
+        "eval_fraction": 0.1,
+        "limit": 48,
+    },
     "policy": {"model": "builtin:tiny-policy"},
-    "generate": {"engine": "transformers", "num_samples": SAMPLES, "max_new_tokens": 16, "batch_size": 4,
-                 "resources": {"CPU": 1}},
+    "generate": {
+        "engine": "transformers",
+        "num_samples": SAMPLES,
+        "max_new_tokens": 16,
+        "batch_size": 4,
+        "resources": {"CPU": 1},
+    },
     "score": {"reward": {"type": "model", "model": "builtin:tiny-reward", "batch_size": 4, "resources": {"CPU": 1}}},
     "pairs": {"strategy": ["best_vs_worst"], "min_margin": 0.0, "include_truncated": True},
     "train": {"backend": {"name": "ddp", "num_workers": 1, "use_gpu": False}},
     "eval": {"enabled": False},
-}  # fmt: skip
+}
 
 
 @pytest.fixture(scope="session")

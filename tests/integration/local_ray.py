@@ -43,8 +43,14 @@ def ray_executable() -> str:
 
 
 class LocalHead:
-    def __init__(self, num_cpus: int, dashboard: bool = False, autoscaling_config: str | None = None,
-                 env: dict[str, str] | None = None, temp_dir: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        num_cpus: int,
+        dashboard: bool = False,
+        autoscaling_config: str | None = None,
+        env: dict[str, str] | None = None,
+        temp_dir: str | None = None,
+    ):
         ports = free_ports(10)
         self.port, self.dashboard_port, self.client_port = ports[0], ports[1], ports[2]
         self.gcs_address = f"{HOST}:{self.port}"
@@ -56,16 +62,44 @@ class LocalHead:
         self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
         self.env = {**RAY_DEFAULTS, **os.environ, **self.auth_env, **(env or {})}
         self.args = [
-            ray_executable(), "start", "--head", "--node-ip-address", HOST, "--port", str(self.port),
-            "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",
-            "--ray-client-server-port", str(self.client_port), "--dashboard-agent-listen-port", str(ports[3]),
-            "--dashboard-agent-grpc-port", str(ports[4]), "--metrics-export-port", str(ports[5]),
-            "--runtime-env-agent-port", str(ports[6]), "--node-manager-port", str(ports[7]),
-            "--object-manager-port", str(ports[8]), "--object-store-memory", str(300 * 1024**2),
-        ]  # fmt: skip
+            ray_executable(),
+            "start",
+            "--head",
+            "--node-ip-address",
+            HOST,
+            "--port",
+            str(self.port),
+            "--num-cpus",
+            str(num_cpus),
+            "--temp-dir",
+            self.temp_dir,
+            "--disable-usage-stats",
+            "--ray-client-server-port",
+            str(self.client_port),
+            "--dashboard-agent-listen-port",
+            str(ports[3]),
+            "--dashboard-agent-grpc-port",
+            str(ports[4]),
+            "--metrics-export-port",
+            str(ports[5]),
+            "--runtime-env-agent-port",
+            str(ports[6]),
+            "--node-manager-port",
+            str(ports[7]),
+            "--object-manager-port",
+            str(ports[8]),
+            "--object-store-memory",
+            str(300 * 1024**2),
+        ]
         if dashboard:
-            self.args += ["--include-dashboard", "true", "--dashboard-host", HOST, "--dashboard-port",
-                          str(self.dashboard_port)]  # fmt: skip
+            self.args += [
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                HOST,
+                "--dashboard-port",
+                str(self.dashboard_port),
+            ]
         else:
             self.args += ["--include-dashboard", "false"]
         if autoscaling_config:

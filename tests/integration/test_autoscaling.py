@@ -28,11 +28,20 @@ pytestmark = pytest.mark.integration
 
 def test_generate_adds_worker_nodes_and_releases_them(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="alr-", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {**os.environ, "ALIGNLIB_CACHE": str(tmp_path / "cache"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    env = {
+        **os.environ,
+        "ALIGNLIB_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     try:
-        res = subprocess.run([sys.executable, str(SCENARIO), str(tmp_path / "run"), temp_dir], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=900)  # fmt: skip
+        res = subprocess.run(
+            [sys.executable, str(SCENARIO), str(tmp_path / "run"), temp_dir],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         stop_processes([temp_dir])  # whatever the scenario left if it failed or timed out
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -28,9 +28,21 @@ def bon_run(ray_session, model_cache, tmp_path_factory):
     run = tmp_path_factory.mktemp("bon")
     out = run / "best.jsonl"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    args = [sys.executable, "-m", "alignlib", "bon", "jobs/demo.yaml", f"output_dir={run}", "--out", str(out),
-            f"data.limit={PROMPTS}", "generate.engine=transformers", f"generate.num_samples={SAMPLES}",
-            "generate.max_new_tokens=4", "score.reward={type: function, function: 'alignlib.rewards:length_penalty'}"]
+    args = [
+        sys.executable,
+        "-m",
+        "alignlib",
+        "bon",
+        "jobs/demo.yaml",
+        f"output_dir={run}",
+        "--out",
+        str(out),
+        f"data.limit={PROMPTS}",
+        "generate.engine=transformers",
+        f"generate.num_samples={SAMPLES}",
+        "generate.max_new_tokens=4",
+        "score.reward={type: function, function: 'alignlib.rewards:length_penalty'}",
+    ]
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)

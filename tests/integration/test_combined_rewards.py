@@ -27,22 +27,40 @@ def completions() -> pa.Table:
     for question, gold, answers in PROMPTS:
         messages = [{"role": "user", "content": question}]
         for i, answer in enumerate(answers):
-            rows.append({
-                S.PROMPT_ID: prompt_id(messages), S.PROMPT: question, S.MESSAGES: messages, S.GOLD: gold,
-                S.SOURCE: "hand-built", S.COMPLETION: answer, S.GENERATOR: S.GENERATOR_POLICY, S.SAMPLE_INDEX: i,
-                S.SEED: i, S.FINISH_REASON: "stop", S.NUM_TOKENS: len(answer),
-            })  # fmt: skip
+            rows.append(
+                {
+                    S.PROMPT_ID: prompt_id(messages),
+                    S.PROMPT: question,
+                    S.MESSAGES: messages,
+                    S.GOLD: gold,
+                    S.SOURCE: "hand-built",
+                    S.COMPLETION: answer,
+                    S.GENERATOR: S.GENERATOR_POLICY,
+                    S.SAMPLE_INDEX: i,
+                    S.SEED: i,
+                    S.FINISH_REASON: "stop",
+                    S.NUM_TOKENS: len(answer),
+                }
+            )
     return pa.Table.from_pylist(rows, schema=S.arrow_schema(S.COMPLETION_COLUMNS))
 
 
 def test_weighted_sum_of_two_function_rewards(ray_session, tmp_path, capsys):
-    spec = parse_spec({
-        "name": "combined", "output_dir": str(tmp_path / "run"), "data": {"path": "unused.jsonl"},
-        "policy": {"model": "builtin:tiny-policy"},
-        "score": {"rewards": [{"type": "function", "function": CLOSENESS},
-                              {"type": "function", "function": LENGTH, "weight": 0.5, "name": "brevity"}]},
-        "pairs": {"strategy": "best_vs_second", "min_margin": 0.0},
-    })  # fmt: skip
+    spec = parse_spec(
+        {
+            "name": "combined",
+            "output_dir": str(tmp_path / "run"),
+            "data": {"path": "unused.jsonl"},
+            "policy": {"model": "builtin:tiny-policy"},
+            "score": {
+                "rewards": [
+                    {"type": "function", "function": CLOSENESS},
+                    {"type": "function", "function": LENGTH, "weight": 0.5, "name": "brevity"},
+                ]
+            },
+            "pairs": {"strategy": "best_vs_second", "min_margin": 0.0},
+        }
+    )
     pipeline = Pipeline(spec)
     with pipeline.store.writer("generate") as out:  # the generate stage's output, made by hand
         write_table(completions(), out.table("completions"))

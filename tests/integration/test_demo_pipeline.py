@@ -61,19 +61,37 @@ SECRETS = {
 
 def submit_demo(run: Path, overrides: list[str], cache: Path) -> str:
     """`ray job submit` of the demo to a Ray head of its own with secrets in its environment; the job's log."""
-    env = {"ALIGNLIB_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **SECRETS,
-           # the job's `python` is the one that runs these tests
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    env = {
+        "ALIGNLIB_CACHE": str(cache),
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        **SECRETS,
+        # the job's `python` is the one that runs these tests
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     head = LocalHead(num_cpus=2, dashboard=True, env=env)
     try:
         head.start()
         head.wait_for_dashboard()
         submit = [
-            ray_executable(), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(ROOT),
-            "--runtime-env-json", json.dumps({"excludes": [".venv/", "runs/", ".git/", "**/__pycache__/"]}),
-            "--", "python", "-m", "alignlib", "run", "jobs/demo.yaml", *overrides,
-        ]  # fmt: skip
+            ray_executable(),
+            "job",
+            "submit",
+            "--address",
+            head.dashboard_url,
+            "--working-dir",
+            str(ROOT),
+            "--runtime-env-json",
+            json.dumps({"excludes": [".venv/", "runs/", ".git/", "**/__pycache__/"]}),
+            "--",
+            "python",
+            "-m",
+            "alignlib",
+            "run",
+            "jobs/demo.yaml",
+            *overrides,
+        ]
         res = subprocess.run(submit, env=head.env, capture_output=True, text=True, timeout=1500)
     finally:
         head.stop()
@@ -138,8 +156,11 @@ def test_completions_have_every_sample_with_its_own_seed(demo_run):
     assert done.column_names == S.COMPLETION_COLUMNS
     rows = done.to_pylist()
     by_generator = {g: [r for r in rows if r[S.GENERATOR] == g] for g in ("policy", "weak", "gold")}
-    assert [len(v) for v in by_generator.values()] == [TRAIN_PROMPTS * SAMPLES, TRAIN_PROMPTS * WEAK_SAMPLES,
-                                                       TRAIN_PROMPTS]  # fmt: skip
+    assert [len(v) for v in by_generator.values()] == [
+        TRAIN_PROMPTS * SAMPLES,
+        TRAIN_PROMPTS * WEAK_SAMPLES,
+        TRAIN_PROMPTS,
+    ]
     policy = by_generator["policy"]
     assert len({r[S.SEED] for r in policy}) == len(policy)
     assert {r[S.SAMPLE_INDEX] for r in policy} == set(range(SAMPLES))
@@ -264,10 +285,22 @@ def test_a_failing_reward_names_the_prompt_it_failed_on(demo_run, ray_session):
     _, run, _ = demo_run
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     done = subprocess.run(
-        [sys.executable, "-m", "alignlib", "score", "jobs/demo.yaml", "--round", "1", f"output_dir={run}",
-         "score.reward.function=math:log"],
-        capture_output=True, text=True, cwd=ROOT, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "alignlib",
+            "score",
+            "jobs/demo.yaml",
+            "--round",
+            "1",
+            f"output_dir={run}",
+            "score.reward.function=math:log",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("alignlib: error:")]
     assert len(errors) == 1, done.stderr[-2000:]
@@ -280,7 +313,11 @@ def test_the_submitted_job_streams_its_per_round_table(demo_run):
     assert f"== alignlib job 'demo': 2 of 2 round(s) under {run}" in log
     table_lines = [line.split() for line in log.splitlines() if line.startswith("  ")]
     assert [cells[0] for cells in table_lines if cells and cells[0] in ("round", "start", "1", "2")][:4] == [
-        "round", "start", "1", "2"]  # fmt: skip
+        "round",
+        "start",
+        "1",
+        "2",
+    ]
     # The console a user reads: rows with rate for each engine stage, Ray's and vLLM's chatter off by default.
     for label, rows in (("generate (weak)", "360/360"), ("score", "2,160/2,160"), ("eval (trained)", "1,480/1,480")):
         assert f"[alignlib] {label}: {rows} rows (100%)" in log, label
@@ -293,6 +330,7 @@ def test_a_run_writes_no_secret(demo_run, downloaded):
     leaks = [name for name, value in SECRETS.items() if value in log]
     files = [p for p in run.rglob("*") if p.is_file()]
     assert len(files) > 20, "the scan covers the stage outputs and Ray Train's checkpoints"
-    leaks += [(name, str(p.relative_to(run))) for p in files for name, v in SECRETS.items()
-              if v.encode() in p.read_bytes()]  # fmt: skip
+    leaks += [
+        (name, str(p.relative_to(run))) for p in files for name, v in SECRETS.items() if v.encode() in p.read_bytes()
+    ]
     assert not leaks, f"secret values found: {leaks}"

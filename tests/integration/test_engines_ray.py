@@ -19,10 +19,15 @@ MAX_NEW = 3
 
 def prompt_rows(n: int) -> list[dict]:
     return [
-        {S.PROMPT_ID: f"q{i}", S.PROMPT: f"What is {i} + {2 * i}?", S.GOLD: str(3 * i), S.SOURCE: f"t:{i}",
-         S.MESSAGES: [{"role": "user", "content": f"What is {i} + {2 * i}?"}]}
+        {
+            S.PROMPT_ID: f"q{i}",
+            S.PROMPT: f"What is {i} + {2 * i}?",
+            S.GOLD: str(3 * i),
+            S.SOURCE: f"t:{i}",
+            S.MESSAGES: [{"role": "user", "content": f"What is {i} + {2 * i}?"}],
+        }
         for i in range(n)
-    ]  # fmt: skip
+    ]
 
 
 # engine name -> GenerateSpec settings: vLLM through ray.data.llm's processor, vLLM as `vllm.LLM` per batch (what
@@ -40,8 +45,15 @@ def greedy_short(ray_session):
     out = {}
     for name, engine in ENGINES.items():
         settings = GenerateSpec(resources={"CPU": 1}, batch_size=4, **engine)
-        rows = generate(ray_session.data.from_items(prompt_rows(8)), ModelSpec(model="builtin:tiny-policy"),
-                        Sampling(MAX_NEW, 0.0, 1.0), settings, "policy", 1, 0).take_all()  # fmt: skip
+        rows = generate(
+            ray_session.data.from_items(prompt_rows(8)),
+            ModelSpec(model="builtin:tiny-policy"),
+            Sampling(MAX_NEW, 0.0, 1.0),
+            settings,
+            "policy",
+            1,
+            0,
+        ).take_all()
         out[name] = sorted(rows, key=lambda r: r[S.PROMPT_ID])
     return out
 
@@ -68,8 +80,17 @@ def completion_rows(n: int) -> list[dict]:
     rows = []
     for i, prompt in enumerate(prompt_rows(n)):
         text = str(3 * i) if i % 5 else " plus ".join(["the sum of the number"] * (i + 3))
-        rows.append({**prompt, S.COMPLETION: text, S.GENERATOR: "policy", S.SAMPLE_INDEX: 0, S.SEED: i,
-                     S.FINISH_REASON: "stop", S.NUM_TOKENS: 1})  # fmt: skip
+        rows.append(
+            {
+                **prompt,
+                S.COMPLETION: text,
+                S.GENERATOR: "policy",
+                S.SAMPLE_INDEX: 0,
+                S.SEED: i,
+                S.FINISH_REASON: "stop",
+                S.NUM_TOKENS: 1,
+            }
+        )
     return rows
 
 
@@ -100,8 +121,9 @@ def test_placement_settings_reach_the_engine_stage(ray_session):
         config = generate_config(ModelSpec(model="builtin:tiny-policy"), GenerateSpec(**settings))
         return build_processor(config).stages["vLLMEngineStage"]
 
-    single = engine_stage(resources={"CPU": 1, "GPU": 1}, concurrency=[1, 3], accelerator_type="A100",
-                          max_pending_requests=64)  # fmt: skip
+    single = engine_stage(
+        resources={"CPU": 1, "GPU": 1}, concurrency=[1, 3], accelerator_type="A100", max_pending_requests=64
+    )
     kwargs = single.map_batches_kwargs
     assert (kwargs["num_cpus"], kwargs["num_gpus"], kwargs["accelerator_type"]) == (1, 1, "A100")
     assert (kwargs["compute"].min_size, kwargs["compute"].max_size) == (1, 3)

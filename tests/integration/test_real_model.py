@@ -29,11 +29,24 @@ TRAIN_PROMPTS, EVAL_PROMPTS, SAMPLES = 63, 7, 2
 # The recipe (jobs/smollm2-arithmetic.yaml: its data, reward, engine settings and LoRA), cut down to one round
 # of one training step of 8 rows (`train.max_steps`). 8 new tokens cut most answers, so cut answers count.
 OVERRIDES = [
-    "data.limit=70", "data.eval_fraction=0.1", f"generate.num_samples={SAMPLES}", "generate.batch_size=128",
-    "generate.max_new_tokens=8", "pairs.include_truncated=true", "pairs.sft_min_reward=null",
-    "train.lora={r: 8, alpha: 16}", "train.epochs=1", "train.max_steps=1", "train.batch_size=8", "train.grad_accum=1",
-    "train.max_length=128", "train.lr=1.0e-4", "train.log_every=1", "eval.enabled=false", "rounds.count=1",
-]  # fmt: skip
+    "data.limit=70",
+    "data.eval_fraction=0.1",
+    f"generate.num_samples={SAMPLES}",
+    "generate.batch_size=128",
+    "generate.max_new_tokens=8",
+    "pairs.include_truncated=true",
+    "pairs.sft_min_reward=null",
+    "train.lora={r: 8, alpha: 16}",
+    "train.epochs=1",
+    "train.max_steps=1",
+    "train.batch_size=8",
+    "train.grad_accum=1",
+    "train.max_length=128",
+    "train.lr=1.0e-4",
+    "train.log_every=1",
+    "eval.enabled=false",
+    "rounds.count=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +105,7 @@ def test_lora_trains_on_the_real_modules_and_the_merged_export_serves_in_vllm(re
     assert exported["hidden_size"] == 576 and not (model / "adapter_config.json").exists()
     # The next round's policy: vLLM loads the merged export and samples it with the chat template it carries.
     held_out = ray.data.read_parquet(str(run / "prompts" / "eval"))
-    rows = generate(held_out, ModelSpec(model=str(model)), Sampling(8, 0.0, 1.0), spec.generate, "trained", 1,
-                    spec.seed).take_all()  # fmt: skip
+    rows = generate(
+        held_out, ModelSpec(model=str(model)), Sampling(8, 0.0, 1.0), spec.generate, "trained", 1, spec.seed
+    ).take_all()
     assert len(rows) == EVAL_PROMPTS and all(r[S.NUM_TOKENS] >= 1 and r[S.COMPLETION] for r in rows)

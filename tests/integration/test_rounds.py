@@ -63,8 +63,13 @@ def run_job(rounds_file: Path, run: Path, marker: str, *args: str) -> subprocess
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "alignlib", *command, f"output_dir={run}"],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
     proc.log = log
     return proc
 
@@ -120,8 +125,11 @@ def test_a_job_killed_in_round_two_resumes_there(killed):
     assert "resuming after epoch" in out, out[-3000:]
     # The command ends with the per-round table.
     assert "== alignlib job 'small': 2 of 2 round(s)" in out
-    assert [line.split()[0] for line in out.splitlines() if line.startswith("  ") and line.split()
-            and line.split()[0] in ("start", "1", "2")] == ["start", "1", "2"]  # fmt: skip
+    assert [
+        line.split()[0]
+        for line in out.splitlines()
+        if line.startswith("  ") and line.split() and line.split()[0] in ("start", "1", "2")
+    ] == ["start", "1", "2"]
 
 
 def test_per_round_figures_match_the_tables(killed):
@@ -134,8 +142,9 @@ def test_per_round_figures_match_the_tables(killed):
         assert figures["pairs"] == {"best_vs_worst": len(pairs)}
         sft = read_table(run / f"round-{k}" / "pairs" / "sft")[S.REWARD].to_pylist()
         assert figures["best_of_n_mean_reward"] == pytest.approx(sum(sft) / len(sft))
-        scored = [r for r in read_table(run / f"round-{k}" / "score" / "scored").to_pylist()
-                  if r[S.GENERATOR] == "policy"]  # fmt: skip
+        scored = [
+            r for r in read_table(run / f"round-{k}" / "score" / "scored").to_pylist() if r[S.GENERATOR] == "policy"
+        ]
         assert figures["sample_mean_reward"] == pytest.approx(sum(r[S.REWARD] for r in scored) / len(scored))
         assert figures["sample_max_reward"] == max(r[S.REWARD] for r in scored)
         by_prompt: dict[str, list[float]] = {}
@@ -153,8 +162,10 @@ def test_per_round_figures_match_the_tables(killed):
 def test_a_changed_round_one_setting_redoes_every_later_round(killed, rounds_file):
     run = killed[0]
     assert Rounds(load_spec(rounds_file, [f"output_dir={run}"])).plan() == {
-        "shared": [], "round-1": [], "round-2": []
-    }, "a finished run has nothing left to do"  # fmt: skip
+        "shared": [],
+        "round-1": [],
+        "round-2": [],
+    }, "a finished run has nothing left to do"
     changed = Rounds(load_spec(rounds_file, [f"output_dir={run}", "pairs.min_margin=0.01"])).plan()
     assert changed == {"shared": [], "round-1": ["pairs", "train", "export"], "round-2": ROUND_STAGES}
 

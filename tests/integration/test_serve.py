@@ -28,18 +28,32 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 MODEL, SAMPLES, MAX_TOKENS, LENGTH_WEIGHT = "served-demo", 4, 8, 0.5
 JOB = {
-    "name": "served", "output_dir": "unused", "seed": 0,
+    "name": "served",
+    "output_dir": "unused",
+    "seed": 0,
     "data": {"path": str(ROOT / "jobs/data/addition.jsonl"), "prompt_field": "question", "eval_fraction": 0.0},
     "policy": {"model": "builtin:tiny-policy"},
-    "generate": {"engine": "vllm", "num_samples": SAMPLES, "max_new_tokens": MAX_TOKENS, "resources": {"CPU": 1},
-                 "engine_kwargs": {"enforce_eager": True, "max_model_len": 128}},
-    "score": {"rewards": [
-        {"type": "model", "model": "builtin:tiny-reward", "name": "rm", "resources": {"CPU": 0.5}},
-        {"type": "function", "function": "alignlib.rewards:length_penalty", "name": "short", "weight": LENGTH_WEIGHT},
-    ]},
+    "generate": {
+        "engine": "vllm",
+        "num_samples": SAMPLES,
+        "max_new_tokens": MAX_TOKENS,
+        "resources": {"CPU": 1},
+        "engine_kwargs": {"enforce_eager": True, "max_model_len": 128},
+    },
+    "score": {
+        "rewards": [
+            {"type": "model", "model": "builtin:tiny-reward", "name": "rm", "resources": {"CPU": 0.5}},
+            {
+                "type": "function",
+                "function": "alignlib.rewards:length_penalty",
+                "name": "short",
+                "weight": LENGTH_WEIGHT,
+            },
+        ]
+    },
     "eval": {"enabled": False},
     "serve": {"model_name": MODEL, "max_num_samples": 8},
-}  # fmt: skip
+}
 QUESTION = [{"role": "user", "content": "What is 12 + 30?"}]
 
 
@@ -58,8 +72,13 @@ def server(ray_session, model_cache, tmp_path_factory):
     port, log = free_port(), folder / "serve.log"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "alignlib", "serve", str(spec), "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alignlib", "serve", str(spec), "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.time() + 300
     while "[alignlib] serving" not in log.read_text():
         if proc.poll() is not None or time.time() > deadline:
@@ -90,7 +109,10 @@ def offline_rewards(completions: list[str]) -> list[float]:
     scorer = ModelScorer("builtin:tiny-reward", "auto", 1024)
     tokenizer = load_tokenizer("builtin:tiny-reward")
     model = scorer.rewards([reward_sequence(tokenizer, QUESTION, c, 1024) for c in completions])
-    return [m + LENGTH_WEIGHT * length_penalty(prompt="", completion=c, gold=None) for m, c in zip(model, completions, strict=True)]
+    return [
+        m + LENGTH_WEIGHT * length_penalty(prompt="", completion=c, gold=None)
+        for m, c in zip(model, completions, strict=True)
+    ]
 
 
 def test_models_lists_the_served_name(client, server):
@@ -133,11 +155,16 @@ def test_32_concurrent_requests_for_4_rounds(server):
         client = openai.AsyncOpenAI(base_url=server[0], api_key="unused", max_retries=0, timeout=300)
         answers = []
         for r in range(4):
-            answers += await asyncio.gather(*[
-                client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"What is {i} + {r}?"}],
-                                               extra_body={"return_candidates": True})
-                for i in range(32)
-            ])  # fmt: skip
+            answers += await asyncio.gather(
+                *[
+                    client.chat.completions.create(
+                        model=MODEL,
+                        messages=[{"role": "user", "content": f"What is {i} + {r}?"}],
+                        extra_body={"return_candidates": True},
+                    )
+                    for i in range(32)
+                ]
+            )
         await client.close()
         return answers
 

@@ -51,19 +51,30 @@ CASES = [
     Case("null_gold", {"q": "What is 5 + 5?", "a": None}, "a", "null_field", "field 'a' must be a string or"),
     Case("empty_prompt", {"q": "   ", "a": "10"}, "q", "empty_prompt", "field 'q' is an empty string"),
     Case("empty_chat", {"q": [], "a": "10"}, "q", "empty_prompt", "field 'q' must be a non-empty string or chat"),
-    Case("wrong_type_prompt", {"q": 5, "a": "10"}, "q", "wrong_type", "must be a non-empty string or chat list, got int"),
+    Case(
+        "wrong_type_prompt", {"q": 5, "a": "10"}, "q", "wrong_type", "must be a non-empty string or chat list, got int"
+    ),
     Case("wrong_type_gold", {"q": "What is 5 + 5?", "a": {"v": 10}}, "a", "wrong_type", "got {'v': 10}"),
     Case("bad_chat", {"q": [{"role": "user"}], "a": "10"}, "q", "bad_chat", "q[0] must be an object with string"),
-    Case("conflicting_gold", {"q": "What is 1 + 1?", "a": "3"}, "a", "conflicting_gold",
-         "same prompt as {path}:1 but a different gold answer (field 'a': '3' vs '2')"),
-    Case("prompt_too_long", {"q": LONG, "a": "1"}, "q", "prompt_too_long",
-         "with generate.max_new_tokens 8 that is more than the 512-token context of the policy model"),
+    Case(
+        "conflicting_gold",
+        {"q": "What is 1 + 1?", "a": "3"},
+        "a",
+        "conflicting_gold",
+        "same prompt as {path}:1 but a different gold answer (field 'a': '3' vs '2')",
+    ),
+    Case(
+        "prompt_too_long",
+        {"q": LONG, "a": "1"},
+        "q",
+        "prompt_too_long",
+        "with generate.max_new_tokens 8 that is more than the 512-token context of the policy model",
+    ),
     Case("parquet_null_prompt", {"q": None, "a": "10"}, "q", "null_field", "got NoneType", fmt="parquet"),
     Case("parquet_null_gold", {"q": "What is 5 + 5?", "a": None}, "a", "null_field", "got None", fmt="parquet"),
     Case("parquet_empty_prompt", {"q": "", "a": "10"}, "q", "empty_prompt", "is an empty string", fmt="parquet"),
-    Case("parquet_prompt_too_long", {"q": LONG, "a": "1"}, "q", "prompt_too_long", "512-token context",
-         fmt="parquet"),
-]  # fmt: skip
+    Case("parquet_prompt_too_long", {"q": LONG, "a": "1"}, "q", "prompt_too_long", "512-token context", fmt="parquet"),
+]
 
 
 def write_data(path: Path, rows: list, fmt: str) -> Path:
@@ -77,11 +88,13 @@ def write_data(path: Path, rows: list, fmt: str) -> Path:
 
 def write_job(tmp_path: Path, data: Path, mode: str, **data_fields) -> Path:
     job = {
-        "name": "bad", "output_dir": str(tmp_path / "run"), "policy": {"model": "builtin:tiny-policy"},
-        "data": {"path": str(data), "prompt_field": "q", "gold_field": "a", "eval_fraction": 0.25,
-                 "on_bad_rows": mode} | data_fields,
+        "name": "bad",
+        "output_dir": str(tmp_path / "run"),
+        "policy": {"model": "builtin:tiny-policy"},
+        "data": {"path": str(data), "prompt_field": "q", "gold_field": "a", "eval_fraction": 0.25, "on_bad_rows": mode}
+        | data_fields,
         "generate": {"engine": "transformers", "max_new_tokens": 8},
-    }  # fmt: skip
+    }
     spec = tmp_path / "job.yaml"
     spec.write_text(json.dumps(job))
     return spec
@@ -247,8 +260,9 @@ def test_bad_pgold_rows_are_set_aside_with_their_field(tmp_path):
     stage = tmp_path / "run" / "prompts"
     rejected = read_table(stage / "rejected_rows").to_pylist()
     assert [(r[S.SOURCE], r[S.FIELD], r[S.REASON]) for r in rejected] == [
-        (f"{data}:2", "rejected", "null_field"), (f"{data}:4", "score_chosen", "not_finite"),
-    ]  # fmt: skip
+        (f"{data}:2", "rejected", "null_field"),
+        (f"{data}:4", "score_chosen", "not_finite"),
+    ]
     assert sorted(read_table(stage / "preferences")[S.PROMPT].to_pylist()) == ["q0", "q1", "q2", "q3"]
 
 
@@ -323,8 +337,10 @@ def test_context_length_reads_the_config_as_vllm_does(tmp_path):
     for name, config in configs.items():
         config.save_pretrained(tmp_path / name)
     assert {name: context_length(str(tmp_path / name)) for name in configs} == {
-        "llama": 256, "gpt2": 300, "rope_linear_x4": 1024,
-    }  # fmt: skip
+        "llama": 256,
+        "gpt2": 300,
+        "rope_linear_x4": 1024,
+    }
 
 
 # -- the spec ----------------------------------------------------------------------------------
@@ -332,13 +348,15 @@ def test_context_length_reads_the_config_as_vllm_does(tmp_path):
 
 def test_every_invalid_spec_value_is_reported_at_once_with_its_path(tmp_path, capsys):
     job = {
-        "name": "bad", "output_dir": str(tmp_path), "colour": "blue",
+        "name": "bad",
+        "output_dir": str(tmp_path),
+        "colour": "blue",
         "data": {"path": "d.jsonl", "on_bad_rows": "skip", "eval_fraction": 1.5},
         "policy": {"model": "builtin:tiny-policy"},
         "generate": {"num_samples": 0, "top_p": 2.0},
         "pairs": {"strategy": "gold_vs_weak"},
         "train": {"epochs": 0, "loss": {"name": "dpo", "lambda_": 1.0}},
-    }  # fmt: skip
+    }
     spec = tmp_path / "job.yaml"
     spec.write_text(json.dumps(job))
     assert cli(["validate", str(spec)]) == 2
@@ -346,8 +364,15 @@ def test_every_invalid_spec_value_is_reported_at_once_with_its_path(tmp_path, ca
     assert f"{spec}: 9 problem(s) in the job spec:" in err
     problems = [line.removeprefix("  - ") for line in err.splitlines() if line.startswith("  - ")]
     assert sorted(p.split(":")[0] for p in problems) == [
-        "colour", "data.eval_fraction", "data.gold_field", "data.on_bad_rows", "generate.num_samples",
-        "generate.top_p", "generate.weak_model", "train.epochs", "train.loss.lambda_",
-    ]  # fmt: skip
+        "colour",
+        "data.eval_fraction",
+        "data.gold_field",
+        "data.on_bad_rows",
+        "generate.num_samples",
+        "generate.top_p",
+        "generate.weak_model",
+        "train.epochs",
+        "train.loss.lambda_",
+    ]
     assert "data.on_bad_rows: 'skip' is not one of 'error' or 'reject'" in problems
     assert cli(["prompts", str(spec)]) == 2  # a stage command refuses it the same way

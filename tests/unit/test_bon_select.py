@@ -5,25 +5,51 @@ from alignlib.bon import FLAG_ALL_TRUNCATED, FLAG_NO_CANDIDATES, select
 
 
 def prompt(i):
-    return {S.PROMPT_ID: f"p{i}", S.PROMPT: f"q{i}", S.MESSAGES: [{"role": "user", "content": f"q{i}"}],
-            S.SOURCE: f"d.jsonl:{i + 1}", S.GOLD: None}  # fmt: skip
+    return {
+        S.PROMPT_ID: f"p{i}",
+        S.PROMPT: f"q{i}",
+        S.MESSAGES: [{"role": "user", "content": f"q{i}"}],
+        S.SOURCE: f"d.jsonl:{i + 1}",
+        S.GOLD: None,
+    }
 
 
 def sample(i, k, reward, finish="stop", tokens=3, generator=S.GENERATOR_POLICY):
-    return {S.PROMPT_ID: f"p{i}", S.SAMPLE_INDEX: k, S.COMPLETION: f"answer {i}.{k}", S.REWARD: reward,
-            S.FINISH_REASON: finish, S.NUM_TOKENS: tokens, S.GENERATOR: generator}  # fmt: skip
+    return {
+        S.PROMPT_ID: f"p{i}",
+        S.SAMPLE_INDEX: k,
+        S.COMPLETION: f"answer {i}.{k}",
+        S.REWARD: reward,
+        S.FINISH_REASON: finish,
+        S.NUM_TOKENS: tokens,
+        S.GENERATOR: generator,
+    }
 
 
 def test_one_best_answer_per_prompt_in_input_order_with_every_candidate_ranked():
     prompts = [prompt(2), prompt(0), prompt(1)]  # the data file's order, not the ids'
-    scored = [sample(0, 0, 0.1), sample(0, 1, 0.9), sample(1, 0, 0.5), sample(2, 0, 0.3), sample(2, 1, 0.2),
-              sample(0, 0, 5.0, generator=S.GENERATOR_GOLD)]  # gold answers are not candidates
+    scored = [
+        sample(0, 0, 0.1),
+        sample(0, 1, 0.9),
+        sample(1, 0, 0.5),
+        sample(2, 0, 0.3),
+        sample(2, 1, 0.2),
+        sample(0, 0, 5.0, generator=S.GENERATOR_GOLD),
+    ]  # gold answers are not candidates
     best, candidates, counts = select(prompts, scored)
     assert [b[S.PROMPT_ID] for b in best] == ["p2", "p0", "p1"]
-    assert [(b[S.COMPLETION], b[S.REWARD]) for b in best] == [("answer 2.0", 0.3), ("answer 0.1", 0.9),
-                                                              ("answer 1.0", 0.5)]  # fmt: skip
+    assert [(b[S.COMPLETION], b[S.REWARD]) for b in best] == [
+        ("answer 2.0", 0.3),
+        ("answer 0.1", 0.9),
+        ("answer 1.0", 0.5),
+    ]
     assert [(c[S.PROMPT_ID], c[S.SAMPLE_INDEX], c["rank"]) for c in candidates] == [
-        ("p2", 0, 1), ("p2", 1, 2), ("p0", 1, 1), ("p0", 0, 2), ("p1", 0, 1)]  # fmt: skip
+        ("p2", 0, 1),
+        ("p2", 1, 2),
+        ("p0", 1, 1),
+        ("p0", 0, 2),
+        ("p1", 0, 1),
+    ]
     assert counts == {"prompts": 3, FLAG_ALL_TRUNCATED: 0, FLAG_NO_CANDIDATES: 0, "tied": 0}
 
 

@@ -35,9 +35,13 @@ def gpu_spec(**generate):
 
 def test_every_generate_setting_lands_in_the_processor_config():
     spec = gpu_spec(
-        batch_size=48, concurrency=[2, 6], resources={"GPU": 1, "CPU": 2}, accelerator_type="H100",
-        max_pending_requests=96, engine_kwargs={"tensor_parallel_size": 2, "max_model_len": 4096},
-    )  # fmt: skip
+        batch_size=48,
+        concurrency=[2, 6],
+        resources={"GPU": 1, "CPU": 2},
+        accelerator_type="H100",
+        max_pending_requests=96,
+        engine_kwargs={"tensor_parallel_size": 2, "max_model_len": 4096},
+    )
     config = generate_config(spec.policy, spec.generate)
     assert config.batch_size == 48
     assert config.concurrency == (2, 6)
@@ -45,9 +49,13 @@ def test_every_generate_setting_lands_in_the_processor_config():
     assert config.max_pending_requests == 96
     assert config.task_type == "generate"
     assert config.engine_kwargs == {
-        "dtype": "bfloat16", "disable_log_stats": True, "tensor_parallel_size": 2, "max_model_len": 4096,
-        "task_type": "generate", "trust_remote_code": False,
-    }  # fmt: skip
+        "dtype": "bfloat16",
+        "disable_log_stats": True,
+        "tensor_parallel_size": 2,
+        "max_model_len": 4096,
+        "task_type": "generate",
+        "trust_remote_code": False,
+    }
     # One bundle per tensor-parallel worker: ray.data.llm replicates it tensor_parallel_size times.
     assert config.placement_group_config["bundle_per_worker"] == {"GPU": 1.0, "CPU": 2.0}
     assert config.model_source.endswith("tiny-policy-v1")
@@ -93,9 +101,14 @@ def test_new_generate_fields_are_validated():
 
 def test_reward_model_on_vllm_is_a_classify_processor():
     reward = ModelRewardSpec(
-        type="model", model="builtin:tiny-reward", engine="vllm", batch_size=16, concurrency=[1, 2],
-        resources={"CPU": 1}, engine_kwargs={"enforce_eager": True},
-    )  # fmt: skip
+        type="model",
+        model="builtin:tiny-reward",
+        engine="vllm",
+        batch_size=16,
+        concurrency=[1, 2],
+        resources={"CPU": 1},
+        engine_kwargs={"enforce_eager": True},
+    )
     config = reward_config(reward)
     assert config.task_type == "classify" and config.engine_kwargs["task_type"] == "classify"
     assert config.engine_kwargs["enforce_eager"] is True and config.engine_kwargs["dtype"] == "float32"
@@ -140,9 +153,12 @@ def test_length_grouped_rewards_equal_padded_and_one_by_one_rewards():
 
     # Heavy-tailed: most answers a few tokens, every 7th one hundreds.
     texts = [" plus ".join(["the number"] * (40 + i)) if i % 7 == 0 else str(i) * (1 + i % 3) for i in range(30)]
-    batch = pa.table({
-        S.MESSAGES: [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(30)], S.COMPLETION: texts,
-    })  # fmt: skip
+    batch = pa.table(
+        {
+            S.MESSAGES: [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(30)],
+            S.COMPLETION: texts,
+        }
+    )
     grouped = ModelScorer("builtin:tiny-reward", "auto", max_length=512)
     padded = ModelScorer("builtin:tiny-reward", "auto", max_length=512, group_by_length=False)
     by_group = grouped(batch)[S.REWARD].to_pylist()

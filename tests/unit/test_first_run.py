@@ -31,13 +31,17 @@ DEMO = ROOT / "jobs" / "demo.yaml"
 def cli(*args, cwd=ROOT, env=None):
     env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "alignlib", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "alignlib", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+    )
 
 
 def write_questions(path: Path, start: int, n: int) -> Path:
-    path.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
-                            for i in range(start, start + n)))  # fmt: skip
+    path.write_text(
+        "".join(
+            json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(start, start + n)
+        )
+    )
     return path
 
 
@@ -59,8 +63,9 @@ def test_an_edited_data_file_is_read_again(model_cache, tmp_path, capsys):
     assert all(int(q.split()[2]) >= 100 for q in questions), "no row of the old file is left"
 
 
-def test_a_changed_input_moves_the_fingerprints_of_the_stages_it_feeds_and_no_others(model_cache, tmp_path,
-                                                                                       monkeypatch):  # fmt: skip
+def test_a_changed_input_moves_the_fingerprints_of_the_stages_it_feeds_and_no_others(
+    model_cache, tmp_path, monkeypatch
+):
     from alignlib.models import resolve_model
 
     model = tmp_path / "policy"
@@ -68,8 +73,11 @@ def test_a_changed_input_moves_the_fingerprints_of_the_stages_it_feeds_and_no_ot
     module = tmp_path / "my_reward.py"
     module.write_text("def score(prompt, completion, gold):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    overrides = [f"output_dir={tmp_path / 'run'}", f"policy.model={model}",
-                 "score.reward={type: function, function: 'my_reward:score'}"]  # fmt: skip
+    overrides = [
+        f"output_dir={tmp_path / 'run'}",
+        f"policy.model={model}",
+        "score.reward={type: function, function: 'my_reward:score'}",
+    ]
 
     def fingerprints():
         p = Pipeline(load_spec(DEMO, ["rounds.count=1", *overrides]))
@@ -90,11 +98,15 @@ def test_relative_paths_are_made_absolute_once(tmp_path, monkeypatch):
     write_questions(tmp_path / "data" / "q.jsonl", 0, 4)
     (tmp_path / "runs" / "old" / "export" / "model").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
-    spec = load_spec(DEMO, ["rounds.count=1", "data.path=data/q.jsonl", "output_dir=runs/new", "policy.model=runs/old/export/model"])
+    spec = load_spec(
+        DEMO, ["rounds.count=1", "data.path=data/q.jsonl", "output_dir=runs/new", "policy.model=runs/old/export/model"]
+    )
     assert spec.data.path == str(tmp_path / "data" / "q.jsonl")
     assert spec.output_dir == str(tmp_path / "runs" / "new")
     assert spec.policy.model == str(tmp_path / "runs" / "old" / "export" / "model")
-    assert load_spec(DEMO, ["rounds.count=1", "policy.model=org/model"]).policy.model == "org/model", "a hub id stays a hub id"
+    assert load_spec(DEMO, ["rounds.count=1", "policy.model=org/model"]).policy.model == "org/model", (
+        "a hub id stays a hub id"
+    )
 
 
 # -- errors before any work ----------------------------------------------------------------------
@@ -102,16 +114,25 @@ def test_relative_paths_are_made_absolute_once(tmp_path, monkeypatch):
 
 def test_validate_names_bad_sources_and_suggests_the_builtin(tmp_path):
     (tmp_path / "not-a-model").mkdir()
-    done = cli("validate", str(DEMO), "policy.model=builtin:tiny-polcy", f"data.path={tmp_path}/none.jsonl",
-               f"generate.weak_model.model={tmp_path}/not-a-model")  # fmt: skip
+    done = cli(
+        "validate",
+        str(DEMO),
+        "policy.model=builtin:tiny-polcy",
+        f"data.path={tmp_path}/none.jsonl",
+        f"generate.weak_model.model={tmp_path}/not-a-model",
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.splitlines()
     assert "3 problem(s)" in lines[0] and "Traceback" not in done.stderr
     assert any(line.startswith(f"  - data.path: {tmp_path}/none.jsonl does not exist") for line in lines)
-    assert any("policy.model: unknown built-in model 'builtin:tiny-polcy'; did you mean builtin:tiny-policy?" in line
-               for line in lines)  # fmt: skip
-    assert any(f"generate.weak_model.model: {tmp_path}/not-a-model is not a Hugging Face model directory" in line
-               for line in lines)  # fmt: skip
+    assert any(
+        "policy.model: unknown built-in model 'builtin:tiny-polcy'; did you mean builtin:tiny-policy?" in line
+        for line in lines
+    )
+    assert any(
+        f"generate.weak_model.model: {tmp_path}/not-a-model is not a Hugging Face model directory" in line
+        for line in lines
+    )
 
 
 def test_run_with_a_missing_model_fails_before_any_stage(tmp_path):
@@ -127,14 +148,17 @@ def test_an_object_store_it_cannot_write_fails_before_any_stage_naming_output_di
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"output_dir: cannot write to {s3_prefix}/run (" in done.stderr and "SIGNATURE_DOES_NOT_MATCH" in done.stderr
     assert "AWS_SECRET_ACCESS_KEY" in done.stderr and wrong not in done.stderr + done.stdout
-    listing = s3_server.filesystem().get_file_info(pafs.FileSelector(s3_prefix.removeprefix("s3://"),
-                                                                     allow_not_found=True))  # fmt: skip
+    listing = s3_server.filesystem().get_file_info(
+        pafs.FileSelector(s3_prefix.removeprefix("s3://"), allow_not_found=True)
+    )
     assert listing == [], "nothing was written"
 
 
 def test_a_gpu_request_on_a_machine_without_one_fails_at_once(tmp_path):
     started = time.time()
-    done = cli("run", str(DEMO), f"output_dir={tmp_path}/run", "train.backend.use_gpu=true", "train.backend.num_workers=2")
+    done = cli(
+        "run", str(DEMO), f"output_dir={tmp_path}/run", "train.backend.use_gpu=true", "train.backend.num_workers=2"
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "train.backend: the train stage asks for 2 GPU" in done.stderr
     assert "set train.backend.use_gpu=false" in done.stderr
@@ -143,9 +167,14 @@ def test_a_gpu_request_on_a_machine_without_one_fails_at_once(tmp_path):
 
 
 def test_unknown_keys_and_bad_choices_name_what_would_be_valid():
-    raw = {"name": "x", "output_dir": "o", "data": {"path": "d.jsonl", "prompt_feild": "q"},
-           "policy": {"model": "builtin:tiny-policy"}, "pairs": {"strategy": "foo"},
-           "train": {"loss": {"name": "dpo", "bta": 0.1}}}  # fmt: skip
+    raw = {
+        "name": "x",
+        "output_dir": "o",
+        "data": {"path": "d.jsonl", "prompt_feild": "q"},
+        "policy": {"model": "builtin:tiny-policy"},
+        "pairs": {"strategy": "foo"},
+        "train": {"loss": {"name": "dpo", "bta": 0.1}},
+    }
     with pytest.raises(SpecError) as err:
         parse_spec(raw)
     assert err.value.problems == [
@@ -157,13 +186,18 @@ def test_unknown_keys_and_bad_choices_name_what_would_be_valid():
 
 
 def test_eval_on_a_preference_file_needs_a_reward_without_gold_answers():
-    raw = {"name": "x", "output_dir": "o", "data": {"path": "p.jsonl", "kind": "preferences"},
-           "policy": {"model": "builtin:tiny-policy"}}  # fmt: skip
+    raw = {
+        "name": "x",
+        "output_dir": "o",
+        "data": {"path": "p.jsonl", "kind": "preferences"},
+        "policy": {"model": "builtin:tiny-policy"},
+    }
     with pytest.raises(SpecError) as err:
         parse_spec(raw)
     assert len(err.value.problems) == 1
-    assert err.value.problems[0].startswith("eval.enabled: data.kind preferences has no gold answers, and the "
-                                            "eval's reward alignlib.rewards:exact_match")  # fmt: skip
+    assert err.value.problems[0].startswith(
+        "eval.enabled: data.kind preferences has no gold answers, and the eval's reward alignlib.rewards:exact_match"
+    )
     parse_spec({**raw, "eval": {"enabled": False}})
     parse_spec({**raw, "score": {"reward": {"type": "function", "function": "alignlib.rewards:length_penalty"}}})
 
@@ -187,8 +221,9 @@ def test_the_demo_runs_from_any_directory(tmp_path):
 
 def test_output_into_a_closed_pipe_ends_quietly():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen([sys.executable, "-m", "alignlib", "schema"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "alignlib", "schema"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     proc.stdout.close()  # the reader is gone before alignlib writes (`alignlib schema | head -0`)
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141 and "Traceback" not in stderr, stderr
@@ -196,21 +231,46 @@ def test_output_into_a_closed_pipe_ends_quietly():
 
 def scored_run(tmp_path: Path, rewards: list[float], loss: str = "sft") -> Pipeline:
     """A pipeline whose generate and score outputs are written by hand (one prompt per reward, 2 samples)."""
-    spec = load_spec(DEMO, ["rounds.count=1", f"output_dir={tmp_path / 'run'}", f"train.loss={{name: {loss}}}",
-                            "pairs.strategy=best_vs_worst"])  # fmt: skip
+    spec = load_spec(
+        DEMO,
+        [
+            "rounds.count=1",
+            f"output_dir={tmp_path / 'run'}",
+            f"train.loss={{name: {loss}}}",
+            "pairs.strategy=best_vs_worst",
+        ],
+    )
     pipeline = Pipeline(spec)
     rows = []
     for i, reward in enumerate(rewards):
         messages = [{"role": "user", "content": f"q{i}"}]
         for k, value in enumerate((reward, 0.0)):
-            rows.append({S.PROMPT_ID: f"p{i}", S.PROMPT: f"q{i}", S.MESSAGES: messages, S.GOLD: "1",
-                         S.SOURCE: f"f:{i}", S.COMPLETION: f"answer {k}", S.GENERATOR: "policy", S.SAMPLE_INDEX: k,
-                         S.SEED: k, S.FINISH_REASON: "stop", S.NUM_TOKENS: 2, S.REWARD: value,
-                         S.REWARD_SOURCE: "hand"})  # fmt: skip
-    for stage, table, columns in (("generate", "completions", S.COMPLETION_COLUMNS), ("score", "scored", S.SCORED_COLUMNS)):
+            rows.append(
+                {
+                    S.PROMPT_ID: f"p{i}",
+                    S.PROMPT: f"q{i}",
+                    S.MESSAGES: messages,
+                    S.GOLD: "1",
+                    S.SOURCE: f"f:{i}",
+                    S.COMPLETION: f"answer {k}",
+                    S.GENERATOR: "policy",
+                    S.SAMPLE_INDEX: k,
+                    S.SEED: k,
+                    S.FINISH_REASON: "stop",
+                    S.NUM_TOKENS: 2,
+                    S.REWARD: value,
+                    S.REWARD_SOURCE: "hand",
+                }
+            )
+    for stage, table, columns in (
+        ("generate", "completions", S.COMPLETION_COLUMNS),
+        ("score", "scored", S.SCORED_COLUMNS),
+    ):
         with pipeline.store.writer(stage) as out:
-            write_table(pa.Table.from_pylist([{c: r[c] for c in columns} for r in rows],
-                                             schema=S.arrow_schema(columns)), out.table(table))  # fmt: skip
+            write_table(
+                pa.Table.from_pylist([{c: r[c] for c in columns} for r in rows], schema=S.arrow_schema(columns)),
+                out.table(table),
+            )
             out.commit(pipeline.fingerprint(stage), inputs={})
     return pipeline
 
@@ -223,11 +283,23 @@ def test_a_degenerate_training_set_is_said_and_the_sft_set_exports(tmp_path, cap
     assert f"pairs: warning: {warning}" in capsys.readouterr().out
 
     target = tmp_path / "sft.jsonl"
-    done = cli("export-pairs", str(DEMO), f"output_dir={tmp_path / 'run'}", "rounds.count=1", "train.loss={name: sft}",
-               "pairs.strategy=best_vs_worst", "--table", "sft", "--out", str(target))  # fmt: skip
+    done = cli(
+        "export-pairs",
+        str(DEMO),
+        f"output_dir={tmp_path / 'run'}",
+        "rounds.count=1",
+        "train.loss={name: sft}",
+        "pairs.strategy=best_vs_worst",
+        "--table",
+        "sft",
+        "--out",
+        str(target),
+    )
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in target.read_text().splitlines()]
-    assert len(rows) == 20 and rows[0]["prompt"][0]["role"] == "user" and rows[0]["completion"][0]["role"] == "assistant"
+    assert (
+        len(rows) == 20 and rows[0]["prompt"][0]["role"] == "user" and rows[0]["completion"][0]["role"] == "assistant"
+    )
     assert sorted(r["reward"] for r in rows)[-1] == 1.0
 
     healthy = scored_run(tmp_path / "healthy", [1.0] * 20, loss="orpo").run(["pairs"])["pairs"]["stats"]
@@ -242,14 +314,20 @@ def test_export_into_a_missing_directory_is_refused(tmp_path):
 
 def test_gguf_model_sources_are_checked_by_name(tmp_path):
     (tmp_path / "fake.gguf").write_bytes(b"PK\x03\x04 not a gguf file")
-    done = cli("validate", str(DEMO), f"policy.model={tmp_path}/missing.gguf",
-               f"generate.weak_model.model={tmp_path}/fake.gguf",
-               "score.reward={type: model, model: builtin:smollm2-135m-instrct}")  # fmt: skip
+    done = cli(
+        "validate",
+        str(DEMO),
+        f"policy.model={tmp_path}/missing.gguf",
+        f"generate.weak_model.model={tmp_path}/fake.gguf",
+        "score.reward={type: model, model: builtin:smollm2-135m-instrct}",
+    )
     assert done.returncode == 2, done.stderr
     assert f"policy.model: {tmp_path}/missing.gguf does not exist" in done.stderr
     assert f"generate.weak_model.model: {tmp_path}/fake.gguf is not a GGUF file" in done.stderr
-    assert "score.reward.model: unknown built-in model 'builtin:smollm2-135m-instrct'; did you mean " \
-           "builtin:smollm2-135m-instruct?" in done.stderr  # fmt: skip
+    assert (
+        "score.reward.model: unknown built-in model 'builtin:smollm2-135m-instrct'; did you mean "
+        "builtin:smollm2-135m-instruct?" in done.stderr
+    )
 
 
 def test_progress_lines_say_rows_rate_and_time_left():

@@ -32,11 +32,13 @@ def write_jsonl(path, rows):
 LAYOUTS = [
     ("plain text", {"prompt": "2+2?", "chosen": "4", "rejected": "5"}),
     ("conversational, assistant turns", {"prompt": [USER], "chosen": [assistant("4")], "rejected": [assistant("5")]}),
-    ("explicit prompt, whole conversations", {"prompt": "2+2?", "chosen": [USER, assistant("4")],
-                                              "rejected": [USER, assistant("5")]}),
+    (
+        "explicit prompt, whole conversations",
+        {"prompt": "2+2?", "chosen": [USER, assistant("4")], "rejected": [USER, assistant("5")]},
+    ),
     ("implicit prompt", {"chosen": [USER, assistant("4")], "rejected": [USER, assistant("5")]}),
     ("with scores", {"prompt": "2+2?", "chosen": "4", "rejected": "5", "score_chosen": 9, "score_rejected": 2.5}),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("record", [r for _, r in LAYOUTS], ids=[n for n, _ in LAYOUTS])
@@ -54,10 +56,15 @@ def test_preference_layouts_read_the_same(tmp_path, record):
 def test_parquet_preferences_with_multi_turn_prompt_and_several_pairs_per_prompt(tmp_path):
     prompt = [SYSTEM, USER, assistant("Four?"), {"role": "user", "content": "sure?"}]
     path = tmp_path / "p.parquet"
-    pq.write_table(pa.Table.from_pylist([
-        {"prompt": prompt, "chosen": [assistant("yes")], "rejected": [assistant("no")]},
-        {"prompt": prompt, "chosen": [assistant("yes")], "rejected": [assistant("maybe")]},
-    ]), path)  # fmt: skip
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"prompt": prompt, "chosen": [assistant("yes")], "rejected": [assistant("no")]},
+                {"prompt": prompt, "chosen": [assistant("yes")], "rejected": [assistant("maybe")]},
+            ]
+        ),
+        path,
+    )
     prompts, prefs, counts = read_data(DataSpec(path=str(path), kind="preferences"))
     assert len(prompts) == 1 and prompts[0][S.MESSAGES] == prompt and prompts[0][S.PROMPT] == "sure?"
     assert [(p[S.REJECTED], p[S.SOURCE]) for p in prefs] == [("no", f"{path}#0"), ("maybe", f"{path}#1")]
@@ -65,13 +72,18 @@ def test_parquet_preferences_with_multi_turn_prompt_and_several_pairs_per_prompt
 
 
 def test_prompt_sets_in_trl_and_messages_layouts(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "plain?"},
-        {"prompt": [SYSTEM, USER]},
-        {"prompt": "pref?", "chosen": "a", "rejected": "b"},  # a TRL preference row used as a prompt
-        {"chosen": [{"role": "user", "content": "implicit?"}, assistant("a")],
-         "rejected": [{"role": "user", "content": "implicit?"}, assistant("b")]},
-    ])  # fmt: skip
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "plain?"},
+            {"prompt": [SYSTEM, USER]},
+            {"prompt": "pref?", "chosen": "a", "rejected": "b"},  # a TRL preference row used as a prompt
+            {
+                "chosen": [{"role": "user", "content": "implicit?"}, assistant("a")],
+                "rejected": [{"role": "user", "content": "implicit?"}, assistant("b")],
+            },
+        ],
+    )
     prompts, prefs, _ = read_data(DataSpec(path=str(path)))
     assert [p[S.PROMPT] for p in prompts] == ["plain?", "2+2?", "pref?", "implicit?"] and prefs == []
     # An SFT-style `messages` column: the final assistant turn is the gold answer.
@@ -83,20 +95,32 @@ def test_prompt_sets_in_trl_and_messages_layouts(tmp_path):
 BAD = [
     ({"prompt": "q", "rejected": "b"}, "missing field 'chosen' of a preference set"),
     ({"prompt": "q", "chosen": 3, "rejected": "b"}, "field 'chosen' must be a string or a chat list, got int"),
-    ({"prompt": "q", "chosen": "a", "rejected": [USER, assistant("b")]},
-     "field 'rejected' must be one assistant turn after the prompt, got roles ['user', 'assistant']"),
-    ({"prompt": [USER], "chosen": [assistant("a"), USER], "rejected": "b"},
-     "field 'chosen' must be one assistant turn after the prompt, got roles ['assistant', 'user']"),
-    ({"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": "b"},
-     "chosen[0] must be an object with string 'role' and 'content'"),
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high"},
-     "field 'score_chosen' must be a finite number, got 'high'"),
-    ({"chosen": [assistant("a")], "rejected": [assistant("b")]},
-     "no field 'prompt', and 'chosen' and 'rejected' share no leading prompt turns"),
+    (
+        {"prompt": "q", "chosen": "a", "rejected": [USER, assistant("b")]},
+        "field 'rejected' must be one assistant turn after the prompt, got roles ['user', 'assistant']",
+    ),
+    (
+        {"prompt": [USER], "chosen": [assistant("a"), USER], "rejected": "b"},
+        "field 'chosen' must be one assistant turn after the prompt, got roles ['assistant', 'user']",
+    ),
+    (
+        {"prompt": "q", "chosen": [{"role": "assistant"}], "rejected": "b"},
+        "chosen[0] must be an object with string 'role' and 'content'",
+    ),
+    (
+        {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": "high"},
+        "field 'score_chosen' must be a finite number, got 'high'",
+    ),
+    (
+        {"chosen": [assistant("a")], "rejected": [assistant("b")]},
+        "no field 'prompt', and 'chosen' and 'rejected' share no leading prompt turns",
+    ),
     ({"chosen": "a", "rejected": "b"}, "missing field 'prompt'"),
-    ({"prompt": [USER, assistant("a"), assistant("b")], "chosen": "a", "rejected": "b"},
-     "prompt must hold prompt turns before its final assistant answer"),
-]  # fmt: skip
+    (
+        {"prompt": [USER, assistant("a"), assistant("b")], "chosen": "a", "rejected": "b"},
+        "prompt must hold prompt turns before its final assistant answer",
+    ),
+]
 
 
 @pytest.mark.parametrize("record, message", BAD, ids=[m.split(" must")[0][:40] for _, m in BAD])
@@ -128,16 +152,28 @@ def job(tmp_path, data, **sections):
         "data": {"kind": "preferences", "eval_fraction": 0.0} | data,
         "eval": {"enabled": False},
     } | sections
-    return parse_spec(raw)  # fmt: skip
+    return parse_spec(raw)
 
 
 def test_imported_preferences_go_from_prompts_straight_to_pairs(tmp_path):
-    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "score_chosen": 1.0 + i,
-             "score_rejected": 0.5} for i in range(10)]  # fmt: skip
+    rows = [
+        {
+            "prompt": f"q{i}",
+            "chosen": f"good {i}",
+            "rejected": f"bad {i}",
+            "score_chosen": 1.0 + i,
+            "score_rejected": 0.5,
+        }
+        for i in range(10)
+    ]
     rows += [rows[0], {"prompt": "q0", "chosen": "same", "rejected": "same"}]
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
-    spec = job(tmp_path, {"path": str(path), "eval_fraction": 0.2}, eval={"enabled": True},
-               score={"reward": {"type": "function", "function": "alignlib.rewards:length_penalty"}})  # fmt: skip
+    spec = job(
+        tmp_path,
+        {"path": str(path), "eval_fraction": 0.2},
+        eval={"enabled": True},
+        score={"reward": {"type": "function", "function": "alignlib.rewards:length_penalty"}},
+    )
     pipeline = Pipeline(spec)
     assert pipeline.stages() == ["prompts", "pairs", "train", "export", "eval"]
     manifests = pipeline.run(["prompts", "pairs"])
@@ -156,22 +192,52 @@ def test_imported_preferences_go_from_prompts_straight_to_pairs(tmp_path):
     report = (pipeline.store.path("pairs") / "report.html").read_text()
     assert "reward of chosen" in report and "<svg" in report
     assert stats["quality"]["reward_by_generator"]["rejected"]["mean"] == 0.5
-    with pytest.raises(StageInputError, match="stage 'score' is not part of this job: it runs only when data.kind is prompts"):
+    with pytest.raises(
+        StageInputError, match="stage 'score' is not part of this job: it runs only when data.kind is prompts"
+    ):
         pipeline.run(["score"])
 
 
 def test_export_pairs_then_import_gives_the_same_pairs(tmp_path, capsys):
     chat = [SYSTEM, USER]
     original = [
-        {S.PROMPT_ID: prompt_id(chat), S.PROMPT: "2+2?", S.MESSAGES: chat, S.CHOSEN: "4", S.REJECTED: "5",
-         S.CHOSEN_REWARD: 1.0, S.REJECTED_REWARD: 0.25, S.MARGIN: 0.75, S.STRATEGY: "best_vs_worst",
-         S.CHOSEN_GENERATOR: "policy", S.REJECTED_GENERATOR: "policy"},
-        {S.PROMPT_ID: prompt_id([USER]), S.PROMPT: "2+2?", S.MESSAGES: [USER], S.CHOSEN: "four\n\"4\"",
-         S.REJECTED: "", S.CHOSEN_REWARD: None, S.REJECTED_REWARD: None, S.MARGIN: None, S.STRATEGY: "gold_vs_weak",
-         S.CHOSEN_GENERATOR: "gold", S.REJECTED_GENERATOR: "weak"},
-    ]  # fmt: skip
-    source = Pipeline(parse_spec({"name": "src", "output_dir": str(tmp_path / "src"), "data": {"path": "x.jsonl"},
-                                  "policy": {"model": "builtin:tiny-policy"}}))  # fmt: skip
+        {
+            S.PROMPT_ID: prompt_id(chat),
+            S.PROMPT: "2+2?",
+            S.MESSAGES: chat,
+            S.CHOSEN: "4",
+            S.REJECTED: "5",
+            S.CHOSEN_REWARD: 1.0,
+            S.REJECTED_REWARD: 0.25,
+            S.MARGIN: 0.75,
+            S.STRATEGY: "best_vs_worst",
+            S.CHOSEN_GENERATOR: "policy",
+            S.REJECTED_GENERATOR: "policy",
+        },
+        {
+            S.PROMPT_ID: prompt_id([USER]),
+            S.PROMPT: "2+2?",
+            S.MESSAGES: [USER],
+            S.CHOSEN: 'four\n"4"',
+            S.REJECTED: "",
+            S.CHOSEN_REWARD: None,
+            S.REJECTED_REWARD: None,
+            S.MARGIN: None,
+            S.STRATEGY: "gold_vs_weak",
+            S.CHOSEN_GENERATOR: "gold",
+            S.REJECTED_GENERATOR: "weak",
+        },
+    ]
+    source = Pipeline(
+        parse_spec(
+            {
+                "name": "src",
+                "output_dir": str(tmp_path / "src"),
+                "data": {"path": "x.jsonl"},
+                "policy": {"model": "builtin:tiny-policy"},
+            }
+        )
+    )
     with source.store.writer("pairs") as out:
         write_table(pa.Table.from_pylist(original, schema=S.arrow_schema(S.PAIR_COLUMNS)), out.table("pairs"))
         out.commit(source.fingerprint("pairs"), inputs={})

@@ -85,8 +85,11 @@ def test_html_report_shows_the_plots_and_numbers():
 
 
 def test_each_combined_reward_is_reported_with_its_length_correlation():
-    rows = [completion("policy", "x" * n, float(n)) | {"reward_long": float(n), "reward_short": -float(n) / 10,
-                                                      S.REWARD_SOURCE: "1*a + 1*b"} for n in range(1, 5)]  # fmt: skip
+    rows = [
+        completion("policy", "x" * n, float(n))
+        | {"reward_long": float(n), "reward_short": -float(n) / 10, S.REWARD_SOURCE: "1*a + 1*b"}
+        for n in range(1, 5)
+    ]
     q = data_quality(rows, [], {})
     assert sorted(q["components"]) == ["reward_long", "reward_short"]
     short = q["components"]["reward_short"]

@@ -10,11 +10,21 @@ from alignlib.rewards import numeric_closeness, stated_number
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize(("completion", "reward"), [
-    ("73", 1.0), ("41 + 32 = 73", 1.0), ("41 + 32 is 73.", 1.0), ("The answer is 73", 1.0), ("\n\n73 apples", 1.0),
-    ("41 + 32 = 74\n\nSo the sum is 73", 0.0),  # the answer is the first line; what follows is explanation
-    ("To add 41 and 32, we", 0.0), ("", 0.0), ("seventy-three", 0.0), ("-73", 0.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [
+        ("73", 1.0),
+        ("41 + 32 = 73", 1.0),
+        ("41 + 32 is 73.", 1.0),
+        ("The answer is 73", 1.0),
+        ("\n\n73 apples", 1.0),
+        ("41 + 32 = 74\n\nSo the sum is 73", 0.0),  # the answer is the first line; what follows is explanation
+        ("To add 41 and 32, we", 0.0),
+        ("", 0.0),
+        ("seventy-three", 0.0),
+        ("-73", 0.0),
+    ],
+)
 def test_stated_number_reads_the_last_integer_of_the_first_line(completion, reward):
     assert stated_number("What is 41 + 32?", completion, "73") == reward
 

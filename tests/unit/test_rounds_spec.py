@@ -19,8 +19,8 @@ from alignlib.pipeline import Pipeline
 from alignlib.prompts import round_of
 from alignlib.report import render_rounds
 from alignlib.rounds import Rounds, round_spec, win_rate
-from alignlib.stages.score import data_figures
 from alignlib.spec import SpecError, load_spec
+from alignlib.stages.score import data_figures
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "jobs" / "demo.yaml"
@@ -66,8 +66,11 @@ def test_round_one_on_all_prompts_is_a_single_pass_and_later_rounds_chain_it(tmp
         2, complete=False
     )
     assert [n for n in first.stages() if first.fingerprint(n) != changed_first.fingerprint(n)] == [
-        "pairs", "train", "export", "eval",
-    ]  # fmt: skip
+        "pairs",
+        "train",
+        "export",
+        "eval",
+    ]
     assert all(second.fingerprint(n) != changed_second.fingerprint(n) for n in second.stages())
 
 
@@ -125,11 +128,23 @@ def test_round_figures_are_computed_from_rows():
 
 def test_the_report_is_one_page_without_scripts():
     figures = [
-        {"round": 1, "held_out_reward": 0.5, "win_rate_vs_start": 0.9, "win_rate_vs_previous": 0.9,
-         "tied_share": 0.2, "pairs": {"best_vs_worst": 10}},
-        {"round": 2, "held_out_reward": 0.7, "win_rate_vs_start": 0.95, "win_rate_vs_previous": 0.6,
-         "tied_share": 0.1, "pairs": {"best_vs_worst": 12}},
-    ]  # fmt: skip
+        {
+            "round": 1,
+            "held_out_reward": 0.5,
+            "win_rate_vs_start": 0.9,
+            "win_rate_vs_previous": 0.9,
+            "tied_share": 0.2,
+            "pairs": {"best_vs_worst": 10},
+        },
+        {
+            "round": 2,
+            "held_out_reward": 0.7,
+            "win_rate_vs_start": 0.95,
+            "win_rate_vs_previous": 0.6,
+            "tied_share": 0.1,
+            "pairs": {"best_vs_worst": 12},
+        },
+    ]
     spec = load_spec(DEMO, SINGLE)
     page = render_rounds(spec, {"held_out_reward": 0.1}, figures, {1: [{"step": 1, "loss": 2.0}]})
     assert "<script" not in page and page.count("<svg") >= 5
@@ -152,8 +167,9 @@ def test_rounds_settings_that_cannot_work_are_refused(tmp_path, overrides, messa
 def cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, "-m", "alignlib", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "alignlib", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
 
 
 def test_round_options_are_checked_before_anything_runs(tmp_path):
@@ -173,11 +189,17 @@ def test_eval_summary_means_per_prompt_then_over_prompts():
 
     from alignlib.stages.eval import summarize
 
-    answers = pa.table({
-        S.PROMPT_ID: ["a", "a", "a", "b", "b", "c", "c"],
-        S.GENERATOR: ["base", "trained", "trained", "base", "trained", "base", "trained"],
-        S.REWARD: [0.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5],
-    })  # fmt: skip
+    answers = pa.table(
+        {
+            S.PROMPT_ID: ["a", "a", "a", "b", "b", "c", "c"],
+            S.GENERATOR: ["base", "trained", "trained", "base", "trained", "base", "trained"],
+            S.REWARD: [0.0, 1.0, 0.0, 1.0, 0.0, 0.5, 0.5],
+        }
+    )
     # Per prompt: a base 0 vs trained 0.5 (win), b 1 vs 0 (loss), c 0.5 vs 0.5 (tie).
-    assert summarize(answers) == {"prompts": 3, "base_mean_reward": pytest.approx(0.5),
-                                  "trained_mean_reward": pytest.approx(1 / 3), "win_rate": pytest.approx(0.5)}  # fmt: skip
+    assert summarize(answers) == {
+        "prompts": 3,
+        "base_mean_reward": pytest.approx(0.5),
+        "trained_mean_reward": pytest.approx(1 / 3),
+        "win_rate": pytest.approx(0.5),
+    }

@@ -134,8 +134,13 @@ def test_remote_code_reaches_vllm_only_through_the_model_field():
 
     spec = parse_spec({**MINIMAL, "policy": {"model": "org/model", "trust_remote_code": True}})
     assert generate_config(spec.policy, spec.generate).engine_kwargs["trust_remote_code"] is True
-    default = parse_spec({**MINIMAL, "policy": {"model": "org/model"}, "score": {"reward": {
-        "type": "model", "model": "org/rm", "engine": "vllm"}}})  # fmt: skip
+    default = parse_spec(
+        {
+            **MINIMAL,
+            "policy": {"model": "org/model"},
+            "score": {"reward": {"type": "model", "model": "org/rm", "engine": "vllm"}},
+        }
+    )
     assert generate_config(default.policy, default.generate).engine_kwargs["trust_remote_code"] is False
     assert reward_config(default.score.reward).engine_kwargs["trust_remote_code"] is False
     found = problems({**MINIMAL, "generate": {"engine_kwargs": {"trust_remote_code": True}}})
@@ -279,8 +284,17 @@ def test_export_writes_safetensors_and_refuses_pickled_weights(model_cache, tmp_
 def test_a_function_reward_must_be_an_importable_public_function(function, message):
     found = problems({**MINIMAL, "score": {"reward": {"type": "function", "function": function}}})
     assert len(found) == 1 and found[0].startswith("score.reward.function: ") and message in found[0], found
-    listed = problems({**MINIMAL, "score": {"rewards": [
-        {"type": "function", "function": "alignlib.rewards:exact_match"}, {"type": "function", "function": function}]}})  # fmt: skip
+    listed = problems(
+        {
+            **MINIMAL,
+            "score": {
+                "rewards": [
+                    {"type": "function", "function": "alignlib.rewards:exact_match"},
+                    {"type": "function", "function": function},
+                ]
+            },
+        }
+    )
     assert len(listed) == 1 and listed[0].startswith("score.rewards[1].function: "), listed
 
 

@@ -27,20 +27,47 @@ from alignlib.serving import (
 from alignlib.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-SETTINGS = {"model_name": "m", "num_samples": 4, "max_num_samples": 8, "max_new_tokens": 16, "temperature": 0.7,
-            "top_p": 1.0}  # fmt: skip
+SETTINGS = {
+    "model_name": "m",
+    "num_samples": 4,
+    "max_num_samples": 8,
+    "max_new_tokens": 16,
+    "temperature": 0.7,
+    "top_p": 1.0,
+}
 CHAT = [{"role": "user", "content": "What is 1 + 1?"}]
 
 
 def test_a_request_takes_the_served_defaults_and_its_own_settings():
     assert parse_request({"messages": CHAT}, SETTINGS) == {
-        "messages": CHAT, "n": 4, "max_tokens": 16, "temperature": 0.7, "top_p": 1.0, "seed": None,
+        "messages": CHAT,
+        "n": 4,
+        "max_tokens": 16,
+        "temperature": 0.7,
+        "top_p": 1.0,
+        "seed": None,
         "return_candidates": False,
-    }  # fmt: skip
-    mine = parse_request({"model": "m", "messages": CHAT, "n": 2, "max_completion_tokens": 5, "temperature": 0,
-                          "seed": 3, "return_candidates": True, "user": "ignored"}, SETTINGS)  # fmt: skip
+    }
+    mine = parse_request(
+        {
+            "model": "m",
+            "messages": CHAT,
+            "n": 2,
+            "max_completion_tokens": 5,
+            "temperature": 0,
+            "seed": 3,
+            "return_candidates": True,
+            "user": "ignored",
+        },
+        SETTINGS,
+    )
     assert (mine["n"], mine["max_tokens"], mine["temperature"], mine["seed"], mine["return_candidates"]) == (
-        2, 5, 0.0, 3, True)  # fmt: skip
+        2,
+        5,
+        0.0,
+        3,
+        True,
+    )
 
 
 @pytest.mark.parametrize(
@@ -48,7 +75,10 @@ def test_a_request_takes_the_served_defaults_and_its_own_settings():
     [
         ([], None),
         ({"messages": CHAT, "stream": True}, "stream"),
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}, "messages[1].role"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            "messages[1].role",
+        ),
         ({"messages": [{"content": "hi"}]}, "messages[0].role"),
         ({"messages": CHAT, "n": True}, "n"),
         ({"messages": CHAT, "top_p": 0}, "top_p"),
@@ -65,8 +95,14 @@ def test_a_bad_request_names_its_field(body, param):
 
 
 def candidate(index, reward, tokens=4, finish="stop", error=None):
-    return {S.SAMPLE_INDEX: index, S.COMPLETION: f"answer {index}", S.REWARD: reward, S.NUM_TOKENS: tokens,
-            S.FINISH_REASON: finish, "error": error}  # fmt: skip
+    return {
+        S.SAMPLE_INDEX: index,
+        S.COMPLETION: f"answer {index}",
+        S.REWARD: reward,
+        S.NUM_TOKENS: tokens,
+        S.FINISH_REASON: finish,
+        "error": error,
+    }
 
 
 def test_ranking_is_the_one_rule_with_unscored_candidates_last():
@@ -134,13 +170,18 @@ def test_a_single_reward_writes_reward_itself_and_a_non_finite_model_output_leav
 
 
 def test_settings_and_replicas_come_from_the_spec(tmp_path):
-    spec = load_spec(ROOT / "jobs/demo.yaml", [f"output_dir={tmp_path}", "serve.num_samples=6",
-                                                "serve.engine.replicas=[0, 3]"])  # fmt: skip
+    spec = load_spec(
+        ROOT / "jobs/demo.yaml", [f"output_dir={tmp_path}", "serve.num_samples=6", "serve.engine.replicas=[0, 3]"]
+    )
     settings = serve_settings(spec)
     assert (settings["model_name"], settings["num_samples"], settings["max_new_tokens"]) == ("demo", 6, 8)
     options = replica_options(spec.serve.engine.replicas, {"CPU": 1, "GPU": 1, "TPU": 2}, 8.0)
-    assert options["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 3, "initial_replicas": 1,
-                                             "target_ongoing_requests": 8.0}  # fmt: skip
+    assert options["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 3,
+        "initial_replicas": 1,
+        "target_ongoing_requests": 8.0,
+    }
     assert options["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1, "resources": {"TPU": 2}}
     assert replica_options(2, {"CPU": 1}, 8.0)["num_replicas"] == 2
 
@@ -163,10 +204,17 @@ def test_bad_serve_settings_are_spec_errors(override, words, tmp_path):
 
 def test_serve_refuses_a_reward_that_needs_the_gold_answer_before_starting_anything():
     # The demo scores with numeric_closeness, which compares with the data's gold answer; a request has none.
-    done = subprocess.run([sys.executable, "-m", "alignlib", "serve", "jobs/demo.yaml", "policy.model=/no/such/model",
-                           "--port", "70000"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "alignlib", "serve", "jobs/demo.yaml", "policy.model=/no/such/model", "--port", "70000"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
-    assert "score.reward: alignlib.rewards:numeric_closeness compares answers with the data's gold answer" in done.stderr
+    assert (
+        "score.reward: alignlib.rewards:numeric_closeness compares answers with the data's gold answer" in done.stderr
+    )
     assert "policy.model: no such model directory /no/such/model" in done.stderr
     assert "--port: 70000 is not a TCP port" in done.stderr
     assert "Traceback" not in done.stderr

@@ -40,9 +40,7 @@ def test_unknown_keys_are_errors_with_their_path():
 
 
 def test_each_loss_carries_only_its_own_knobs():
-    assert problems(spec_with(train={"loss": {"name": "dpo", "lambda_": 0.5}})) == [
-        "train.loss.lambda_: unknown key"
-    ]
+    assert problems(spec_with(train={"loss": {"name": "dpo", "lambda_": 0.5}})) == ["train.loss.lambda_: unknown key"]
     spec = parse_spec(spec_with(train={"loss": {"name": "ipo", "tau": 0.05}}))
     assert spec.train.loss.tau == 0.05
 
@@ -70,8 +68,12 @@ def test_impossible_combinations_are_refused_together():
         )
     )
     assert sorted(p.split(":")[0] for p in found) == [
-        "data.eval_fraction", "data.gold_field", "generate.num_samples", "generate.weak_model", "train.lora",
-    ]  # fmt: skip
+        "data.eval_fraction",
+        "data.gold_field",
+        "generate.num_samples",
+        "generate.weak_model",
+        "train.lora",
+    ]
 
 
 def test_field_and_cross_field_problems_come_together():

@@ -28,13 +28,22 @@ def test_one_reward_keeps_its_old_form_and_default():
 
 
 def test_weighted_rewards_get_columns_named_after_them():
-    spec = parse_spec(spec_with(score={"rewards": [
-        CLOSENESS, {"type": "model", "model": "builtin:tiny-reward", "weight": 0.5, "resources": {"CPU": 1}},
-        {"type": "model", "model": "/models/rm-7b/", "weight": -1.0, "name": "big"},
-    ]}))  # fmt: skip
+    spec = parse_spec(
+        spec_with(
+            score={
+                "rewards": [
+                    CLOSENESS,
+                    {"type": "model", "model": "builtin:tiny-reward", "weight": 0.5, "resources": {"CPU": 1}},
+                    {"type": "model", "model": "/models/rm-7b/", "weight": -1.0, "name": "big"},
+                ]
+            }
+        )
+    )
     assert [(c, w) for c, _, w in spec.score.components()] == [
-        ("reward_numeric_closeness", 1.0), ("reward_tiny_reward", 0.5), ("reward_big", -1.0),
-    ]  # fmt: skip
+        ("reward_numeric_closeness", 1.0),
+        ("reward_tiny_reward", 0.5),
+        ("reward_big", -1.0),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -74,8 +83,14 @@ def test_preference_imports_refuse_settings_they_would_ignore():
     no_eval = {"enabled": False}  # a preference file has no gold answers for the default reward
     spec = parse_spec(spec_with(data=data, generate={"num_samples": 1}, eval=no_eval))
     assert spec.data.kind == "preferences"  # no policy samples, so no num_samples check
-    found = problems(spec_with(data=data, pairs={"strategy": "gold_vs_weak", "min_margin": 0.5},
-                               generate={"weak_model": {"model": "builtin:tiny-weak"}}, eval=no_eval))  # fmt: skip
+    found = problems(
+        spec_with(
+            data=data,
+            pairs={"strategy": "gold_vs_weak", "min_margin": 0.5},
+            generate={"weak_model": {"model": "builtin:tiny-weak"}},
+            eval=no_eval,
+        )
+    )
     assert sorted(found) == [
         "generate.weak_model: not used with data.kind preferences (nothing is generated)",
         "pairs.min_margin: not used with data.kind preferences (imported pairs are kept as given)",

@@ -12,10 +12,14 @@ EXPECTED = {"policy": (PROMPTS, 2), "gold": (["p1", "p3"], 1)}
 
 
 def keys_table(keys) -> pa.Table:
-    return pa.table({
-        S.PROMPT_ID: [k[0] for k in keys], S.GENERATOR: [k[1] for k in keys],
-        S.SAMPLE_INDEX: pa.array([k[2] for k in keys], pa.int32()), S.COMPLETION: ["x"] * len(keys),
-    })  # fmt: skip
+    return pa.table(
+        {
+            S.PROMPT_ID: [k[0] for k in keys],
+            S.GENERATOR: [k[1] for k in keys],
+            S.SAMPLE_INDEX: pa.array([k[2] for k in keys], pa.int32()),
+            S.COMPLETION: ["x"] * len(keys),
+        }
+    )
 
 
 def complete() -> list[tuple]:
@@ -73,5 +77,7 @@ def test_expected_prompt_ids_may_be_an_arrow_column(tmp_path):
     ids = pa.chunked_array([["p1"], ["p2", "p3"]])  # as read from the prompts table, in chunks
     check_completions(write(tmp_path, complete()), {"policy": (ids, 2), "gold": (pa.array(["p1", "p3"]), 1)})
     with pytest.raises(StageOutputError, match=r"2 missing \(e.g. prompt_id p4 generator policy sample_index 0\)"):
-        check_completions(write(tmp_path, complete(), "again"), {"policy": (pa.array(["p1", "p2", "p3", "p4"]), 2),
-                                                                 "gold": (["p1", "p3"], 1)})  # fmt: skip
+        check_completions(
+            write(tmp_path, complete(), "again"),
+            {"policy": (pa.array(["p1", "p2", "p3", "p4"]), 2), "gold": (["p1", "p3"], 1)},
+        )
