@@ -103,6 +103,8 @@ def test_every_group_starts_at_zero_and_the_head_runs_no_tasks():
     r = job("dpo-zero3-8b.yaml")
     cluster = rayjob(r)["spec"]["rayClusterSpec"]
     assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]["version"] == "v2"
+    # The 8B DPO job generates and scores on 1-GPU pods, trains on an 8-GPU pod and exports on a CPU pod.
+    assert sorted(g["groupName"] for g in cluster["workerGroupSpecs"]) == ["cpu", "gpu-1", "gpu-8"]
     for g in cluster["workerGroupSpecs"]:
         assert (g["replicas"], g["minReplicas"]) == (0, 0), g["groupName"]
         assert g["idleTimeoutSeconds"] > 0
