@@ -82,10 +82,10 @@ What is measured
     are log 2) and with the policy's weights perturbed by seeded noise against the initial
     reference, so the log-ratios and losses are non-trivial.
     A diagnostic times alignlib's per-step work (collate, forward, reference forward for DPO, loss,
-    backward, clip, AdamW; `--diag-steps` steps, LoRA as in the runs) in this process without Ray,
-    in dataset order, to separate compute from
-    Ray Train / Ray Data overhead in the worker, plus the collate step and Ray Data's `iter_rows`
-    over the tokenized dataset alone.
+    backward, clip, AdamW) by running alignlib's own `Trainer` (`alignlib.train.loop`, what the training
+    worker runs: `--diag-steps` steps, LoRA as in the runs) in this process without Ray, in dataset
+    order, to separate compute from Ray Train / Ray Data overhead in the worker, plus the collate step
+    inside it and Ray Data's `iter_rows` over the tokenized dataset alone.
 
 Threads
     Each training process uses `--threads` torch threads (default 1; `--alignlib-threads` and
@@ -713,8 +713,10 @@ def startup_breakdown(w_call: float, w0: float, probes: list[dict], marks: dict 
         ("  model load (from_pretrained)", marks.get("model_load_end")),
         ("  LoRA (incl. peft import) + DDP wrap + optimizer", marks.get("build_end")),
         ("  reference copy (frozen-copy only) and rest of __init__", marks.get("trainer_init_end")),
-        ("data: Trainer ready -> first tokenized row (Ray Data shard; one-process: the driver's blocks)",
-         marks.get("first_row")),
+        (
+            "data: Trainer ready -> first tokenized row (Ray Data shard; one-process: the driver's blocks)",
+            marks.get("first_row"),
+        ),
         ("first optimizer step (forward, backward, AdamW)", marks.get("first_step_end")),
     ]
     out, previous = {}, w0
@@ -867,59 +869,51 @@ def cross_check_dpo(cfg: dict, rows: list[dict], workdir: Path) -> dict:
 # --------------------------------------------------------------------------------------------
 # diagnostic: alignlib's step work without Ray
 # --------------------------------------------------------------------------------------------
-def loop_body(cfg: dict, examples: list[dict], max_steps: int) -> dict:
-    """alignlib's per-step work over the first `max_steps` steps in dataset order, in this process without Ray
-    (a diagnostic); LoRA as in the runs, the reference being the adapter-disabled policy then."""
-    import contextlib
-
+def step_cost(cfg: dict, rows: list[dict], workdir: Path, max_steps: int) -> dict:
+    """alignlib's own training steps over the first `max_steps` steps in dataset order, in this process without
+    Ray (a diagnostic): the `Trainer` of `alignlib.train.loop` the training worker runs, on the rows tokenized as
+    the worker gets them, with the runs' spec (LoRA as in the runs, the reference being the adapter-disabled
+    policy then) and no per-step log line. Each step is timed from the end of the previous optimizer step (or
+    the start of the epoch) to the end of its own, and the `collate` inside it on its own."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from alignlib.losses import dpo_loss, orpo_loss, sequence_logps
-    from alignlib.models import load_tokenizer
-    from alignlib.train.data import collate
+    import alignlib.train.data as data
+    from alignlib.train.loop import Trainer
 
     torch.set_num_threads(cfg["threads"])
-    torch.manual_seed(cfg["seed"])
-    pad_id = load_tokenizer(cfg["model_dir"]).pad_token_id
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32)
-    if cfg.get("lora"):
-        from peft import get_peft_model
+    spec = alignlib_spec(cfg, workdir, "step-cost", group=False, precompute=False)
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"log_every": max_steps + 1})})
+    examples = data.tokenize_rows(spec, rows, paired=True)
+    trainer = Trainer(spec, max_steps)  # the epoch ends after `max_steps` optimizer steps (the schedule is constant)
+    step, collate = trainer.backend.step, data.collate
+    step_ends, collate_times, tokens = [], [], []
 
-        model = get_peft_model(model, trl_peft_config(cfg))
-    model.train()
-    reference = None
-    if cfg["loss"] == "dpo" and not cfg.get("lora"):
-        reference = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32).eval()
-        reference.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.0)
-    times, collate_times, tokens = [], [], []
-    for i in range(0, min(len(examples), max_steps * cfg["batch_size"]), cfg["batch_size"]):
-        chunk = examples[i : i + cfg["batch_size"]]
+    def timed_step():  # in this Trainer only: the end of each optimizer step
+        stepped = step()
+        if stepped:
+            step_ends.append(time.perf_counter())
+        return stepped
+
+    def timed_collate(*args, **kwargs):  # the Trainer imports `collate` from its module when an epoch starts
         t0 = time.perf_counter()
-        batch = collate(chunk, pad_id, paired=True)
+        batch = collate(*args, **kwargs)
         collate_times.append(time.perf_counter() - t0)
-        n = len(chunk)
-        average = cfg["loss"] == "orpo"
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps = sequence_logps(logits, batch["labels"], average=average)
-        if cfg["loss"] == "orpo":
-            out = orpo_loss(logps[:n], logps[n:], lambda_=cfg["lambda_"])
-        else:
-            ref_model = reference if reference is not None else model
-            adapter_off = model.disable_adapter() if reference is None else contextlib.nullcontext()
-            with torch.no_grad(), adapter_off:
-                ref_logits = ref_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                ref = sequence_logps(ref_logits, batch["labels"])
-            out = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=cfg["beta"])
-        out.losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
         tokens.append(int(batch["attention_mask"].sum()))
-    return {"median_ms": statistics.median(times) * 1000, "collate_ms": statistics.median(collate_times) * 1000,
-            "tokens_per_s": sum(tokens) / sum(times), "steps": len(times)}  # fmt: skip
+        return batch
+
+    trainer.backend.step, data.collate = timed_step, timed_collate
+    try:
+        started = time.perf_counter()
+        trainer.train_epoch(iter(examples), 0)
+    finally:
+        data.collate = collate
+    times = [end - start for start, end in zip([started, *step_ends[:-1]], step_ends, strict=True)]
+    return {
+        "median_ms": statistics.median(times) * 1000,
+        "collate_ms": statistics.median(collate_times) * 1000,
+        "tokens_per_s": sum(tokens[: len(times)]) / sum(times),
+        "steps": len(times),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -1183,7 +1177,7 @@ def main() -> None:
     for loss in losses:
         cfg = {**base_cfg, "loss": loss}
         checks[loss] = cross_check_orpo(cfg, rows, workdir) if loss == "orpo" else cross_check_dpo(cfg, rows, workdir)
-        body[loss] = loop_body(cfg, examples, args.diag_steps) if args.diag_steps > 0 else None
+        body[loss] = step_cost(cfg, rows, workdir, args.diag_steps) if args.diag_steps > 0 else None
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"args": vars(args), "config": base_cfg, "summaries": summaries, "raw": raw, "checks": checks,
@@ -1306,8 +1300,9 @@ def main() -> None:
         un = summaries[loss][key]
         within_ms = [s["steady_s"] * 1000 / (s["num_steps"] - 1) for s in un if s.get("steady_s")]
         print(
-            f"- {loss.upper()}: alignlib's step work (collate + forward{' + reference forward' if loss == 'dpo' else ''}"
-            f" + loss + backward + clip + AdamW) in this process without Ray, dataset order, first {b['steps']} steps: "
+            f"- {loss.upper()}: alignlib's step work (its `Trainer`: collate + forward"
+            f"{' + reference forward' if loss == 'dpo' else ''} + loss + backward + clip + AdamW) in this process "
+            f"without Ray, dataset order, first {b['steps']} steps: "
             f"median {b['median_ms']:.1f} ms per step ({b['tokens_per_s']:,.0f} tokens/s), of which collate "
             f"{b['collate_ms']:.2f} ms; in the training worker ({key}) {med_range(within_ms, 1)} ms per step "
             f"(steady state), {fmt(median_of(un, 'tokens_per_s_within'), 0)} tokens/s within epochs."

@@ -1,18 +1,21 @@
 """Run a job's training: one actor for a one-worker job (`single.py`), Ray Train's `TorchTrainer` otherwise.
 
 Checkpoints are kept under `<output_dir>/train-ray/<name>` (outside the stage directory, which is
-only swapped in once training finished); a rerun of the same job after a crash resumes from the
-latest checkpoint there (Ray Train V2's own, or `single.py`'s).
+only swapped in once training finished), in one layout for both launchers (`checkpoints.py`); a rerun of
+the same job after a crash resumes from the latest checkpoint there, and a run that had finished is only
+read back. Both launchers give a `TrainResult`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any
 
+from alignlib.locations import StorePath
 from alignlib.spec import JobSpec
+from alignlib.train.checkpoints import TrainResult, finished
+
+__all__ = ["TrainResult", "metrics_path", "optimizer_steps", "read_metrics", "run_training", "storage_path"]
 
 
 def global_batch(spec: JobSpec) -> int:
@@ -27,32 +30,23 @@ def optimizer_steps(spec: JobSpec, num_examples: int) -> int:
     return min(steps, spec.train.max_steps or steps)
 
 
-def storage_path(spec: JobSpec):
+def storage_path(spec: JobSpec) -> StorePath:
     """Training runs' storage (checkpoints, metrics): a local directory, or a prefix in the object store."""
     from alignlib.store import location
 
     return location(spec.output_dir) / "train-ray"
 
 
-def metrics_path(spec: JobSpec, run_name: str):
+def metrics_path(spec: JobSpec, run_name: str) -> StorePath:
     return storage_path(spec) / run_name / "alignlib-metrics.jsonl"
 
 
-def read_metrics(path) -> tuple[list[dict], list[dict]]:
+def read_metrics(path: StorePath) -> tuple[list[dict], list[dict]]:
     """(per-epoch rows, per-step rows) from the loop's metrics log; a resumed step keeps its last line."""
     entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     epochs = {e["epoch"]: e for e in entries if e.pop("kind") == "epoch"}
     steps = {e["step"]: e for e in entries if e["epoch"] and "lr" in e}
     return [epochs[k] for k in sorted(epochs)], [steps[k] for k in sorted(steps)]
-
-
-@dataclass
-class TrainResult:
-    """A finished (or failed) training run: the last checkpoint's location (a path or URI) and its metrics."""
-
-    checkpoint: str | None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    error: BaseException | None = None
 
 
 def one_process(spec: JobSpec) -> bool:
@@ -64,31 +58,27 @@ def one_process(spec: JobSpec) -> bool:
 
 
 def run_training(spec: JobSpec, dataset, num_examples: int, run_name: str, log=print) -> TrainResult:
-    """Train on a Ray Dataset of pairs (or SFT rows); the result's checkpoint holds the final model."""
+    """Train on a Ray Dataset of pairs (or SFT rows); the result's checkpoint holds the final model.
+
+    A failure (the training worker, or Ray Train's worker group, failed `train.max_failures` + 1 times) is the
+    result's `error`, not raised."""
     total_steps = optimizer_steps(spec, num_examples)
+    run = storage_path(spec) / run_name
+    if finished(run, spec.train.epochs, total_steps):  # the run had ended; only its stage was not committed
+        return TrainResult.read(run)
     if one_process(spec):
         from alignlib.train.single import run_single
 
-        out = run_single(spec, dataset, total_steps, storage_path(spec) / run_name, metrics_path(spec, run_name), log)
-        return TrainResult(**out)
-    result = _run_ray_train(spec, dataset, total_steps, run_name)
-    checkpoint = checkpoint_location(result.checkpoint) if result.checkpoint is not None else None
-    return TrainResult(checkpoint, result.metrics or {}, result.error)
+        error = run_single(spec, dataset, total_steps, run, metrics_path(spec, run_name), log)
+    else:
+        error = _run_ray_train(spec, dataset, total_steps, run_name)
+    return TrainResult.read(run, error)
 
 
-def checkpoint_location(checkpoint) -> str:
-    """A Ray Train checkpoint's directory as a path or URI (in an object store, Ray gives a bucket path)."""
-    import pyarrow.fs as pafs
-
-    fs = checkpoint.filesystem
-    if fs is None or isinstance(fs, pafs.LocalFileSystem):
-        return checkpoint.path
-    scheme = "gs" if fs.type_name == "gcs" else fs.type_name
-    return f"{scheme}://{checkpoint.path}"
-
-
-def _run_ray_train(spec: JobSpec, dataset, total_steps: int, run_name: str):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def _run_ray_train(spec: JobSpec, dataset, total_steps: int, run_name: str) -> BaseException | None:
+    """Ray Train's worker group runs `loop.train_loop`, which writes the run's checkpoints itself; the error it
+    gave up on, if any."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from alignlib.losses import get_loss
@@ -103,6 +93,7 @@ def _run_ray_train(spec: JobSpec, dataset, total_steps: int, run_name: str):
             "spec": spec.model_dump(mode="json"),
             "total_steps": total_steps,
             "metrics_path": str(metrics_path(spec, run_name)),
+            "run_dir": str(storage_path(spec) / run_name),
         },
         scaling_config=ScalingConfig(
             num_workers=backend.num_workers,
@@ -114,8 +105,11 @@ def _run_ray_train(spec: JobSpec, dataset, total_steps: int, run_name: str):
         run_config=RunConfig(
             name=run_name,
             storage_path=str(storage_path(spec)),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
         ),
     )
-    return trainer.fit()
+    try:
+        trainer.fit()
+    except TrainingFailedError as error:
+        return error
+    return None

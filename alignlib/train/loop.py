@@ -5,8 +5,9 @@ the policy over chosen (and rejected) completions, turns logits into sequence lo
 hands them to the loss from `losses.py`. The loss's flags decide what the loop computes:
 `paired` (a rejected side), `needs_reference` (reference log-probs, from the adapter-disabled
 policy under LoRA or a frozen copy otherwise) and `average_logps` (length-averaged log-probs).
-At each epoch end the backend saves a checkpoint and every worker reports it to Ray Train;
-a rerun of the same run resumes from the last one.
+`Trainer.fit` runs the epochs: at each epoch end every worker saves its part of a checkpoint in the run's
+layout (`checkpoints.py`), and a rerun of the same run resumes after the last one. Both launchers call it:
+`train_loop` in Ray Train's workers, `single.TrainWorker` in the one-process actor.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import functools
 import inspect
 import json
 import sys
-import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
+from alignlib.locations import StorePath
 from alignlib.losses import IGNORE_INDEX, get_loss, label_counts, sequence_logps
+from alignlib.train import checkpoints
 
 
 def _loss_kwargs(loss, knobs: dict) -> dict:
@@ -233,7 +236,28 @@ class Trainer:
 
     def done(self, epoch: int) -> bool:
         """Training ends with this epoch: the last one, or `train.max_steps` reached in it."""
-        return epoch == self.train.epochs - 1 or self.backend.step_count >= self.total_steps
+        return checkpoints.last_epoch(epoch, self.backend.step_count, self.train.epochs, self.total_steps)
+
+    def fit(
+        self,
+        run: StorePath,
+        rows: Callable[[], Iterable[dict]],
+        sync: Callable[[], None] | None = None,
+        report: Callable[[dict], None] | None = None,
+    ) -> None:
+        """Every epoch still to train, from after the last checkpoint of `run` (a path or `RemotePath`), with a
+        checkpoint after each; `rows()` gives an epoch's rows. `sync` waits for every worker (None: one process)
+        and `report` receives each epoch's metrics."""
+        start = checkpoints.resume(run, self)
+        if start and self.done(start - 1):  # the run had ended; only its stage was not committed
+            return
+        for epoch in range(start, self.train.epochs):
+            metrics = self.train_epoch(rows(), epoch)
+            checkpoints.save(run, self, epoch, metrics, sync)
+            if report is not None:
+                report(metrics)
+            if self.done(epoch):
+                break
 
     def _step_line(self, epoch: int, tokens: int, means: dict[str, float]) -> None:
         backend = self.backend
@@ -246,36 +270,23 @@ class Trainer:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train's per-worker function: build a `Trainer`, resume from the last checkpoint, train, report."""
+    """Ray Train's per-worker function: build a `Trainer` and `fit` it on the worker's shard."""
     import ray.train
+    import ray.train.collective
     import ray.train.torch
 
     from alignlib.spec import JobSpec
+    from alignlib.store import location
 
     spec = JobSpec.model_validate(config["spec"])
-    train = spec.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device() if train.backend.use_gpu else torch.device("cpu")
+    device = ray.train.torch.get_device() if spec.train.backend.use_gpu else torch.device("cpu")
     trainer = Trainer(spec, config["total_steps"], device, rank, world, distributed=True,
                       metrics_path=config["metrics_path"])  # fmt: skip
     trainer.say_reference()
-
-    start_epoch = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start_epoch = trainer.resume(Path(directory))
-
     shard = ray.train.get_dataset_shard("train")
-    for epoch in range(start_epoch, train.epochs):
-        metrics = trainer.train_epoch(shard.iter_rows(), epoch)
-        with tempfile.TemporaryDirectory() as directory:
-            trainer.save(Path(directory), epoch)
-            # Rank 0 holds the whole model (ZeRO-3 gathers it in save); under DeepSpeed every rank also has its
-            # optimizer shard, and Ray Train merges the ranks' directories into one checkpoint.
-            has_files = any(Path(directory).iterdir())
-            checkpoint = ray.train.Checkpoint.from_directory(directory) if has_files else None
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if trainer.done(epoch):
-            break
+    # Rank 0 holds the whole model (ZeRO-3 gathers it in save); under DeepSpeed every rank also writes its
+    # optimizer shard into the same checkpoint, so the ranks wait for each other around the writing.
+    sync = ray.train.collective.barrier if world > 1 else None
+    trainer.fit(location(config["run_dir"]), shard.iter_rows, sync=sync, report=ray.train.report)

@@ -7,44 +7,15 @@ process, about 12 s on a 2-core machine. Here the driver starts one actor with t
 and it builds the model (imports, weights, LoRA, optimizer) while the driver tokenizes the data; the
 same `Trainer` then runs the same epochs over the tokenized blocks, straight from the object store.
 
-What Ray Train gave this path is kept:
-- checkpoints after every epoch under `<output_dir>/train-ray/<run>/checkpoint_epoch-N` (local or object
-  store), listed in `alignlib-checkpoints.json` once whole, the last two kept;
-- a rerun of the same run resumes after the last listed checkpoint;
+What Ray Train gives its worker group is kept:
+- checkpoints after every epoch, resumed after by a rerun of the same run: `Trainer.fit`, in the layout of
+  `checkpoints.py`, the same as Ray Train's workers write;
 - `train.max_failures`: a failed or killed worker is replaced and resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
-from typing import Any
-
-INDEX = "alignlib-checkpoints.json"
-KEEP_CHECKPOINTS = 2
-
-
-def checkpoint_name(epoch: int) -> str:
-    return f"checkpoint_epoch-{epoch + 1:04d}"
-
-
-def read_index(run) -> list[dict[str, Any]]:
-    """The run's whole checkpoints, oldest first: name, epoch (from 0) and that epoch's metrics."""
-    index = run / INDEX
-    return json.loads(index.read_text())["checkpoints"] if index.exists() else []
-
-
-def _write_index(run, entries: list[dict[str, Any]]) -> None:
-    text = json.dumps({"checkpoints": entries}, indent=1)
-    if isinstance(run, Path):  # a rename, so a reader never sees half a file
-        tmp = run / f".{INDEX}.tmp"
-        tmp.write_text(text)
-        tmp.replace(run / INDEX)
-    else:  # an object is replaced whole
-        (run / INDEX).write_text(text)
 
 
 def skip_bitsandbytes() -> None:
@@ -76,60 +47,12 @@ class TrainWorker:
         self.trainer = Trainer(self.spec, total_steps, device, distributed=False, metrics_path=metrics_path)
         self.trainer.say_reference()
 
-    def fit(self, run_dir: str, blocks: list) -> dict[str, Any]:
-        """Train every remaining epoch over `blocks` (object refs of tokenized Arrow tables, in order).
-
-        Returns the last checkpoint's location and its epoch's metrics."""
+    def fit(self, run_dir: str, blocks: list) -> None:
+        """Train every remaining epoch of the run in `run_dir` over `blocks` (object refs of tokenized Arrow
+        tables, in order), with a checkpoint after each."""
         from alignlib.store import location
 
-        run = location(run_dir)
-        run.mkdir(parents=True, exist_ok=True)
-        entries = read_index(run)
-        start = 0
-        if entries:
-            latest = entries[-1]
-            finished = latest["epoch"] == self.spec.train.epochs - 1 or latest["metrics"]["step"] >= self.trainer.total_steps
-            if finished:  # the run had ended; only its stage was not committed
-                return {"checkpoint": str(run / latest["name"]), "metrics": latest["metrics"]}
-            start = self._resume(run / latest["name"])
-        for epoch in range(start, self.spec.train.epochs):
-            metrics = self.trainer.train_epoch(_rows(blocks), epoch)
-            entries = self._checkpoint(run, entries, epoch, metrics)
-            if self.trainer.done(epoch):
-                break
-        return {"checkpoint": str(run / entries[-1]["name"]), "metrics": entries[-1]["metrics"]}
-
-    def _resume(self, where) -> int:
-        from alignlib.store import copytree
-
-        if isinstance(where, Path):
-            return self.trainer.resume(where)
-        with tempfile.TemporaryDirectory(prefix="alignlib-resume-") as tmp:
-            copytree(where, Path(tmp) / "checkpoint")
-            return self.trainer.resume(Path(tmp) / "checkpoint")
-
-    def _checkpoint(self, run, entries: list[dict], epoch: int, metrics: dict) -> list[dict]:
-        """Save, list once whole, then drop all but the last `KEEP_CHECKPOINTS` checkpoints."""
-        from alignlib.store import copytree, rmtree
-
-        name = checkpoint_name(epoch)
-        if isinstance(run, Path):
-            tmp = run / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            self.trainer.save(tmp, epoch)
-            shutil.rmtree(run / name, ignore_errors=True)  # a copy left by a worker killed before listing it
-            tmp.rename(run / name)
-        else:
-            with tempfile.TemporaryDirectory(prefix="alignlib-checkpoint-") as tmp:
-                self.trainer.save(Path(tmp), epoch)
-                rmtree(run / name)
-                copytree(Path(tmp), run / name)
-        entries = [e for e in entries if e["name"] != name] + [{"name": name, "epoch": epoch, "metrics": metrics}]
-        _write_index(run, entries[-KEEP_CHECKPOINTS:])
-        for old in entries[:-KEEP_CHECKPOINTS]:
-            rmtree(run / old["name"])
-        return entries[-KEEP_CHECKPOINTS:]
+        self.trainer.fit(location(run_dir), lambda: _rows(blocks))
 
 
 def _gpu():
@@ -151,8 +74,8 @@ def _rows(blocks: list):
         yield from ray.get(ref).to_pylist()
 
 
-def run_single(spec, dataset, total_steps: int, run_dir, metrics_file, log) -> dict[str, Any]:
-    """Train on one actor; returns {checkpoint, metrics, error}. `dataset` is the untokenized Ray Dataset."""
+def run_single(spec, dataset, total_steps: int, run_dir, metrics_file, log) -> BaseException | None:
+    """Train on one actor; the error it gave up on, if any. `dataset` is the untokenized Ray Dataset."""
     import ray
 
     from alignlib.losses import get_loss
@@ -177,11 +100,11 @@ def run_single(spec, dataset, total_steps: int, run_dir, metrics_file, log) -> d
         while True:
             worker = worker or actor.remote(*args)
             try:
-                out = ray.get(worker.fit.remote(str(run_dir), blocks))
-                return {**out, "error": None}
+                ray.get(worker.fit.remote(str(run_dir), blocks))
+                return None
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as error:
                 if failures >= spec.train.max_failures:
-                    return {"checkpoint": None, "metrics": {}, "error": error}
+                    return error
                 failures += 1
                 log(f"train: the training worker failed ({_last_line(error)}); restarting it from the last "
                     f"checkpoint ({failures} of train.max_failures {spec.train.max_failures})")  # fmt: skip

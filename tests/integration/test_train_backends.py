@@ -1,5 +1,6 @@
 """Every training backend, for real on CPU: DDP (+ LoRA) and DeepSpeed ZeRO-2 and -3 through Ray Train's
-worker group, QLoRA (4-bit) and one-worker DDP in alignlib's one-process path (train/single.py).
+worker group, QLoRA (4-bit) and one-worker DDP in alignlib's one-process path (train/single.py). Both
+launchers write one checkpoint layout (train/checkpoints.py).
 
 Each case trains the built-in tiny policy for a few steps on a small pairs set, then exports it; the
 checks are what a user would see: a finished run, a checkpoint, a loss that moved the right way, and an
@@ -121,8 +122,8 @@ def assert_generates_in_vllm(model_dir: Path) -> None:
 KILLED = {
     # Ray Train's worker group: DeepSpeed restores Adam's moments and the schedule from its own checkpoint.
     "deepspeed": {"name": "deepspeed", "zero_stage": 2, "offload_optimizer": True, "num_workers": 1, "use_gpu": False},
-    # One worker, no Ray Train (train/single.py): alignlib replaces the actor and resumes it itself, here with
-    # output_dir on the S3 server (checkpoints uploaded, listed, pruned and read back from the object store).
+    # One worker, no Ray Train (train/single.py): alignlib replaces the actor, here with output_dir on the S3
+    # server (checkpoints uploaded, listed, pruned and read back from the object store).
     "one-process-s3": {"name": "ddp", "num_workers": 1, "use_gpu": False},
 }  # fmt: skip
 
@@ -131,8 +132,9 @@ KILLED = {
 def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path, request):
     """A run (SFT) whose training worker is SIGKILLed after its first checkpoint: the worker is replaced and
     resumes from that checkpoint (train.max_failures 1) with the optimizer state and schedule, and the run
-    ends on the weights of an uninterrupted one. The uninterrupted run is also the backend's
-    train-and-export check (ZeRO-2 with the optimizer offloaded; one-process DDP)."""
+    ends on the weights of an uninterrupted one, with the last two checkpoints kept in the one layout of both
+    launchers. The uninterrupted run is also the backend's train-and-export check (ZeRO-2 with the optimizer
+    offloaded; one-process DDP). Run again, the finished run is read back from its index, not trained again."""
     import threading
 
     import psutil
@@ -179,14 +181,20 @@ def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path, 
     assert result.error is None and result.metrics["epoch"] == 3
     assert replaced, "a new training worker started after the kill"
     assert (location(result.checkpoint) / "deepspeed").is_dir() == (case == "deepspeed")
-    if case != "deepspeed":  # the last two checkpoints are kept (SeaweedFS lists an emptied prefix as a directory)
-        run_dir = storage_path(spec) / f"{case}-killed"
-        kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if any(p.rglob("*")))
-        assert kept == ["checkpoint_epoch-0002", "checkpoint_epoch-0003"], kept
+    # The last two checkpoints are kept (SeaweedFS lists an emptied prefix as a directory).
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if any(p.rglob("*")))
+    assert kept == ["checkpoint_epoch-0002", "checkpoint_epoch-0003"], kept
+    assert result.checkpoint == str(run_dir / "checkpoint_epoch-0003")
     weights, uninterrupted = (_read_weights(local_copy(location(r.checkpoint) / "model", tmp_path / "copies"))
                               for r in (result, full))  # fmt: skip
     worst = max(float((weights[k] - uninterrupted[k]).abs().max()) for k in uninterrupted)
     assert worst < 1e-5, f"resumed run differs from the uninterrupted one by up to {worst}"
+
+    # A finished run whose stage was not committed: read back from its index, no training worker started.
+    before = {p.pid for p in me.children(recursive=True) if _is_train_worker(p)}
+    _, again = fit(f"{case}-killed")
+    assert (again.checkpoint, again.metrics) == (result.checkpoint, result.metrics) and again.error is None
+    assert not {p.pid for p in me.children(recursive=True) if _is_train_worker(p)} - before
 
 
 def _is_train_worker(proc) -> bool:
@@ -196,16 +204,11 @@ def _is_train_worker(proc) -> bool:
         return False
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    """A checkpoint is listed once whole (not merely being written): in Ray Train's snapshot, or in the
-    one-process path's index."""
-    import json
+def _has_checkpoint(run_dir) -> bool:
+    """A checkpoint is listed in the run's index once whole (not merely being written)."""
+    from alignlib.train.checkpoints import read_index
 
     try:
-        snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        if snapshot.exists():
-            return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
-        index = run_dir / "alignlib-checkpoints.json"
-        return index.exists() and bool(json.loads(index.read_text())["checkpoints"])
+        return bool(read_index(run_dir))
     except (OSError, ValueError):
         return False

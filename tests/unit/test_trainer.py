@@ -186,3 +186,124 @@ def test_logits_from_the_first_answer_token_on_give_the_same_log_probs(model_cac
                 expected = sequence_logps(full, batch["labels"], average=average)
                 got = model_logps(model, batch, average=average)
                 assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+
+
+# -- checkpoints: one layout, written and resumed by `Trainer.fit` under both launchers ----------------------------
+
+
+def run_dir(store: str, tmp_path: Path, name: str):
+    """A run's directory: local, or an object-store prefix (a `RemotePath` on pyarrow's in-memory filesystem,
+    which like S3 needs no directory made before a file is written into it)."""
+    if store == "local":
+        return tmp_path / name
+    import pyarrow.fs as pafs
+
+    from alignlib.locations import RemotePath
+
+    return RemotePath("mock://", pafs._MockFileSystem(), f"bucket/{name}")
+
+
+def sft_examples(spec, n: int) -> list[dict]:
+    rows = [{**r, S.COMPLETION: r[S.CHOSEN], S.REWARD: 1.0} for r in pairs_rows(n)]
+    return tokenize_rows(spec, rows, paired=False)
+
+
+@pytest.mark.parametrize("store", ["local", "object-store"])
+def test_fit_checkpoints_each_epoch_keeps_the_last_two_and_resumes_to_the_same_weights(store, model_cache, tmp_path):
+    from alignlib.train.checkpoints import INDEX, TrainResult, finished, read_index
+
+    spec = make_spec(tmp_path, f"fit-{store}", batch_size=4, epochs=3, loss={"name": "sft"})
+    examples = sft_examples(spec, 8)
+    total = optimizer_steps(spec, len(examples))
+    whole, run = Trainer(spec, total), run_dir(store, tmp_path, "whole")
+    whole.fit(run, lambda: iter(examples))
+    assert [(e["name"], e["epoch"]) for e in read_index(run)] == [
+        ("checkpoint_epoch-0002", 1),
+        ("checkpoint_epoch-0003", 2),
+    ]
+    assert sorted(p.name for p in run.iterdir()) == sorted([INDEX, "checkpoint_epoch-0002", "checkpoint_epoch-0003"])
+    result = TrainResult.read(run)
+    assert result.checkpoint == str(run / "checkpoint_epoch-0003") and result.error is None
+    assert (result.metrics["epoch"], result.metrics["step"]) == (3, total)
+    assert finished(run, spec.train.epochs, total)
+
+    # Stopped after its first checkpoint (as a killed worker is): listed, not finished; a new trainer resumes it.
+    class Killed(Exception):
+        pass
+
+    epochs_read = []
+
+    def first_epoch_only():
+        epochs_read.append(len(epochs_read))
+        if len(epochs_read) > 1:
+            raise Killed
+        return iter(examples)
+
+    cut = run_dir(store, tmp_path, "cut")
+    with pytest.raises(Killed):
+        Trainer(spec, total).fit(cut, first_epoch_only)
+    assert [e["epoch"] for e in read_index(cut)] == [0] and not finished(cut, spec.train.epochs, total)
+    resumed = Trainer(spec, total)
+    resumed.fit(cut, lambda: iter(examples))
+    assert max_difference(weights(whole), weights(resumed)) < 1e-6, "the optimizer state was restored too"
+    assert TrainResult.read(cut).metrics["step"] == total
+
+    # A finished run is read back, not trained again.
+    Trainer(spec, total).fit(run, lambda: pytest.fail("a finished run read its rows again"))
+
+
+def test_a_run_that_reached_max_steps_mid_way_is_finished(model_cache, tmp_path):
+    from alignlib.train.checkpoints import finished, read_index
+
+    spec = make_spec(tmp_path, "fit-max-steps", batch_size=4, epochs=3, max_steps=3, loss={"name": "sft"})
+    examples = sft_examples(spec, 16)
+    total = optimizer_steps(spec, len(examples))
+    run = tmp_path / "run"
+    Trainer(spec, total).fit(run, lambda: iter(examples))
+    assert [(e["epoch"], e["metrics"]["step"]) for e in read_index(run)] == [(0, 3)]
+    assert finished(run, spec.train.epochs, total), "the first epoch reached train.max_steps"
+    Trainer(spec, total).fit(run, lambda: pytest.fail("a finished run read its rows again"))
+
+
+class RankPart:
+    """A worker of a group of two, as Ray Train runs them: each writes its own part of a checkpoint (as DeepSpeed
+    writes every rank's optimizer shard under `deepspeed/`), rank 0 also the model and the epoch."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save(self, directory: Path, epoch: int) -> None:
+        import time
+
+        time.sleep(0.1 * self.rank)  # rank 1 is the slower one: without waiting for it, its part would be lost
+        (directory / "deepspeed").mkdir(exist_ok=True)
+        (directory / "deepspeed" / f"shard-{self.rank}").write_text(str(epoch))
+        if self.rank == 0:
+            (directory / "model").mkdir()
+            (directory / "model" / "weights").write_text(str(epoch))
+            (directory / "epoch").write_text(str(epoch))
+
+
+@pytest.mark.parametrize("store", ["local", "object-store"])
+def test_every_rank_writes_its_part_and_the_checkpoint_is_listed_once_whole(store, tmp_path):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from alignlib.train.checkpoints import TrainResult, read_index, save
+
+    run = run_dir(store, tmp_path, "group")
+    barrier = threading.Barrier(2, timeout=30)
+    with ThreadPoolExecutor(2) as pool:
+        for epoch in range(3):
+            metrics = {"epoch": epoch + 1, "step": 2 * (epoch + 1)}
+            lead, other = (pool.submit(save, run, RankPart(rank), epoch, metrics, barrier.wait) for rank in (0, 1))
+            lead.result()  # rank 0 has listed the checkpoint: every part is in it already
+            listed = run / read_index(run)[-1]["name"]
+            assert sorted(p.name for p in (listed / "deepspeed").iterdir()) == ["shard-0", "shard-1"]
+            other.result()
+    assert [e["name"] for e in read_index(run)] == ["checkpoint_epoch-0002", "checkpoint_epoch-0003"]
+    for name in ("checkpoint_epoch-0002", "checkpoint_epoch-0003"):
+        assert sorted(p.name for p in (run / name).iterdir()) == ["deepspeed", "epoch", "model"]
+        assert sorted(p.name for p in (run / name / "deepspeed").iterdir()) == ["shard-0", "shard-1"]
+    assert not (run / "checkpoint_epoch-0001").exists() and not any(p.name.endswith(".tmp") for p in run.iterdir())
+    assert TrainResult.read(run).metrics == {"epoch": 3, "step": 6}
