@@ -153,10 +153,18 @@ def _pair_row(i: int, prompt: str, chosen: str, rejected: str) -> dict:
     from alignlib import schema as S
 
     return {
-        S.PROMPT_ID: f"p{i}", S.PROMPT: prompt, S.MESSAGES: [{"role": "user", "content": prompt}],
-        S.CHOSEN: chosen, S.REJECTED: rejected, S.CHOSEN_REWARD: 1.0, S.REJECTED_REWARD: 0.0,
-        S.MARGIN: 1.0, S.STRATEGY: "gold_vs_weak", S.CHOSEN_GENERATOR: "gold", S.REJECTED_GENERATOR: "weak",
-    }  # fmt: skip
+        S.PROMPT_ID: f"p{i}",
+        S.PROMPT: prompt,
+        S.MESSAGES: [{"role": "user", "content": prompt}],
+        S.CHOSEN: chosen,
+        S.REJECTED: rejected,
+        S.CHOSEN_REWARD: 1.0,
+        S.REJECTED_REWARD: 0.0,
+        S.MARGIN: 1.0,
+        S.STRATEGY: "gold_vs_weak",
+        S.CHOSEN_GENERATOR: "gold",
+        S.REJECTED_GENERATOR: "weak",
+    }
 
 
 def _text_with_tokens(tokenizer, head: str, target: int, rng: random.Random) -> str:
@@ -187,8 +195,9 @@ def make_rows(n: int, seed: int, lengths: str, max_length: int, tokenizer) -> li
             continue
         prompt = f"What is {a} + {b}? Explain."
         room = max_length - len(encode_prompt(tokenizer, [{"role": "user", "content": prompt}])) - 1  # EOS
-        targets = [min(room, max(3, round(rng.lognormvariate(math.log(HEAVY_MEDIAN_TOKENS), HEAVY_SIGMA))))
-                   for _ in range(2)]  # fmt: skip
+        targets = [
+            min(room, max(3, round(rng.lognormvariate(math.log(HEAVY_MEDIAN_TOKENS), HEAVY_SIGMA)))) for _ in range(2)
+        ]
         chosen = _text_with_tokens(tokenizer, f"{a} + {b} = {a + b}.", targets[0], rng)
         rejected = _text_with_tokens(tokenizer, f"{a} + {b} = {wrong}.", targets[1], rng)
         rows.append(_pair_row(i, prompt, chosen, rejected))
@@ -258,36 +267,76 @@ def trl_peft_config(cfg: dict):
     return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-def make_trl_trainer(model, tokenizer, string_rows: list[dict], cfg: dict, output_dir: str, callbacks=None,
-                     lora: bool = True):  # fmt: skip
+def make_trl_trainer(
+    model, tokenizer, string_rows: list[dict], cfg: dict, output_dir: str, callbacks=None, lora: bool = True
+):
     from datasets import Dataset
 
     common = dict(
-        output_dir=output_dir, learning_rate=cfg["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999,
-        adam_epsilon=1e-8, per_device_train_batch_size=cfg["batch_size"], gradient_accumulation_steps=1,
-        num_train_epochs=cfg["epochs"], max_length=cfg["max_length"], gradient_checkpointing=False, bf16=False,
-        fp16=False, use_cpu=True, seed=cfg["seed"], data_seed=cfg["seed"], train_sampling_strategy="sequential",
-        dataloader_num_workers=0, dataloader_pin_memory=False, dataloader_drop_last=False,
-        remove_unused_columns=False, logging_steps=1, eval_strategy="no", save_strategy="no", report_to="none",
+        output_dir=output_dir,
+        learning_rate=cfg["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        per_device_train_batch_size=cfg["batch_size"],
+        gradient_accumulation_steps=1,
+        num_train_epochs=cfg["epochs"],
+        max_length=cfg["max_length"],
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        seed=cfg["seed"],
+        data_seed=cfg["seed"],
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        dataloader_drop_last=False,
+        remove_unused_columns=False,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
         disable_tqdm=True,
-    )  # fmt: skip
+    )
     dataset = Dataset.from_list(string_rows)
     peft_config = trl_peft_config(cfg) if lora else None
     if cfg["loss"] == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         config = ORPOConfig(beta=cfg["lambda_"], **common)
-        return ORPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                           callbacks=callbacks, peft_config=peft_config)  # fmt: skip
+        return ORPOTrainer(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            peft_config=peft_config,
+        )
     from trl import DPOConfig, DPOTrainer
 
     # padding_free stays False: TRL 1.16's DPOTrainer warns and falls back to padding when it is set (and it
     # needs FlashAttention, i.e. a GPU); ORPOTrainer has no such option.
-    config = DPOConfig(beta=cfg["beta"], loss_type=["sigmoid"], precompute_ref_log_probs=cfg["precompute"],
-                       padding_free=False, **common)  # fmt: skip
-    return DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
-                      peft_config=peft_config)  # fmt: skip
+    config = DPOConfig(
+        beta=cfg["beta"],
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=cfg["precompute"],
+        padding_free=False,
+        **common,
+    )
+    return DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=peft_config,
+    )
 
 
 def trl_reference(trainer, cfg: dict) -> str:
@@ -360,14 +409,23 @@ def run_trl(cfg: dict, workdir: Path, tag: str) -> dict:
     cfg = {**cfg, "output_dir": str(workdir / f"trl-out-{tag}"), "result_path": str(workdir / f"trl-{tag}.json")}
     cfg_path = workdir / f"trl-config-{tag}.json"
     cfg_path.write_text(json.dumps(cfg))
-    env = {**os.environ, **thread_env(cfg["threads"]), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        **thread_env(cfg["threads"]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     log = workdir / f"trl-child-{tag}.log"
     with open(log, "w") as out:
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--_trl-child", str(cfg_path)],
-            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
-        )  # fmt: skip
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=str(REPO),
+        )
     if proc.returncode != 0:
         sys.stderr.write(log.read_text()[-6000:])
         raise SystemExit(f"TRL training subprocess failed (rc={proc.returncode}); log: {log}")
@@ -586,16 +644,23 @@ def start_ray(workdir: Path, threads: int) -> Path:
 
     probe_dir = workdir / "ray-probes"
     probe_dir.mkdir()
-    env_vars = {**thread_env(threads), "ALIGNLIB_CACHE": os.environ["ALIGNLIB_CACHE"],
-                "ALIGNLIB_BENCH_PROBE_DIR": str(probe_dir), "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env_vars = {
+        **thread_env(threads),
+        "ALIGNLIB_CACHE": os.environ["ALIGNLIB_CACHE"],
+        "ALIGNLIB_BENCH_PROBE_DIR": str(probe_dir),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if os.environ.get("PYTHONPATH"):  # a worktree's alignlib in the workers too
         env_vars["PYTHONPATH"] = os.environ["PYTHONPATH"]
     from alignlib.raydata import init_ray
 
     init_ray(
-        address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
         runtime_env={"env_vars": env_vars, "worker_process_setup_hook": _ray_worker_probe},
-    )  # fmt: skip
+    )
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     return probe_dir
 
@@ -608,23 +673,39 @@ def alignlib_spec(cfg: dict, workdir: Path, run_name: str, group: bool, precompu
     )
     r = cfg.get("lora") or 0
     lora = {"r": r, "alpha": 2.0 * r, "dropout": 0.0, "target_modules": "all-linear"} if r else None
-    return parse_spec({
-        "name": run_name, "output_dir": str(workdir / "alignlib-out"), "seed": cfg["seed"],
-        "data": {"path": "unused.jsonl"}, "eval": {"enabled": False},
-        "policy": {"model": cfg["model"], "dtype": "float32"},
-        "train": {
-            "loss": loss, "backend": {"name": "ddp", "num_workers": 1, "use_gpu": False},
-            "lora": lora, "epochs": cfg["epochs"], "lr": cfg["lr"], "schedule": "constant",
-            "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0,
-            "batch_size": cfg["batch_size"], "grad_accum": 1, "max_length": cfg["max_length"],
-            "gradient_checkpointing": False, "log_every": 1, "group_by_length": group,
-            "precompute_reference": precompute,
-        },
-    })  # fmt: skip
+    return parse_spec(
+        {
+            "name": run_name,
+            "output_dir": str(workdir / "alignlib-out"),
+            "seed": cfg["seed"],
+            "data": {"path": "unused.jsonl"},
+            "eval": {"enabled": False},
+            "policy": {"model": cfg["model"], "dtype": "float32"},
+            "train": {
+                "loss": loss,
+                "backend": {"name": "ddp", "num_workers": 1, "use_gpu": False},
+                "lora": lora,
+                "epochs": cfg["epochs"],
+                "lr": cfg["lr"],
+                "schedule": "constant",
+                "warmup_ratio": 0.0,
+                "weight_decay": 0.0,
+                "max_grad_norm": 1.0,
+                "batch_size": cfg["batch_size"],
+                "grad_accum": 1,
+                "max_length": cfg["max_length"],
+                "gradient_checkpointing": False,
+                "log_every": 1,
+                "group_by_length": group,
+                "precompute_reference": precompute,
+            },
+        }
+    )
 
 
-def run_alignlib(cfg: dict, rows: list[dict], workdir: Path, probe_dir: Path, tag: str, group: bool,
-                 precompute: bool = False) -> dict:  # fmt: skip
+def run_alignlib(
+    cfg: dict, rows: list[dict], workdir: Path, probe_dir: Path, tag: str, group: bool, precompute: bool = False
+) -> dict:
     import ray
 
     import alignlib.train.loop
@@ -786,9 +867,13 @@ def cross_check_orpo(cfg: dict, rows: list[dict], workdir: Path) -> dict:
 
     tok = trl_tokenizer(cfg["model_dir"])
     trainer = make_trl_trainer(
-        AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32), tok,
-        trl_string_rows(tok, batch_rows), cfg, str(workdir / "trl-crosscheck-orpo"), lora=False,
-    )  # fmt: skip
+        AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32),
+        tok,
+        trl_string_rows(tok, batch_rows),
+        cfg,
+        str(workdir / "trl-crosscheck-orpo"),
+        lora=False,
+    )
     tb = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
     trainer.model.eval()
     with torch.no_grad():
@@ -847,8 +932,14 @@ def cross_check_dpo(cfg: dict, rows: list[dict], workdir: Path) -> dict:
 
     def trl_loss(policy, tag):
         # no ref_model: TRL loads the reference from the policy's checkpoint path, i.e. the initial weights
-        trainer = make_trl_trainer(copy.deepcopy(policy), tok, trl_string_rows(tok, batch_rows), cfg,
-                                   str(workdir / f"trl-crosscheck-dpo-{tag}"), lora=False)  # fmt: skip
+        trainer = make_trl_trainer(
+            copy.deepcopy(policy),
+            tok,
+            trl_string_rows(tok, batch_rows),
+            cfg,
+            str(workdir / f"trl-crosscheck-dpo-{tag}"),
+            lora=False,
+        )
         tb = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
         trainer.model.train()  # no dropout in this model; "train" keeps the metrics under that key
         with torch.no_grad():
@@ -921,19 +1012,28 @@ def step_cost(cfg: dict, rows: list[dict], workdir: Path, max_steps: int) -> dic
 # --------------------------------------------------------------------------------------------
 def summarize(run: dict, step_tokens: list[int], per_epoch: int, total_tokens: int) -> dict:
     ends = run["step_ends"]
-    s = {"total_s": run["total_s"], "tokens_per_s_call": total_tokens / run["total_s"],
-         "peak_rss_mib": run["peak_rss_mib"], "padding": run["padding"], "num_steps": run["num_steps"]}  # fmt: skip
+    s = {
+        "total_s": run["total_s"],
+        "tokens_per_s_call": total_tokens / run["total_s"],
+        "peak_rss_mib": run["peak_rss_mib"],
+        "padding": run["padding"],
+        "num_steps": run["num_steps"],
+    }
     if len(ends) >= 2 and len(ends) == len(step_tokens):
         steady = ends[-1] - ends[0]
         within = [i for i in range(1, len(ends)) if i % per_epoch != 0]
         within_s = sum(ends[i] - ends[i - 1] for i in within)
         s.update(
-            steady_s=steady, tokens_per_s=sum(step_tokens[1:]) / steady, ms_per_step=steady * 1000 / (len(ends) - 1),
+            steady_s=steady,
+            tokens_per_s=sum(step_tokens[1:]) / steady,
+            ms_per_step=steady * 1000 / (len(ends) - 1),
             tokens_per_s_within=sum(step_tokens[i] for i in within) / within_s,
-            startup_s=ends[0], teardown_s=run["total_s"] - ends[-1],
+            startup_s=ends[0],
+            teardown_s=run["total_s"] - ends[-1],
             boundary_ms=statistics.mean(ends[i] - ends[i - 1] for i in range(per_epoch, len(ends), per_epoch)) * 1000
-            if len(ends) > per_epoch else None,
-        )  # fmt: skip
+            if len(ends) > per_epoch
+            else None,
+        )
     return s
 
 
@@ -1006,8 +1106,9 @@ def report_loss(loss: str, results: dict, trl_label: str, variants: list[tuple[s
     out = [f"| metric | {head} | {trl_label} | {ratio_head} |", "|---|" + "---:|" * (2 * len(variants) + 1)]
     for name, key, digits in METRICS:
         cells = [fmt(median_of(results[v], key), digits) for v, _ in variants]
-        rcells = [med_range(ratios(results[v], trl, key)) if key not in ("padding", "last_loss") else ""
-                  for v, _ in variants]  # fmt: skip
+        rcells = [
+            med_range(ratios(results[v], trl, key)) if key not in ("padding", "last_loss") else "" for v, _ in variants
+        ]
         out.append(f"| {name} | {' | '.join(cells)} | {fmt(median_of(trl, key), digits)} | {' | '.join(rcells)} |")
     return out
 
@@ -1035,19 +1136,34 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (both libraries)")
     parser.add_argument("--max-length", type=int, help="prompt + completion tokens (default 64 uniform, 256 heavy)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"policy model source as alignlib takes it (default {DEFAULT_MODEL}), e.g. "
-                             "builtin:smollm2-135m-instruct; TRL loads the directory alignlib resolves it to")  # fmt: skip
-    parser.add_argument("--lora", type=int, default=0, metavar="R",
-                        help="LoRA rank on both sides (alpha 2R, dropout 0, all-linear); 0: full fine-tuning")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"policy model source as alignlib takes it (default {DEFAULT_MODEL}), e.g. "
+        "builtin:smollm2-135m-instruct; TRL loads the directory alignlib resolves it to",
+    )
+    parser.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        metavar="R",
+        help="LoRA rank on both sides (alpha 2R, dropout 0, all-linear); 0: full fine-tuning",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training process (default 1)")
     parser.add_argument("--alignlib-threads", type=int, help="torch threads of alignlib's worker (default --threads)")
     parser.add_argument("--trl-threads", type=int, help="torch threads of TRL's process (default --threads)")
-    parser.add_argument("--variants", default="grouped,ungrouped",
-                        help="alignlib runs, comma-separated: grouped (group_by_length, the default), ungrouped "
-                             "(dataset order; needed for the same-order check). Default both")  # fmt: skip
-    parser.add_argument("--diag-steps", type=int, default=50,
-                        help="steps of the in-process step-cost diagnostic (default 50; 0 skips it)")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        default="grouped,ungrouped",
+        help="alignlib runs, comma-separated: grouped (group_by_length, the default), ungrouped "
+        "(dataset order; needed for the same-order check). Default both",
+    )
+    parser.add_argument(
+        "--diag-steps",
+        type=int,
+        default=50,
+        help="steps of the in-process step-cost diagnostic (default 50; 0 skips it)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     parser.add_argument("--json", help="also write the raw measurements to this JSON file")
     parser.add_argument("--_trl-child", dest="trl_child", help=argparse.SUPPRESS)
@@ -1104,11 +1220,20 @@ def main() -> None:
     rows_path = workdir / "rows.json"
     rows_path.write_text(json.dumps(rows))
     base_cfg = {
-        "model": args.model, "model_dir": model_dir, "lora": args.lora, "rows_path": str(rows_path),
-        "lambda_": args.lambda_, "beta": args.beta, "lr": args.lr, "batch_size": args.batch_size,
-        "epochs": args.epochs, "max_length": max_length, "seed": args.seed, "precompute": False,
+        "model": args.model,
+        "model_dir": model_dir,
+        "lora": args.lora,
+        "rows_path": str(rows_path),
+        "lambda_": args.lambda_,
+        "beta": args.beta,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "max_length": max_length,
+        "seed": args.seed,
+        "precompute": False,
         "threads": al_threads,
-    }  # fmt: skip
+    }
     seq = sequential_accounting(examples, args.batch_size, args.epochs)
     per_epoch = math.ceil(args.pairs / args.batch_size)
     epoch_tokens = sum(pair_tokens(e) for e in examples)
@@ -1159,9 +1284,15 @@ def main() -> None:
                     checks_failed.append(f"{tag}: {run['num_steps']} steps, expected {len(seq['sizes'])}")
                 print(f"[bench]     done in {run['total_s']:.1f} s", flush=True)
                 s = summarize(run, step_tokens, per_epoch, total_tokens)
-                s.update(last_loss=run["last_loss"], torch_threads=run["torch_threads"], ref_s=run.get("ref_s"),
-                         reference=run.get("reference"), breakdown=run.get("startup_breakdown"),
-                         load_s=run.get("load_s"), build_s=run.get("build_s"))  # fmt: skip
+                s.update(
+                    last_loss=run["last_loss"],
+                    torch_threads=run["torch_threads"],
+                    ref_s=run.get("ref_s"),
+                    reference=run.get("reference"),
+                    breakdown=run.get("startup_breakdown"),
+                    load_s=run.get("load_s"),
+                    build_s=run.get("build_s"),
+                )
                 if kind == "alignlib" and run.get("startup_breakdown") is None:
                     print(f"[bench]     no start-up breakdown; process titles seen: {run.get('titles')}", flush=True)
                 summaries[loss].setdefault(key, []).append(s)
@@ -1179,9 +1310,21 @@ def main() -> None:
         checks[loss] = cross_check_orpo(cfg, rows, workdir) if loss == "orpo" else cross_check_dpo(cfg, rows, workdir)
         body[loss] = step_cost(cfg, rows, workdir, args.diag_steps) if args.diag_steps > 0 else None
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"args": vars(args), "config": base_cfg, "summaries": summaries, "raw": raw, "checks": checks,
-             "loop_body": body, "iter_rows_us": iter_us}, indent=1, default=str))  # fmt: skip
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "config": base_cfg,
+                    "summaries": summaries,
+                    "raw": raw,
+                    "checks": checks,
+                    "loop_body": body,
+                    "iter_rows_us": iter_us,
+                },
+                indent=1,
+                default=str,
+            )
+        )
 
     # ---- report ---------------------------------------------------------------------------
     lora_text = (
@@ -1208,8 +1351,10 @@ def main() -> None:
     head_label = f"alignlib ({'group_by_length' if head_key == 'grouped' else 'dataset order'})"
     print(f"### Headline: {head_label} vs TRL")
     print()
-    print("| loss | alignlib call (s) | TRL call (s) | (a) whole-call speed alignlib/TRL (TRL s / alignlib s) "
-          "| (b) steady-state tokens/s alignlib/TRL | (c) start-up to first step: alignlib (s) | TRL (s) |")  # fmt: skip
+    print(
+        "| loss | alignlib call (s) | TRL call (s) | (a) whole-call speed alignlib/TRL (TRL s / alignlib s) "
+        "| (b) steady-state tokens/s alignlib/TRL | (c) start-up to first step: alignlib (s) | TRL (s) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     sides = {loss: (summaries[loss][head_key], summaries[loss]["trl"]) for loss in losses}
     for loss, (a, t) in sides.items():
@@ -1235,8 +1380,10 @@ def main() -> None:
     for loss, (a, t) in sides.items():
         b = a[0].get("breakdown")
         if b:
-            print(f"#### {loss.upper()}: alignlib start-up, call start -> end of first optimizer step "
-                  f"({head_label}, repeat 1; wall-clock marks, controller/worker marks +-0.1 s)")  # fmt: skip
+            print(
+                f"#### {loss.upper()}: alignlib start-up, call start -> end of first optimizer step "
+                f"({head_label}, repeat 1; wall-clock marks, controller/worker marks +-0.1 s)"
+            )
             print()
             print("| segment | s |")
             print("|---|---:|")
@@ -1258,8 +1405,16 @@ def main() -> None:
         print("\n".join(report_loss(loss, res, f"TRL {name}", labels)))
         print()
         if "grouped" in res and "ungrouped" in res:
-            g = med_range([a / b for a, b in zip([x["tokens_per_s"] for x in res["grouped"]],
-                                                 [x["tokens_per_s"] for x in res["ungrouped"]], strict=True)])  # fmt: skip
+            g = med_range(
+                [
+                    a / b
+                    for a, b in zip(
+                        [x["tokens_per_s"] for x in res["grouped"]],
+                        [x["tokens_per_s"] for x in res["ungrouped"]],
+                        strict=True,
+                    )
+                ]
+            )
             print(f"Grouping win (alignlib grouped / ungrouped, steady-state tokens/s): {g}. ", end="")
         first = res[labels[0][0]][0]
         print(
@@ -1273,8 +1428,16 @@ def main() -> None:
                 "TRL `precompute_ref_log_probs`)"
             )
             print()
-            print("\n".join(report_loss(loss, {"trl": res["trl_pre"], "pre": res["pre"]}, f"TRL {name}",
-                                        [("pre", "alignlib precomputed")])))  # fmt: skip
+            print(
+                "\n".join(
+                    report_loss(
+                        loss,
+                        {"trl": res["trl_pre"], "pre": res["pre"]},
+                        f"TRL {name}",
+                        [("pre", "alignlib precomputed")],
+                    )
+                )
+            )
             print()
             print(f"alignlib's ref_logps stage took {fmt(median_of(res['pre'], 'ref_s'))} s of its whole call.")
         print()

@@ -38,9 +38,12 @@ def _lora_config(lora):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
-    )  # fmt: skip
+    )
 
 
 class Backend:
@@ -134,10 +137,14 @@ class Backend:
         if rank == 0:
             self.unwrapped.save_pretrained(directory / "model")
             torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "micro": self.micro, "step": self.step_count},
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "micro": self.micro,
+                    "step": self.step_count,
+                },
                 directory / "state.pt",
-            )  # fmt: skip
+            )
 
     def load(self, directory: Path) -> None:
         state = _read_weights(directory / "model")
@@ -182,14 +189,18 @@ class QLoRABackend(Backend):
         backend = self.train.backend
         compute = torch_dtype(self.spec.policy.dtype, self.device.type == "cuda")
         quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=backend.quant_type,
-            bnb_4bit_use_double_quant=backend.double_quant, bnb_4bit_compute_dtype=compute,
-        )  # fmt: skip
+            load_in_4bit=True,
+            bnb_4bit_quant_type=backend.quant_type,
+            bnb_4bit_use_double_quant=backend.double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            resolve_model(self.spec.policy.model), quantization_config=quant, dtype=compute,
+            resolve_model(self.spec.policy.model),
+            quantization_config=quant,
+            dtype=compute,
             device_map={"": self.device.index or 0} if self.device.type == "cuda" else {"": "cpu"},
             trust_remote_code=self.spec.policy.trust_remote_code,
-        )  # fmt: skip
+        )
         return model
 
     def build(self):
@@ -237,9 +248,11 @@ class DeepSpeedBackend(Backend):
         optimizer = torch.optim.AdamW(params, lr=self.train.lr, weight_decay=self.train.weight_decay)
         schedule = lr_lambda(self.total_steps, self.train.warmup_ratio, self.train.schedule)
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model.to(self.device), optimizer=optimizer, config=self.ds_config(),
+            model=model.to(self.device),
+            optimizer=optimizer,
+            config=self.ds_config(),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        )  # fmt: skip
+        )
         self.engine = engine
         return engine
 
@@ -273,8 +286,9 @@ class DeepSpeedBackend(Backend):
         """
         # ZeRO-3 shards parameters across ranks: every rank takes part in gathering them.
         state = self.engine._zero3_consolidated_16bit_state_dict() if self.train.backend.zero_stage == 3 else None
-        self.engine.save_checkpoint(str(directory / "deepspeed"), tag="state",
-                                    client_state={"micro": self.micro, "step": self.step_count})  # fmt: skip
+        self.engine.save_checkpoint(
+            str(directory / "deepspeed"), tag="state", client_state={"micro": self.micro, "step": self.step_count}
+        )
         if rank == 0:
             self.engine.module.save_pretrained(directory / "model", state_dict=state)
 

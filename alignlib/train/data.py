@@ -61,8 +61,15 @@ def encode_rows(
 class Tokenize:
     """Ray Data callable class: a batch of pairs / SFT rows -> token-id columns (+ reference log-probs)."""
 
-    def __init__(self, model: str, chat_template: str | None, paired: bool, max_length: int, max_prompt_length,
-                 trust_remote_code: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        model: str,
+        chat_template: str | None,
+        paired: bool,
+        max_length: int,
+        max_prompt_length,
+        trust_remote_code: bool = False,
+    ):
         from alignlib.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
@@ -113,8 +120,14 @@ def tokenizes_in_driver(dataset) -> bool:
 
 def _tokenize_args(spec, paired: bool) -> tuple:
     policy, train = spec.policy, spec.train
-    return (policy.model, policy.chat_template, paired, train.max_length, train.max_prompt_length,
-            policy.trust_remote_code)  # fmt: skip
+    return (
+        policy.model,
+        policy.chat_template,
+        paired,
+        train.max_length,
+        train.max_prompt_length,
+        policy.trust_remote_code,
+    )
 
 
 def driver_table(dataset, spec, paired: bool):
@@ -146,8 +159,12 @@ def tokenize_dataset(dataset, spec, paired: bool):
         return ray.data.from_arrow(tokenize_table(driver_table(dataset, spec, paired), spec, paired)).materialize()
     require_training_columns(spec, dataset.schema().names, paired)
     return dataset.map_batches(
-        Tokenize, fn_constructor_args=_tokenize_args(spec, paired), batch_format="pyarrow", batch_size=256,
-        compute=actor_pool(1), num_cpus=LIGHT_CPUS,
+        Tokenize,
+        fn_constructor_args=_tokenize_args(spec, paired),
+        batch_format="pyarrow",
+        batch_size=256,
+        compute=actor_pool(1),
+        num_cpus=LIGHT_CPUS,
     ).materialize()
 
 
@@ -157,8 +174,9 @@ def tokenize_rows(spec, rows: list[dict[str, Any]], paired: bool) -> list[dict[s
 
     policy, train = spec.policy, spec.train
     require_training_columns(spec, rows[0].keys() if rows else [], paired)
-    tokenize = Tokenize(policy.model, policy.chat_template, paired, train.max_length, train.max_prompt_length,
-                        policy.trust_remote_code)  # fmt: skip
+    tokenize = Tokenize(
+        policy.model, policy.chat_template, paired, train.max_length, train.max_prompt_length, policy.trust_remote_code
+    )
     return tokenize(pa.Table.from_pylist(rows)).to_pylist()
 
 

@@ -143,8 +143,16 @@ class Trainer:
     Rows are tokenized examples (`train.data.Tokenize`).
     """
 
-    def __init__(self, spec, total_steps: int, device: torch.device | None = None, rank: int = 0, world: int = 1,
-                 distributed: bool = False, metrics_path: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        spec,
+        total_steps: int,
+        device: torch.device | None = None,
+        rank: int = 0,
+        world: int = 1,
+        distributed: bool = False,
+        metrics_path: str | None = None,
+    ):
         from alignlib.models import load_tokenizer
         from alignlib.spec import reference_source
         from alignlib.train.backends import make_backend
@@ -175,15 +183,24 @@ class Trainer:
         totals: dict[str, float] = {}  # sums over the epoch
         since_log: dict[str, float] = {}  # sums since the last step line
         count = logged = tokens = padded = 0
-        steps = step_batches(rows, train.batch_size * train.grad_accum, train.batch_size, train.group_by_length,
-                             seed=(self.spec.seed * 1_000_003 + epoch) * 1009 + self.rank)  # fmt: skip
+        steps = step_batches(
+            rows,
+            train.batch_size * train.grad_accum,
+            train.batch_size,
+            train.group_by_length,
+            seed=(self.spec.seed * 1_000_003 + epoch) * 1009 + self.rank,
+        )
         for micro_batches in steps:
             if backend.step_count >= self.total_steps:  # train.max_steps reached mid-epoch
                 break
             stepped = False
             for examples in micro_batches:
-                batch = collate(examples, self.tokenizer.pad_token_id, loss.paired,
-                                with_reference=self.reference_source == "precomputed")  # fmt: skip
+                batch = collate(
+                    examples,
+                    self.tokenizer.pad_token_id,
+                    loss.paired,
+                    with_reference=self.reference_source == "precomputed",
+                )
                 tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
                 padded += batch["attention_mask"].numel()
                 keep = logits_keep(batch["labels"])
@@ -207,9 +224,15 @@ class Trainer:
             backend.finish()
         metrics = {f"train/{k}": v / max(1, count) for k, v in totals.items()}
         seconds = time.time() - epoch_started
-        metrics.update(epoch=epoch + 1, step=backend.step_count, examples=count * self.world,
-                       tokens=tokens * self.world, tokens_per_s=tokens * self.world / max(seconds, 1e-9),
-                       padding=1.0 - tokens / max(1, padded), peak_memory_mb=_peak_memory_mb(self.device))  # fmt: skip
+        metrics.update(
+            epoch=epoch + 1,
+            step=backend.step_count,
+            examples=count * self.world,
+            tokens=tokens * self.world,
+            tokens_per_s=tokens * self.world / max(seconds, 1e-9),
+            padding=1.0 - tokens / max(1, padded),
+            peak_memory_mb=_peak_memory_mb(self.device),
+        )
         if self.rank == 0 and self.metrics_path:
             _record(self.metrics_path, {"kind": "epoch", **metrics})
         return metrics
@@ -262,11 +285,22 @@ class Trainer:
     def _step_line(self, epoch: int, tokens: int, means: dict[str, float]) -> None:
         backend = self.backend
         if self.metrics_path:
-            _record(self.metrics_path, {"kind": "step", "epoch": epoch + 1, "step": backend.step_count,
-                                        "lr": backend.lr, "tokens": tokens, **means})  # fmt: skip
+            _record(
+                self.metrics_path,
+                {
+                    "kind": "step",
+                    "epoch": epoch + 1,
+                    "step": backend.step_count,
+                    "lr": backend.lr,
+                    "tokens": tokens,
+                    **means,
+                },
+            )
         text = "  ".join(f"{k}={v:.4f}" for k, v in means.items())
-        _say(f"epoch {epoch + 1}/{self.train.epochs}  step {backend.step_count}/{self.total_steps}  {text}"
-             f"  lr={backend.lr:.2e}  {time.time() - self.started:.0f}s")  # fmt: skip
+        _say(
+            f"epoch {epoch + 1}/{self.train.epochs}  step {backend.step_count}/{self.total_steps}  {text}"
+            f"  lr={backend.lr:.2e}  {time.time() - self.started:.0f}s"
+        )
 
 
 def train_loop(config: dict) -> None:
@@ -282,8 +316,9 @@ def train_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device() if spec.train.backend.use_gpu else torch.device("cpu")
-    trainer = Trainer(spec, config["total_steps"], device, rank, world, distributed=True,
-                      metrics_path=config["metrics_path"])  # fmt: skip
+    trainer = Trainer(
+        spec, config["total_steps"], device, rank, world, distributed=True, metrics_path=config["metrics_path"]
+    )
     trainer.say_reference()
     shard = ray.train.get_dataset_shard("train")
     # Rank 0 holds the whole model (ZeRO-3 gathers it in save); under DeepSpeed every rank also writes its

@@ -78,6 +78,10 @@ def reference_logps(pairs, spec):
     """A Ray Dataset of pairs -> the same pairs with reference log-prob columns (lazy)."""
     resources = actor_resources(reference_resources(spec))
     return pairs.map_batches(
-        ReferenceLogps, fn_constructor_args=(spec.model_dump(mode="json"),), batch_format="pyarrow",
-        batch_size=256, compute=actor_pool(reference_pool(spec)), **resources,
-    ).map_batches(S.conform, fn_args=(S.REF_PAIR_COLUMNS,), batch_format="pyarrow", num_cpus=LIGHT_CPUS)  # fmt: skip
+        ReferenceLogps,
+        fn_constructor_args=(spec.model_dump(mode="json"),),
+        batch_format="pyarrow",
+        batch_size=256,
+        compute=actor_pool(reference_pool(spec)),
+        **resources,
+    ).map_batches(S.conform, fn_args=(S.REF_PAIR_COLUMNS,), batch_format="pyarrow", num_cpus=LIGHT_CPUS)

@@ -106,8 +106,10 @@ def run_single(spec, dataset, total_steps: int, run_dir, metrics_file, log) -> B
                 if failures >= spec.train.max_failures:
                     return error
                 failures += 1
-                log(f"train: the training worker failed ({_last_line(error)}); restarting it from the last "
-                    f"checkpoint ({failures} of train.max_failures {spec.train.max_failures})")  # fmt: skip
+                log(
+                    f"train: the training worker failed ({_last_line(error)}); restarting it from the last "
+                    f"checkpoint ({failures} of train.max_failures {spec.train.max_failures})"
+                )
                 ray.kill(worker)
                 worker = None
                 time.sleep(0.5)

@@ -34,24 +34,43 @@ def pairs_rows(n=16):
     for i in range(n):
         a, b = i % 7, i % 5
         prompt = f"What is {a} + {b}?"
-        rows.append({
-            S.PROMPT_ID: f"p{i}", S.PROMPT: prompt, S.MESSAGES: [{"role": "user", "content": prompt}],
-            S.CHOSEN: str(a + b), S.REJECTED: "zzzz", S.CHOSEN_REWARD: 1.0, S.REJECTED_REWARD: 0.0,
-            S.MARGIN: 1.0, S.STRATEGY: "gold_vs_weak", S.CHOSEN_GENERATOR: "gold", S.REJECTED_GENERATOR: "weak",
-            S.COMPLETION: str(a + b), S.REWARD: 1.0,
-        })  # fmt: skip
+        rows.append(
+            {
+                S.PROMPT_ID: f"p{i}",
+                S.PROMPT: prompt,
+                S.MESSAGES: [{"role": "user", "content": prompt}],
+                S.CHOSEN: str(a + b),
+                S.REJECTED: "zzzz",
+                S.CHOSEN_REWARD: 1.0,
+                S.REJECTED_REWARD: 0.0,
+                S.MARGIN: 1.0,
+                S.STRATEGY: "gold_vs_weak",
+                S.CHOSEN_GENERATOR: "gold",
+                S.REJECTED_GENERATOR: "weak",
+                S.COMPLETION: str(a + b),
+                S.REWARD: 1.0,
+            }
+        )
     return rows
 
 
 CASES = {
     # DDP over 2 workers with LoRA adapters; IPO's reference is the policy with its adapter disabled.
     "ddp-ipo-lora-adapter-reference": {
-        "loss": {"name": "ipo", "tau": 0.5}, "backend": {"name": "ddp", "num_workers": 2, "use_gpu": False},
+        "loss": {"name": "ipo", "tau": 0.5},
+        "backend": {"name": "ddp", "num_workers": 2, "use_gpu": False},
         "lora": {"r": 4, "alpha": 8},
     },
-    "deepspeed-zero3-orpo": {"loss": {"name": "orpo"}, "backend": {"name": "deepspeed", "zero_stage": 3, "num_workers": 2, "use_gpu": False}},
-    "qlora-orpo": {"loss": {"name": "orpo"}, "backend": {"name": "qlora", "use_gpu": False}, "lora": {"r": 4, "alpha": 8}},
-}  # fmt: skip
+    "deepspeed-zero3-orpo": {
+        "loss": {"name": "orpo"},
+        "backend": {"name": "deepspeed", "zero_stage": 3, "num_workers": 2, "use_gpu": False},
+    },
+    "qlora-orpo": {
+        "loss": {"name": "orpo"},
+        "backend": {"name": "qlora", "use_gpu": False},
+        "lora": {"r": 4, "alpha": 8},
+    },
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -60,10 +79,16 @@ def test_backend_trains_and_exports(case, ray_session, tmp_path):
     from transformers import AutoModelForCausalLM
 
     train = {"epochs": 2, "lr": 3e-3, "batch_size": 4, "max_length": 48, "log_every": 1, **CASES[case]}
-    spec = parse_spec({
-        "name": case, "output_dir": str(tmp_path), "data": {"path": "unused.jsonl"},
-        "policy": {"model": "builtin:tiny-policy"}, "train": train, "eval": {"enabled": False},
-    })  # fmt: skip
+    spec = parse_spec(
+        {
+            "name": case,
+            "output_dir": str(tmp_path),
+            "data": {"path": "unused.jsonl"},
+            "policy": {"model": "builtin:tiny-policy"},
+            "train": train,
+            "eval": {"enabled": False},
+        }
+    )
     rows = pairs_rows()
     result = run_training(spec, ray.data.from_items(rows).materialize(), len(rows), run_name=case)
     model = assert_trained_and_exported(spec, case, result, tmp_path, lora="lora" in CASES[case])
@@ -109,12 +134,22 @@ def assert_generates_in_vllm(model_dir: Path) -> None:
     from alignlib.generate import Sampling, generate
     from alignlib.spec import GenerateSpec, ModelSpec
 
-    prompts = [{S.PROMPT_ID: f"q{i}", S.PROMPT: f"What is {i} + 1?", S.GOLD: None, S.SOURCE: f"t:{i}",
-                S.MESSAGES: [{"role": "user", "content": f"What is {i} + 1?"}]} for i in range(2)]  # fmt: skip
-    settings = GenerateSpec(engine="vllm", concurrency=1, resources={"CPU": 1},
-                            engine_kwargs={"enforce_eager": True, "max_model_len": 128})  # fmt: skip
-    rows = generate(ray.data.from_items(prompts), ModelSpec(model=str(model_dir)), Sampling(8, 0.0, 1.0), settings,
-                    "policy", 1, 0).take_all()  # fmt: skip
+    prompts = [
+        {
+            S.PROMPT_ID: f"q{i}",
+            S.PROMPT: f"What is {i} + 1?",
+            S.GOLD: None,
+            S.SOURCE: f"t:{i}",
+            S.MESSAGES: [{"role": "user", "content": f"What is {i} + 1?"}],
+        }
+        for i in range(2)
+    ]
+    settings = GenerateSpec(
+        engine="vllm", concurrency=1, resources={"CPU": 1}, engine_kwargs={"enforce_eager": True, "max_model_len": 128}
+    )
+    rows = generate(
+        ray.data.from_items(prompts), ModelSpec(model=str(model_dir)), Sampling(8, 0.0, 1.0), settings, "policy", 1, 0
+    ).take_all()
     assert sorted(r[S.PROMPT_ID] for r in rows) == ["q0", "q1"]
     assert all(r[S.FINISH_REASON] in ("stop", "length") and r[S.NUM_TOKENS] >= 1 for r in rows), rows
 
@@ -125,7 +160,7 @@ KILLED = {
     # One worker, no Ray Train (train/single.py): alignlib replaces the actor, here with output_dir on the S3
     # server (checkpoints uploaded, listed, pruned and read back from the object store).
     "one-process-s3": {"name": "ddp", "num_workers": 1, "use_gpu": False},
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(KILLED))
@@ -146,14 +181,29 @@ def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path, 
     output_dir = request.getfixturevalue("s3_prefix") if case.endswith("-s3") else str(tmp_path)
     # One process steps fast: more rows, so the kill lands between the first checkpoint and the end.
     rows = pairs_rows(48 if case == "deepspeed" else 144)
-    train = {"epochs": 3, "lr": 1e-3, "schedule": "constant", "batch_size": 2, "max_length": 48, "log_every": 1,
-             "max_failures": 1, "loss": {"name": "sft"}, "backend": KILLED[case]}  # fmt: skip
+    train = {
+        "epochs": 3,
+        "lr": 1e-3,
+        "schedule": "constant",
+        "batch_size": 2,
+        "max_length": 48,
+        "log_every": 1,
+        "max_failures": 1,
+        "loss": {"name": "sft"},
+        "backend": KILLED[case],
+    }
 
     def fit(name: str):
-        spec = parse_spec({
-            "name": name, "output_dir": output_dir, "data": {"path": "unused.jsonl"},
-            "policy": {"model": "builtin:tiny-policy"}, "train": train, "eval": {"enabled": False},
-        })  # fmt: skip
+        spec = parse_spec(
+            {
+                "name": name,
+                "output_dir": output_dir,
+                "data": {"path": "unused.jsonl"},
+                "policy": {"model": "builtin:tiny-policy"},
+                "train": train,
+                "eval": {"enabled": False},
+            }
+        )
         return spec, run_training(spec, ray.data.from_items(rows).materialize(), len(rows), run_name=name)
 
     spec, full = fit(f"{case}-full")
@@ -185,8 +235,9 @@ def test_killed_worker_resumes_to_the_same_weights(case, ray_session, tmp_path, 
     kept = sorted(p.name for p in run_dir.glob("checkpoint_*") if any(p.rglob("*")))
     assert kept == ["checkpoint_epoch-0002", "checkpoint_epoch-0003"], kept
     assert result.checkpoint == str(run_dir / "checkpoint_epoch-0003")
-    weights, uninterrupted = (_read_weights(local_copy(location(r.checkpoint) / "model", tmp_path / "copies"))
-                              for r in (result, full))  # fmt: skip
+    weights, uninterrupted = (
+        _read_weights(local_copy(location(r.checkpoint) / "model", tmp_path / "copies")) for r in (result, full)
+    )
     worst = max(float((weights[k] - uninterrupted[k]).abs().max()) for k in uninterrupted)
     assert worst < 1e-5, f"resumed run differs from the uninterrupted one by up to {worst}"
 

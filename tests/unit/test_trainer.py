@@ -31,21 +31,44 @@ def pairs_rows(n: int) -> list[dict]:
         a, b = 3 * i % 11, 5 * i % 7
         prompt = f"What is {a} + {b}?"
         chosen = f"{a + b}" + " because" * (i % 4)
-        rows.append({
-            S.PROMPT_ID: f"p{i}", S.PROMPT: prompt, S.MESSAGES: [{"role": "user", "content": prompt}],
-            S.CHOSEN: chosen, S.REJECTED: "no idea " * (1 + i % 3), S.CHOSEN_REWARD: 1.0, S.REJECTED_REWARD: 0.0,
-            S.MARGIN: 1.0, S.STRATEGY: "gold_vs_weak", S.CHOSEN_GENERATOR: "gold", S.REJECTED_GENERATOR: "weak",
-        })  # fmt: skip
+        rows.append(
+            {
+                S.PROMPT_ID: f"p{i}",
+                S.PROMPT: prompt,
+                S.MESSAGES: [{"role": "user", "content": prompt}],
+                S.CHOSEN: chosen,
+                S.REJECTED: "no idea " * (1 + i % 3),
+                S.CHOSEN_REWARD: 1.0,
+                S.REJECTED_REWARD: 0.0,
+                S.MARGIN: 1.0,
+                S.STRATEGY: "gold_vs_weak",
+                S.CHOSEN_GENERATOR: "gold",
+                S.REJECTED_GENERATOR: "weak",
+            }
+        )
     return rows
 
 
 def make_spec(tmp_path: Path, name: str, **train):
-    train = {"epochs": 1, "lr": 1e-3, "schedule": "constant", "max_length": 48, "log_every": 1,
-             "backend": {"name": "ddp", "num_workers": 1, "use_gpu": False}, **train}  # fmt: skip
-    return parse_spec({
-        "name": name, "output_dir": str(tmp_path / name), "data": {"path": "unused.jsonl"},
-        "policy": {"model": "builtin:tiny-policy"}, "train": train, "eval": {"enabled": False},
-    })  # fmt: skip
+    train = {
+        "epochs": 1,
+        "lr": 1e-3,
+        "schedule": "constant",
+        "max_length": 48,
+        "log_every": 1,
+        "backend": {"name": "ddp", "num_workers": 1, "use_gpu": False},
+        **train,
+    }
+    return parse_spec(
+        {
+            "name": name,
+            "output_dir": str(tmp_path / name),
+            "data": {"path": "unused.jsonl"},
+            "policy": {"model": "builtin:tiny-policy"},
+            "train": train,
+            "eval": {"enabled": False},
+        }
+    )
 
 
 def train(spec, rows: list[dict]) -> Trainer:
@@ -102,8 +125,9 @@ def test_an_epoch_reports_per_step_means_and_epoch_means(model_cache, tmp_path):
 
 
 def test_max_steps_ends_training_mid_epoch_with_the_schedule_spanning_those_steps(model_cache, tmp_path):
-    spec = make_spec(tmp_path, "max-steps", batch_size=4, epochs=3, max_steps=3, loss={"name": "sft"},
-                     schedule="cosine")  # fmt: skip
+    spec = make_spec(
+        tmp_path, "max-steps", batch_size=4, epochs=3, max_steps=3, loss={"name": "sft"}, schedule="cosine"
+    )
     rows = [{**r, S.COMPLETION: r[S.CHOSEN], S.REWARD: 1.0} for r in pairs_rows(16)]
     examples = tokenize_rows(spec, rows, paired=False)
     assert optimizer_steps(spec, 16) == 3, "3 steps, not 3 epochs of 4"
@@ -176,8 +200,10 @@ def test_logits_from_the_first_answer_token_on_give_the_same_log_probs(model_cac
     first = int((batch["labels"] != -100).any(dim=0).float().argmax())
     assert 0 < first < batch["labels"].shape[1] - 1, "the prompts leave columns whose logits are skipped"
     base = load_causal_lm("builtin:tiny-policy", "float32").eval()
-    lora = get_peft_model(load_causal_lm("builtin:tiny-policy", "float32"),
-                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)).eval()  # fmt: skip
+    lora = get_peft_model(
+        load_causal_lm("builtin:tiny-policy", "float32"),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    ).eval()
     for model in (base, lora):
         assert _keeps_logits(_base_model(model))
         with torch.no_grad():
