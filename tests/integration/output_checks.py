@@ -14,7 +14,7 @@ SAFE_SUFFIXES = {".parquet", ".json", ".html", ".safetensors", ".jinja", ".txt",
 def unsafe_stage_files(run: Path) -> list[str]:
     """Files under the stage directories of `run` in a format other than SAFE_SUFFIXES.
 
-    Training checkpoints live outside the stage directories (`train-ray/`, Ray Train's storage):
+    Training checkpoints live outside the stage directories (`train-ray/`, both launchers' storage):
     they are the job's own files for resuming, and hold the optimizer state as `state.pt`.
     """
     found = []

@@ -12,20 +12,20 @@ import torch
 
 from alignlib.train.backends import _read_weights
 
-# A training run lists a checkpoint once it is whole (not merely being written): Ray Train in its snapshot, the
-# one-process path (alignlib/train/single.py) in its index.
-LISTS = {"checkpoint_manager_snapshot.json": "checkpoint_results", "alignlib-checkpoints.json": "checkpoints"}
-
 
 def _listing(run: Path) -> dict[Path, bool]:
-    """Each training run under `run/train-ray` (every round's runs live there): whether it lists a checkpoint."""
+    """Each training run under `run/train-ray` (every round's runs live there): whether it lists a checkpoint.
+
+    Both launchers list a checkpoint in the run's index (`alignlib.train.checkpoints.INDEX`) once it is whole, not
+    merely being written."""
+    from alignlib.train.checkpoints import INDEX
+
     found = {}
-    for name, key in LISTS.items():
-        for listing in (run / "train-ray").glob(f"*/{name}"):
-            try:
-                found[listing.parent] = bool(json.loads(listing.read_text()).get(key))
-            except (OSError, ValueError):
-                found[listing.parent] = False  # being written
+    for listing in (run / "train-ray").glob(f"*/{INDEX}"):
+        try:
+            found[listing.parent] = bool(json.loads(listing.read_text()).get("checkpoints"))
+        except (OSError, ValueError):
+            found[listing.parent] = False  # being written
     return found
 
 

@@ -210,8 +210,13 @@ def start_job(spec_file: Path, run: Path, *overrides: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     return subprocess.Popen(
         [sys.executable, "-m", "alignlib", "run", str(spec_file), f"output_dir={run}", *overrides, "--until", "pairs"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def kill_job_when(proc: subprocess.Popen, ready, what: str, timeout: float = 400) -> str:
@@ -239,6 +244,7 @@ def in_store(run: RemotePath) -> dict[str, tuple[bool, int]]:
     """stage -> (committed: its manifest exists, how many attempt prefixes hold Parquet files).
 
     Files, not prefixes: SeaweedFS keeps listing a directory whose objects were all deleted (S3 does not)."""
+
     def attempts(stage: RemotePath) -> int:
         return sum(any(f.suffix == ".parquet" for f in a.rglob("*")) for a in stage.glob("attempt-*"))
 
@@ -307,8 +313,9 @@ def test_killed_job_reruns_only_what_was_not_finished(killed_runs, reference):
     assert_same_outputs(run, reference)
 
 
-def test_a_batch_that_kills_its_worker_every_time_fails_the_stage_instead_of_retrying_for_ever(second, spec_file,
-                                                                                                 tmp_path):  # fmt: skip
+def test_a_batch_that_kills_its_worker_every_time_fails_the_stage_instead_of_retrying_for_ever(
+    second, spec_file, tmp_path
+):
     """Ray Data restarts a dead actor or worker and retries its batch without a limit. A reward function that
     kills its process on some prompts (as a crash in native code would) stops the job after 3 deaths of one
     batch, naming the batch's prompts; the score stage commits nothing."""
@@ -320,7 +327,9 @@ def test_a_batch_that_kills_its_worker_every_time_fails_the_stage_instead_of_ret
     assert proc.returncode == 1, out[-3000:]
     errors = [line for line in out.splitlines() if line.startswith("alignlib: error:")]
     assert len(errors) == 1, out[-3000:]
-    assert errors[0].startswith("alignlib: error: reward tests.integration.crashing_reward:dies_on_plus_one: a batch of "), errors
+    assert errors[0].startswith(
+        "alignlib: error: reward tests.integration.crashing_reward:dies_on_plus_one: a batch of "
+    ), errors
     assert " rows (prompts " in errors[0] and "addition.jsonl:" in errors[0], errors
     assert "was started 3 times and the process running it died each time" in errors[0], errors
     assert errors[0].endswith("not tried again"), errors
@@ -328,4 +337,3 @@ def test_a_batch_that_kills_its_worker_every_time_fails_the_stage_instead_of_ret
     assert json.loads((run / "score" / "manifest.json").read_text()) == json.loads(
         (second / "score" / "manifest.json").read_text()
     ), "the finished score stage of the working reward is kept"
-
