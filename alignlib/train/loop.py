@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,13 +68,13 @@ def _base_model(model):
 
 
 @functools.cache
-def _keeps_logits_of(model_class) -> bool:
+def _keeps_logits_of(model_class: type[Any]) -> bool:
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def _keeps_logits(model) -> bool:
     """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do; custom code may not)."""
-    return _keeps_logits_of(type(model))
+    return _keeps_logits_of(type(model))  # type: ignore[arg-type]  # a class is hashable; functools' stub asks Hashable
 
 
 def _reference_logps(backend, reference, batch, average: bool):
@@ -103,8 +104,9 @@ def _say(message: str) -> None:
     # Ray Train patches print() in workers to both log and echo it, so every line came out twice.
     from alignlib.redaction import redact
 
-    sys.__stdout__.write(redact(f"[alignlib] {message}") + "\n")
-    sys.__stdout__.flush()
+    out = sys.__stdout__ or sys.stdout  # the process's real stdout; None only in a process started without one
+    out.write(redact(f"[alignlib] {message}") + "\n")
+    out.flush()
 
 
 def _peak_memory_mb(device: torch.device) -> float:

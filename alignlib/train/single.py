@@ -16,6 +16,7 @@ What Ray Train gives its worker group is kept:
 from __future__ import annotations
 
 import time
+from typing import Any
 
 
 def skip_bitsandbytes() -> None:
@@ -28,7 +29,7 @@ def skip_bitsandbytes() -> None:
 
     # Only before anything has looked: transformers and peft cache whether bitsandbytes is installed.
     if not {"bitsandbytes", "transformers", "peft"} & sys.modules.keys():
-        sys.modules["bitsandbytes"] = None  # `import` raises ImportError; find_spec says not installed
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]  # `import` raises ImportError; find_spec says not installed
 
 
 class TrainWorker:
@@ -83,10 +84,11 @@ def run_single(spec, dataset, total_steps: int, run_dir, metrics_file, log) -> B
 
     backend = spec.train.backend
     options = {"num_cpus": 1, "num_gpus": 1 if backend.use_gpu else 0, "max_restarts": 0}
-    actor = ray.remote(TrainWorker).options(**options)
+    actor: Any = ray.remote(TrainWorker).options(**options)  # Ray's stubs type neither .remote nor the handle
     args = (spec.model_dump(mode="json"), total_steps, str(metrics_file))
     paired = get_loss(spec.train.loss.name).paired
-    worker, failures = None, 0
+    worker: Any = None
+    failures = 0
     try:
         if tokenizes_in_driver(dataset):
             # The worker imports torch, transformers and peft and builds the model while this process tokenizes;
