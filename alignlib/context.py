@@ -41,6 +41,7 @@ class ContextCheck:
             if model is None:
                 continue
             tokenizer = load_tokenizer(model.model, model.chat_template, model.trust_remote_code)
+            limit: int | None
             if max_model_len is not None:
                 limit, limit_from = int(max_model_len), "generate.engine_kwargs.max_model_len"
             else:

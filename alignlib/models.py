@@ -222,11 +222,11 @@ def _build(spec: TinyModel, out: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        num_labels=1,
+        num_labels=1,  # type: ignore[call-arg]  # transformers' config dataclass omits what __post_init__ takes
     )
     torch.manual_seed(spec.seed)
     cls = LlamaForSequenceClassification if spec.reward else LlamaForCausalLM
-    model = cls(config).to(torch.float32)
+    model = cls(config).to(torch.float32)  # type: ignore[arg-type]  # typeshed's functools.wraps does not bind self
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -351,7 +351,7 @@ def encode_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 def prompt_lengths(tokenizer, chats: list[list[dict[str, str]]]) -> list[int | None]:
     """len(encode_prompt(tokenizer, chat)) for each chat, tokenized as one batch; None where the chat cannot
     be rendered (several turns and no chat template)."""
-    rendered = []
+    rendered: list[tuple[str, bool] | None] = []
     for chat in chats:
         try:
             rendered.append(_render(tokenizer, chat))
@@ -359,10 +359,10 @@ def prompt_lengths(tokenizer, chats: list[list[dict[str, str]]]) -> list[int | N
             rendered.append(None)
     lengths: list[int | None] = [None] * len(chats)
     for special in (False, True):  # a batch shares add_special_tokens
-        index = [i for i, r in enumerate(rendered) if r is not None and r[1] == special]
-        if index:
-            ids = tokenizer([rendered[i][0] for i in index], add_special_tokens=special)["input_ids"]
-            for i, row in zip(index, ids, strict=True):
+        texts = {i: r[0] for i, r in enumerate(rendered) if r is not None and r[1] == special}
+        if texts:
+            ids = tokenizer(list(texts.values()), add_special_tokens=special)["input_ids"]
+            for i, row in zip(texts, ids, strict=True):
                 lengths[i] = len(row)
     return lengths
 

@@ -152,7 +152,7 @@ def make_pairs(rows: list[Row], spec: PairsSpec, seed: int = 0) -> tuple[list[Ro
     pairs: list[Row] = []
     seen: set[tuple[str, str]] = set()
     for strategy in spec.strategies:
-        kept = []
+        kept: list[Row] = []
         candidates = candidate_pairs(rows, strategy, seed)
         if strategy == "best_vs_worst":  # goes only as deep as the cap: the i-th pair is the i-th best
             candidates = candidates[: spec.max_pairs_per_prompt]
@@ -227,7 +227,9 @@ def import_pairs(preferences: list[Row], train_ids: set[str], spec: PairsSpec) -
     highest reward, a chosen answer without one after those with one, the first in the file among equals.
     """
     counts = _zeros(spec, [IMPORTED])
-    pairs, sft, seen = [], {}, set()
+    pairs: list[Row] = []
+    sft: dict[str, Row] = {}
+    seen: set[tuple[str, str, str]] = set()
     for row in preferences:
         key = (row[S.PROMPT_ID], row[S.CHOSEN], row[S.REJECTED])
         if row[S.PROMPT_ID] not in train_ids:

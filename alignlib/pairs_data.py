@@ -122,8 +122,8 @@ class BlockPairs:
         best, c = best_of_n(kept, self.spec.sft_min_reward)
         counts.update(c)
         counts.update(prompts=1, prompts_without_pairs=0 if pairs else 1)
-        for key, value in counts.items():
-            _add(sums, f"count:{key}", value)
+        for key, count in counts.items():
+            _add(sums, f"count:{key}", count)
         if best is not None and best[S.REWARD] is not None:
             _add(sums, "sft:sum", best[S.REWARD])
         out_pairs += pairs
@@ -223,11 +223,11 @@ def build_on_ray(scored_dir: str, spec: PairsSpec, seed: int, total_rows: int, p
     _check_no_prompt_split(per_block)
     total = merge([json.loads(p["partial"]) for p in per_block])
     strategies = spec.strategies
-    counts = _zeros(spec, strategies)
+    totals = _zeros(spec, strategies)
     for key, value in total["sums"].items():
         if key.startswith("count:"):
-            counts[key.removeprefix("count:")] += int(value)
-    counts = dict(counts)
+            totals[key.removeprefix("count:")] += int(value)
+    counts = dict(totals)
     quality = figures(total, columns, counts, rate)
     quality["sft_mean_reward"] = total["sums"].get("sft:sum", 0.0) / counts["sft_rows"] if counts["sft_rows"] else None
     return counts, quality

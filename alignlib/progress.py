@@ -13,6 +13,13 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+
+if TYPE_CHECKING:
+    from ray import ObjectRef
+    from ray.actor import ActorHandle
+
+_T = TypeVar("_T")
 
 
 class _Counter:
@@ -26,6 +33,21 @@ class _Counter:
 
     def value(self) -> int:
         return self.rows
+
+
+class _RemoteMethod(Protocol[_T]):
+    def remote(self, *args: Any) -> ObjectRef[_T]: ...
+
+
+class _CounterHandle(Protocol):
+    """A `_Counter` actor's handle as this module calls it. Ray's stubs type a handle's methods (`.remote`) only
+    when they are decorated with `ray.method`, which would import ray with this module (it is imported when used)."""
+
+    @property
+    def add(self) -> _RemoteMethod[None]: ...
+
+    @property
+    def value(self) -> _RemoteMethod[int]: ...
 
 
 def _report(batch, counter):
@@ -63,7 +85,7 @@ class Progress:
         self.label, self.total, self.every = label, total, every
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
-        self.counter = ray.remote(num_cpus=0)(_Counter).remote()
+        self.counter = cast(_CounterHandle, ray.remote(num_cpus=0)(_Counter).remote())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self.started = time.time()
@@ -105,4 +127,4 @@ class Progress:
         self._thread.join()
         if exc_type is None:
             self._print(self.rows(), final=True)
-        ray.kill(self.counter)
+        ray.kill(cast("ActorHandle[_Counter]", self.counter))  # the handle `_CounterHandle` describes

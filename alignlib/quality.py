@@ -19,7 +19,7 @@ from __future__ import annotations
 import html
 import math
 import statistics
-from typing import Any
+from typing import Any, TypedDict
 
 from alignlib import schema as S
 
@@ -67,7 +67,15 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return pearson(ranks(x), ranks(y))
 
 
-def histogram(values: list[float], bins: int = BINS) -> dict[str, list[float]]:
+class Histogram(TypedDict, total=False):
+    """`histogram`'s bins: `counts[i]` values in [edges[i], edges[i + 1]]. Read back from a manifest it may be `{}`
+    (`describe` of no values has no histogram)."""
+
+    edges: list[float]
+    counts: list[int]
+
+
+def histogram(values: list[float], bins: int = BINS) -> Histogram:
     """`bins` equal-width bins over [min, max] (the last bin includes max): edges and counts."""
     if not values:
         return {"edges": [], "counts": []}
@@ -165,7 +173,7 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def svg_histogram(hist: dict[str, list[float]], label: str, width: int = 360, height: int = 140) -> str:
+def svg_histogram(hist: Histogram, label: str, width: int = 360, height: int = 140) -> str:
     """Bars of a histogram as an inline SVG; each bar's tooltip gives its range and count."""
     counts, edges = hist.get("counts") or [], hist.get("edges") or []
     if not counts:

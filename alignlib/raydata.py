@@ -33,7 +33,7 @@ class BatchKilledError(RuntimeError):
 class _BatchStarts:
     """A Ray actor of the driver's job: how many times each unfinished batch was started."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.starts: dict[str, int] = {}
 
     def start(self, key: str) -> int:
@@ -228,7 +228,10 @@ def actor_pool(concurrency: int | tuple[int, int]):
 def actor_resources(resources: dict[str, float]) -> dict:
     """A spec's `resources` mapping -> Ray Data `map_batches` resource arguments."""
     rest = {k: v for k, v in resources.items() if k not in ("CPU", "GPU")}
-    out = {"num_cpus": resources.get("CPU", 1), "num_gpus": resources.get("GPU", 0)}
+    out: dict[str, float | dict[str, float]] = {
+        "num_cpus": resources.get("CPU", 1),
+        "num_gpus": resources.get("GPU", 0),
+    }
     if rest:
         out["resources"] = rest
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 
 MASK = "***"
 SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
@@ -21,14 +22,14 @@ SECRET_NAME = re.compile(r"TOKEN|SECRET|KEY|PASSWORD|PASSWD|CREDENTIAL|AUTH", re
 MIN_SECRET_LENGTH = 8
 
 
-def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of secret-looking variables, longest first (so a secret containing another is masked whole)."""
-    environ = os.environ if environ is None else environ
-    values = {v for k, v in environ.items() if SECRET_NAME.search(k) and len(v) >= MIN_SECRET_LENGTH}
+    variables = os.environ if environ is None else environ
+    values = {v for k, v in variables.items() if SECRET_NAME.search(k) and len(v) >= MIN_SECRET_LENGTH}
     return sorted(values, key=len, reverse=True)
 
 
-def redact(text: str, environ: dict[str, str] | None = None) -> str:
+def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
     """`text` with each secret value masked, also in its JSON-escaped form (as a manifest writes it)."""
     for value in secret_values(environ):
         text = text.replace(value, MASK)

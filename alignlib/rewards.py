@@ -10,6 +10,7 @@ then refuses jobs whose data has none where the reward runs (eval on an imported
 from __future__ import annotations
 
 import re
+from typing import Protocol, cast
 
 _INTEGER = re.compile(r"-?\d+")
 
@@ -55,7 +56,13 @@ def length_penalty(prompt: str, completion: str, gold: str | None) -> float:
     return -len(completion) / 100.0
 
 
-exact_match.needs_gold = True
-numeric_closeness.needs_gold = True
-stated_number.needs_gold = True
-length_penalty.needs_gold = False
+class _NeedsGold(Protocol):
+    """A reward function as the spec reads it (`needs_gold`); a `def`'s own type has no such attribute."""
+
+    needs_gold: bool
+
+
+cast(_NeedsGold, exact_match).needs_gold = True
+cast(_NeedsGold, numeric_closeness).needs_gold = True
+cast(_NeedsGold, stated_number).needs_gold = True
+cast(_NeedsGold, length_penalty).needs_gold = False

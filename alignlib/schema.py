@@ -6,7 +6,7 @@ ones and the file they should have come from, instead of a KeyError deep inside 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 
@@ -111,7 +111,7 @@ def arrow_schema(columns: list[str]) -> pa.Schema:
     return pa.schema([(c, _TYPES[c]) for c in columns])
 
 
-def conform(table: pa.Table, columns: list[str], extra: list[str] = ()) -> pa.Table:
+def conform(table: pa.Table, columns: list[str], extra: Sequence[str] = ()) -> pa.Table:
     """Select `columns` in order with their canonical types, then the `extra` reward columns (float64).
 
     Engines infer Arrow types per block, so a block whose `gold` is all null comes back typed

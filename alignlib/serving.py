@@ -318,6 +318,8 @@ class PolicyEngine:
         final = None
         async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, uuid.uuid4().hex):
             final = output
+        if final is None:  # vLLM ended the request without its final output
+            raise RuntimeError("the vLLM engine returned no output for the request")
         return [
             {
                 S.SAMPLE_INDEX: c.index,
@@ -393,7 +395,8 @@ class RewardScorer:
             scored = combine(scored, self.components)
             for value, source in zip(scored[S.REWARD].to_pylist(), scored[S.REWARD_SOURCE].to_pylist(), strict=True):
                 scores.append((value, None) if math.isfinite(value) else (None, f"reward {source} returned {value}"))
-        out, start = [], 0
+        out: list[list[tuple[float | None, str | None]]] = []
+        start = 0
         for i, rows in enumerate(requests):
             if i in failed:
                 out.append([(None, failed[i])] * len(rows))
@@ -608,7 +611,7 @@ def serve_forever(spec, host: str, port: int) -> int:
     settings = serve_settings(spec)
     log(
         f"serving {settings['model_name']} ({spec.policy.model}, best of n={settings['num_samples']} by "
-        f"{', '.join(p.get('function') or p.get('model') for p in reward_plan(spec))}) at http://{host}:{port}/v1 "
+        f"{', '.join(p.get('function') or p['model'] for p in reward_plan(spec))}) at http://{host}:{port}/v1 "
         f"after {time.monotonic() - started:.0f} s; stop with Ctrl-C or SIGTERM"
     )
     stop = threading.Event()

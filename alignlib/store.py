@@ -31,6 +31,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -131,6 +132,7 @@ class StageWriter:
                     rmtree(stale)
             return manifest
         (self.path / MANIFEST).write_text(text)
+        assert isinstance(self.final, Path), "a local stage directory is committed by a rename on the same disk"
         if self.final.exists():
             trash = self.final.with_name(f".{self.stage}.old-{uuid.uuid4().hex[:8]}")
             self.final.rename(trash)
@@ -215,7 +217,7 @@ class _WriterContext:
         parent.mkdir(parents=True, exist_ok=True)
         # Leftovers of killed runs are never read; clear them so they do not pile up.
         for stale in parent.glob(f".{stage}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            rmtree(stale)
         tmp = parent / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         self.writer = StageWriter(stage, tmp, store.path(stage))

@@ -37,7 +37,10 @@ def pool_size(concurrency: int | tuple[int, int]) -> tuple[int, int]:
 
     ray.data.llm reads an int n as an autoscaling pool of 1..n; the spec's int means a fixed pool.
     """
-    return (concurrency, concurrency) if isinstance(concurrency, int) else tuple(concurrency)
+    if isinstance(concurrency, int):
+        return concurrency, concurrency
+    low, high = concurrency
+    return low, high
 
 
 CPU_BLOCK_SIZE = 32  # tokens per KV-cache block on CPU (vLLM prefers multiples of 32 there)

@@ -90,12 +90,13 @@ class HFGenerator:
     ):
         import torch
 
+        from alignlib.generate.sampling import Sampling
         from alignlib.models import load_causal_lm, load_tokenizer
 
         on_gpu = torch.cuda.is_available()
         self.tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
         self.model = load_causal_lm(model, dtype, on_gpu, trust_remote_code).eval().to("cuda" if on_gpu else "cpu")
-        self.params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.default = Sampling(max_new_tokens, temperature, top_p)
         self.name = f"transformers engine ({model})"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -107,16 +108,15 @@ class HFGenerator:
     def _generate(self, batch: pa.Table) -> pa.Table:
         from alignlib.generate.sampling import Sampling, row_sampling
 
-        default = Sampling(self.params["max_new_tokens"], self.params["temperature"], self.params["top_p"])
         groups: dict[Sampling, list[int]] = {}
-        for i, sampling in enumerate(row_sampling(batch, default)):
+        for i, sampling in enumerate(row_sampling(batch, self.default)):
             groups.setdefault(sampling, []).append(i)
         if len(groups) > 1:  # rows sampled two ways (`sample_parts`): each way on its own, back in row order
             parts = [self._generate(batch.take(pa.array(rows))) for rows in groups.values()]
             order = [i for rows in groups.values() for i in rows]
             joined = pa.concat_tables(parts)
             return joined.take(pa.array(sorted(range(len(order)), key=order.__getitem__)))
-        (sampling,) = groups or [default]
+        (sampling,) = groups or [self.default]
         prompts = batch["prompt_token_ids"].to_pylist()
         tokens = sample_tokens(
             self.model,
