@@ -1,213 +1,25 @@
-"""`alignlib serve`: best-of-N answers at inference, behind an OpenAI-compatible API on Ray Serve.
-
-Three deployments make one Serve application:
-- `Gateway` (the HTTP ingress): `GET /v1/models`, `POST /v1/chat/completions`. It checks the request, renders
-  the chat with the policy's chat template exactly as generate and training do, asks the engine for `n`
-  candidates, has every candidate scored, and answers with the best one as `choices[0]`.
-- `PolicyEngine`: vLLM's async engine for the policy (continuous batching across requests; the `n` samples
-  of one request are one vLLM request, so their prompt is computed once).
-- `RewardScorer`: the spec's reward(s), a reward model or a function or their weighted sum, scoring the
-  candidates of all requests in flight together (`serve.batch`) with the score stage's own code
-  (`alignlib.score`: FunctionScorer, ModelScorer, combine, on an Arrow table).
-
-The best candidate is chosen by `alignlib.ranking`, the order `alignlib bon` and the best-of-N SFT set use:
-highest reward, then one that ended by itself over one cut at the token limit, then the lower sample index.
-Rewards fail as in the score stage: a reward function that raises or returns no finite number for one candidate
-fails its request (status 500 and the reward's error), as it stops the stage; the other requests scored with it
-are served. A reward model's non-finite output leaves that candidate unscored: it ranks below every scored one,
-and when no candidate is scored the request fails with status 500.
-
-Request extensions (send them with the `openai` client's `extra_body`):
-- `return_candidates: true` adds `alignlib.candidates`: every candidate with its reward, rank, token count and
-  finish reason, best first. `alignlib.reward` is the chosen answer's reward; with `n: 1` there is nothing to
-  choose, so the one sample is not scored (`reward: null`) unless `return_candidates` asks for it.
-- `seed` (the OpenAI field) makes the candidates reproducible: candidate i samples with seed + i.
-
-`stream: true` is refused: the best answer is known only after every candidate is scored.
-"""
+"""The three Ray Serve deployments of `alignlib serve` (the `Gateway` ingress, the `PolicyEngine`, the
+`RewardScorer`), their settings and resources from the spec, and the application that binds them."""
 
 from __future__ import annotations
 
 import asyncio
 import math
-import time
 import uuid
 from typing import Any
 
 from fastapi import Request  # at module level: FastAPI resolves the route's annotations in this module
 
 from alignlib import schema as S
-from alignlib.ranking import ranked
-
-APP_NAME = "alignlib"
-DEFAULT_FUNCTION_CPUS = 0.5
-GATEWAY_CPUS = 0.25
-
-
-class RequestError(ValueError):
-    """A request that cannot be served as sent: answered with an OpenAI-style error, the server keeps going."""
-
-    def __init__(
-        self,
-        message: str,
-        param: str | None = None,
-        status: int = 400,
-        kind: str = "invalid_request_error",
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.param, self.status, self.kind, self.code = param, status, kind, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-
-
-# -- the request ---------------------------------------------------------------------------------------------
-
-ROLES = ("system", "user", "assistant")
-
-
-def _number(body: dict, name: str, kind: type, low: float, high: float | None = None):
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise RequestError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
-        raise RequestError(f"{name} must be {bound}, got {value}", name)
-    return kind(value)
-
-
-def parse_request(body: Any, settings: dict[str, Any]) -> dict[str, Any]:
-    """A chat completion request's JSON -> the sampling it asks for, or RequestError naming the bad field.
-
-    `settings` holds the served defaults and bounds (`serve_settings`). Fields of the OpenAI API that best-of-N
-    does not use (`user`, `logprobs`, ...) are accepted and ignored, as OpenAI-compatible servers do.
-    """
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    if body.get("stream"):
-        raise RequestError(
-            "stream is not supported: the best of the n candidates is known only after all are "
-            "scored; send stream=false",
-            "stream",
-        )
-    model = body.get("model")
-    if model is not None and model != settings["model_name"]:
-        raise RequestError(
-            f"the model {model!r} does not exist; this server serves {settings['model_name']!r}",
-            "model",
-            status=404,
-            code="model_not_found",
-        )
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise RequestError(f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
-        if not isinstance(message.get("content"), str):
-            raise RequestError(f"messages[{i}].content must be a string", f"messages[{i}].content")
-    if messages[-1]["role"] == "assistant":
-        raise RequestError(
-            "the last message must be a user or system turn: the answer is the model's to write",
-            f"messages[{len(messages) - 1}].role",
-        )
-    n = _number(body, "n", int, 1, settings["max_num_samples"])
-    max_tokens = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
-    temperature = _number(body, "temperature", float, 0.0, 2.0)
-    top_p = _number(body, "top_p", float, 0.0, 1.0)
-    if top_p == 0.0:
-        raise RequestError("top_p must be above 0", "top_p")
-    seed = _number(body, "seed", int, 0)
-    if not isinstance(body.get("return_candidates", False), bool):
-        raise RequestError("return_candidates must be true or false", "return_candidates")
-    return {
-        "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
-        "n": n or settings["num_samples"],
-        "max_tokens": max_tokens or settings["max_new_tokens"],
-        "temperature": settings["temperature"] if temperature is None else temperature,
-        "top_p": settings["top_p"] if top_p is None else top_p,
-        "seed": seed,
-        "return_candidates": body.get("return_candidates", False),
-    }
-
-
-def rank(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Candidates best first (`alignlib.ranking`: the unscored last); each gets its `rank` (1 = best)."""
-    return [{**c, "rank": i} for i, c in enumerate(ranked(candidates), start=1)]
-
-
-def reward_rows(messages: list[dict[str, str]], candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A request's candidates as the score stage's rows (COMPLETION_COLUMNS): no gold answer; `source` names the
-    candidate in a reward's error."""
-    from alignlib.prompts import _prompt_text
-
-    prompt = _prompt_text(messages)
-    return [
-        {
-            S.PROMPT_ID: "request",
-            S.PROMPT: prompt,
-            S.MESSAGES: messages,
-            S.GOLD: None,
-            S.SOURCE: f"request (candidate {c[S.SAMPLE_INDEX]})",
-            S.COMPLETION: c[S.COMPLETION],
-            S.GENERATOR: S.GENERATOR_POLICY,
-            S.SAMPLE_INDEX: c[S.SAMPLE_INDEX],
-            S.SEED: None,
-            S.FINISH_REASON: c[S.FINISH_REASON],
-            S.NUM_TOKENS: c[S.NUM_TOKENS],
-        }
-        for c in candidates
-    ]
-
-
-def response(request: dict[str, Any], ranked: list[dict[str, Any]], prompt_tokens: int, model_name: str) -> dict:
-    """The OpenAI chat.completion object: `choices[0]` is the best candidate; `alignlib` holds its reward and,
-    when asked, every candidate."""
-    best = ranked[0]
-    generated = sum(c[S.NUM_TOKENS] for c in ranked)
-    extension: dict[str, Any] = {
-        "reward": best[S.REWARD],
-        "num_candidates": len(ranked),
-        "best_sample_index": best[S.SAMPLE_INDEX],
-    }
-    if request["return_candidates"]:
-        extension["candidates"] = [
-            {
-                "index": c[S.SAMPLE_INDEX],
-                "content": c[S.COMPLETION],
-                "reward": c[S.REWARD],
-                "rank": c["rank"],
-                "num_tokens": c[S.NUM_TOKENS],
-                "finish_reason": c[S.FINISH_REASON],
-                "reward_error": c.get("error"),
-            }
-            for c in ranked
-        ]
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": best[S.COMPLETION]},
-                "finish_reason": best[S.FINISH_REASON],
-                "logprobs": None,
-            }
-        ],
-        # completion_tokens counts every candidate: that is what the server generated for this request.
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": generated,
-            "total_tokens": prompt_tokens + generated,
-        },
-        "alignlib": extension,
-    }
-
+from alignlib.serving.protocol import (
+    DEFAULT_FUNCTION_CPUS,
+    GATEWAY_CPUS,
+    RequestError,
+    parse_request,
+    rank,
+    response,
+    reward_rows,
+)
 
 # -- settings from the spec ---------------------------------------------------------------------------------
 
@@ -524,6 +336,18 @@ def build_app(spec):
     )
 
 
+def preflight_spec(spec) -> list[str]:
+    """Settings that cannot serve, found from the spec alone (also checked when rendering a RayService)."""
+    from alignlib.spec.job import rewards_needing_gold
+
+    return [
+        f"{where}: {function} compares answers with the data's gold answer, which a served request does not have; "
+        "serve with a reward model or a function that needs no gold answer, e.g. "
+        "'score.reward={type: model, model: MODEL}'"
+        for where, function in rewards_needing_gold(spec.score)
+    ]
+
+
 def app_builder(args: dict[str, Any]):
     """Serve's application builder (`serve run alignlib.serving:app_builder spec=JOB.yaml`, and the RayService
     `alignlib k8s --serve` renders): `spec` is a job spec's path, or `spec_yaml` the spec itself; `overrides`
@@ -546,126 +370,3 @@ def app_builder(args: dict[str, Any]):
     if found:
         raise SpecError(source, found)
     return build_app(spec)
-
-
-# -- the command ---------------------------------------------------------------------------------------------
-
-
-def preflight_spec(spec) -> list[str]:
-    """Settings that cannot serve, found from the spec alone (also checked when rendering a RayService)."""
-    from alignlib.spec.job import rewards_needing_gold
-
-    return [
-        f"{where}: {function} compares answers with the data's gold answer, which a served request does not have; "
-        "serve with a reward model or a function that needs no gold answer, e.g. "
-        "'score.reward={type: model, model: MODEL}'"
-        for where, function in rewards_needing_gold(spec.score)
-    ]
-
-
-def preflight(spec) -> list[str]:
-    """What would stop the server from starting here, found before Ray or any model starts."""
-    import importlib.util
-
-    from alignlib.sources import model_problem, models_read
-
-    found = [
-        p
-        for field, model in [("policy.model", spec.policy.model), *models_read(spec, ["score"])]
-        for p in [model_problem(field, model)]
-        if p
-    ]
-    found += preflight_spec(spec)
-    if importlib.util.find_spec("vllm") is None:
-        found.append(
-            "generate.engine: alignlib serve runs the policy on vLLM, which is not installed "
-            "(pip install 'alignlib[cpu]' or 'alignlib[gpu]')"
-        )
-    return found
-
-
-def serve_forever(spec, host: str, port: int) -> int:
-    """Start the application on Ray Serve at host:port and serve until SIGTERM or Ctrl-C; then take it down.
-
-    Taking it down is bounded: the application is deleted (and Serve shut down when nothing else is left)
-    within STOP_TIMEOUT_S. When this command started Ray itself, every process that Ray ran for it (replicas,
-    vLLM's engine core) and that still lives after Ray's shutdown is ended too: a SIGTERM sent to the whole
-    process group (`timeout`, some supervisors) stops the raylet first, and its workers would be left behind.
-    """
-    import os
-    import signal
-    import threading
-
-    import ray
-    from ray import serve
-
-    from alignlib.raydata import ensure_ray, log, verbose
-
-    own_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    ensure_ray()
-    started = time.monotonic()
-    # Serve's per-request and replica INFO lines stay off unless --verbose; warnings and errors still show.
-    quiet = None if verbose() else {"log_level": "WARNING"}
-    serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
-    serve.run(build_app(spec), name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
-    settings = serve_settings(spec)
-    log(
-        f"serving {settings['model_name']} ({spec.policy.model}, best of n={settings['num_samples']} by "
-        f"{', '.join(p.get('function') or p['model'] for p in reward_plan(spec))}) at http://{host}:{port}/v1 "
-        f"after {time.monotonic() - started:.0f} s; stop with Ctrl-C or SIGTERM"
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    ours: dict[int, float] = {}  # pid -> start time of the processes Ray runs for this command
-    while not stop.wait(2.0):
-        if own_ray:
-            ours.update(_descendants())
-    if own_ray:
-        ours.update(_descendants())
-    log("stopping the server")
-
-    def take_down():
-        serve.delete(APP_NAME)
-        if not serve.status().applications:
-            serve.shutdown()
-        if own_ray:
-            ray.shutdown()
-
-    down = threading.Thread(target=take_down, daemon=True)
-    down.start()
-    down.join(STOP_TIMEOUT_S)
-    if own_ray:
-        _end(ours)
-    if down.is_alive():
-        log(f"Serve did not stop within {STOP_TIMEOUT_S} s (its Ray was stopped under it?); its processes were ended")
-        os._exit(1)  # Ray's client threads would otherwise wait on a cluster that is gone
-    return 0
-
-
-STOP_TIMEOUT_S = 60
-
-
-def _descendants() -> dict[int, float]:
-    import psutil
-
-    out = {}
-    for child in psutil.Process().children(recursive=True):
-        try:
-            out[child.pid] = child.create_time()
-        except psutil.Error:
-            pass
-    return out
-
-
-def _end(processes: dict[int, float]) -> None:
-    """SIGKILL the processes (pid -> start time) still alive; a pid reused by another process is left alone."""
-    import psutil
-
-    for pid, created in processes.items():
-        try:
-            process = psutil.Process(pid)
-            if process.create_time() == created:
-                process.kill()
-        except psutil.Error:
-            pass
