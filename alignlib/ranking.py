@@ -21,7 +21,10 @@ from alignlib import schema as S
 
 Row = TypeVar("Row", bound=Mapping[str, Any])
 
-# The rule in words: the fingerprint section of the stages that rank (a changed rule redoes their work).
+# The rule in words, in the fingerprint of the stages that rank: `select` always, `pairs` only where cut answers
+# take part (`pairs.include_truncated`), the one case where today's rule picks differently from plain "reward, then
+# lower sample_index". A rule that changes picks among uncut answers must enter pairs' fingerprint always
+# (`alignlib.stages.pairs.sections`), or finished pairs sets would be reused with the old picks.
 RULE = "reward, stop before length, lower sample_index"
 
 

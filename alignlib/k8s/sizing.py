@@ -38,8 +38,9 @@ def plan_groups(spec: JobSpec, source: str = "<spec>", wanted: list | None = Non
                 f"{d.field}: no worker group offers the custom resource(s) {custom}; on Kubernetes ask for CPU/GPU only",
             )
             continue
-        # ZeRO-3 (or any training) on 8+ GPUs goes to 8-GPU pods: NVLink inside a node, not the network.
-        if gpus > 1 or (d.stage == "train" and gpus and d.count * gpus >= GPU_8.gpu):
+        # Workers that start together (training: ZeRO-3 or any) on 8+ GPUs go to 8-GPU pods: NVLink inside a node,
+        # not the network.
+        if gpus > 1 or (d.gang and gpus and d.count * gpus >= GPU_8.gpu):
             shape = GPU_8
         else:
             shape = GPU_1 if gpus else CPU

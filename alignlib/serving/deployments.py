@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import Request  # at module level: FastAPI resolves the route's annotations in this module
 
@@ -20,6 +20,9 @@ from alignlib.serving.protocol import (
     response,
     reward_rows,
 )
+
+if TYPE_CHECKING:
+    from vllm.inputs import TokensPrompt
 
 # -- settings from the spec ---------------------------------------------------------------------------------
 
@@ -128,7 +131,9 @@ class PolicyEngine:
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         final = None
-        async for output in self.engine.generate({"prompt_token_ids": prompt_token_ids}, params, uuid.uuid4().hex):
+        # vLLM's TokensPrompt is a TypedDict whose optional keys its stubs mark required under Python 3.10.
+        prompt = cast("TokensPrompt", {"prompt_token_ids": prompt_token_ids})
+        async for output in self.engine.generate(prompt, params, uuid.uuid4().hex):
             final = output
         if final is None:  # vLLM ended the request without its final output
             raise RuntimeError("the vLLM engine returned no output for the request")

@@ -83,8 +83,15 @@ class StageResult:
 
     @classmethod
     def from_stats(cls: type[R], stats: dict[str, Any]) -> R:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in stats.items() if k in names})
+        """The result a manifest holds. A field an older manifest lacks reads as its default, or None: a finished
+        run stays readable when a result gains a field."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in stats:
+                values[f.name] = stats[f.name]
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                values[f.name] = None
+        return cls(**values)
 
     def summary(self, where: StorePath) -> list[str]:
         """Lines for the end-of-run summary; `where` is the stage's output directory."""

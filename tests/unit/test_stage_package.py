@@ -65,39 +65,45 @@ def spec_for(**overrides):
     )
 
 
-# Calls that take a stage's name: naming a stage there is special-casing it.
-TAKES_A_STAGE = {"manifest", "fingerprint", "table_path", "path", "is_complete", "stage", "run", "writer", "base"}
+# The few string constants equal to a stage's name that are not one: a flow (`train`) and a figure key (`pairs`).
+NOT_A_STAGE = {"pipeline.py": {"train"}, "rounds.py": {"train"}, "report.py": {"pairs"}}
 
 
-def stage_names_used(path: Path) -> set[str]:
-    """Stage names a module's code passes to a call that takes a stage, or compares a value with (a flow, `train`
-    or `bon`, is not a stage)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call):
-            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-            args = [a for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-            if func in TAKES_A_STAGE:
-                found |= {a.value for a in args}
-        elif isinstance(node, ast.Compare):
-            sides = [node.left, *node.comparators]
-            if any(ast.unparse(side).endswith("flow") for side in sides):
-                continue
-            found |= {side.value for side in sides if isinstance(side, ast.Constant) and isinstance(side.value, str)}
-    return found & set(stages.NAMES)
+def stage_names_in_code(path: Path) -> set[str]:
+    """Stage names among a module's string constants, docstrings aside (they name stages for people)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    constants = {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+    }
+    return constants & set(stages.NAMES)
 
 
-@pytest.mark.parametrize("module", ["pipeline.py", "rounds.py", "report.py"])
+@pytest.mark.parametrize("module", sorted(NOT_A_STAGE))
 def test_the_pipeline_rounds_and_report_name_no_stage(module):
     """What they special-case is a declared field of the stage (makes_model, evaluates, gang, figures, result)."""
-    named = stage_names_used(PACKAGE.parent / module)
+    named = stage_names_in_code(PACKAGE.parent / module) - NOT_A_STAGE[module]
     assert named == set(), f"alignlib/{module} names stages {sorted(named)} in its code"
 
 
 def test_the_name_check_finds_a_stage_named_in_code(tmp_path):
     code = tmp_path / "m.py"
-    code.write_text('def f(p, n):\n    return p.store.manifest("pairs") if n != "eval" else p.fingerprint("export")\n')
-    assert stage_names_used(code) == {"pairs", "eval", "export"}
+    code.write_text(
+        '"""The eval stage."""\n'
+        "def f(p, names, manifests):\n"
+        '    """Reads export."""\n'
+        '    return manifests.get("eval"), manifests["pairs"], names.index("score"), p.run(only=["export"])\n'
+    )
+    assert stage_names_in_code(code) == {"eval", "pairs", "score", "export"}
 
 
 # What each stage's manifest held as `stats` before results were typed: a result must read them back and store
@@ -192,3 +198,67 @@ def test_a_stage_runs_against_any_stage_context(tmp_path):
 
     (best,) = read_table(tmp_path / "select" / "best").to_pylist()
     assert (best[S.COMPLETION], best["best_sample_index"]) == ("2", 2)  # the tie goes to the answer that stopped
+
+
+def test_what_the_stages_compute_fits_their_results_without_a_key_dropped():
+    """The counts and summaries the stages store come from domain functions; a key they add must reach the result."""
+    import pyarrow as pa
+
+    from alignlib import schema as S
+    from alignlib.bon import select as bon_select
+    from alignlib.prompts import Loaded
+    from alignlib.spec import DataSpec
+    from alignlib.stages.eval import summarize
+
+    fields = {kind: set(kind.__dataclass_fields__) for kind in MANIFEST_STATS}
+    for data in (DataSpec(path="x.jsonl", on_bad_rows="reject"), DataSpec(path="x.jsonl", kind="preferences")):
+        assert set(Loaded([], [], [], 0).counts(data)) <= fields[PromptsResult], data
+    assert set(bon_select([], [])[2]) == fields[SelectResult]
+    rows = [
+        {S.PROMPT_ID: "p", S.GENERATOR: g, S.REWARD: r}
+        for g, r in ((S.GENERATOR_BASE, 0.0), (S.GENERATOR_TRAINED, 1.0))
+    ]
+    assert set(summarize(pa.Table.from_pylist(rows))) | {"engine_starts"} == fields[EvalResult]
+
+
+def test_a_finished_run_without_a_later_field_still_reports():
+    assert GenerateResult.from_stats({"engine": "vllm", "engine_starts": 1}).policy is None
+
+
+def test_candidates_sampled_ahead_are_adopted_once_whole_and_under_force_only_when_this_run_wrote_them(tmp_path):
+    from alignlib import schema as S
+    from alignlib.stages import ahead
+    from alignlib.stages.contract import RoundContext
+    from alignlib.store import StageStore, count_rows
+
+    def context(force, sampled_ahead):
+        store = StageStore(tmp_path, "round-2")
+        return SimpleNamespace(
+            store=store,
+            force=force,
+            round=RoundContext(2, sampled_ahead=sampled_ahead),
+            fingerprint=lambda name: "fp-generate",
+        )
+
+    def waiting(complete):
+        import pyarrow as pa
+
+        from alignlib.store import write_table
+
+        folder = ahead.folder(context(False, False)) / S.GENERATOR_POLICY
+        write_table(pa.table({S.PROMPT_ID: ["a", "b", "c"]}), folder)
+        if complete:
+            (folder / ahead.DONE).write_text("")
+        return folder
+
+    target = tmp_path / "round-2" / "generate-out" / S.GENERATOR_POLICY
+    waiting(complete=False)
+    assert not ahead.adopt(context(False, False), target), "half-written candidates are never adopted"
+    waiting(complete=True)
+    assert not ahead.adopt(context(True, False), target), "--force adopts only what this run sampled"
+    assert ahead.adopt(context(True, True), target)
+    assert count_rows(target) == 3 and not (target / ahead.DONE).exists()
+    waiting(complete=True)
+    assert ahead.adopt(context(False, False), tmp_path / "round-2" / "other" / S.GENERATOR_POLICY)
+    ahead.clear(context(False, False))
+    assert not ahead.folder(context(False, False)).parent.exists()
