@@ -1,9 +1,9 @@
-"""Preference-optimisation and SFT losses on sequence log-probabilities.
+"""Preference-optimisation and SFT losses on sequence log-probabilities, and the reward-model loss.
 
-Each loss is pure math on ``(B,)`` tensors of sequence log-probs and returns
-per-example losses plus per-example metrics. Getting those log-probs out of a
-model is :func:`sequence_logps`'s job; which model outputs a loss needs (a
-reference model? length-averaged log-probs?) is declared on its :class:`Loss`
+Each loss is pure math on ``(B,)`` tensors of sequence log-probs (or, for the reward model, of per-sequence
+rewards from a one-label score head) and returns per-example losses plus per-example metrics. Getting those
+log-probs out of a model is :func:`sequence_logps`'s job; which model outputs a loss needs (a
+reference model? length-averaged log-probs? a score head?) is declared on its :class:`Loss`
 entry so the training loop can read it instead of special-casing names.
 """
 
@@ -267,6 +267,43 @@ def simpo_loss(
     return LossOutput(losses=losses, metrics=_reward_metrics(chosen, rejected))
 
 
+def reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margins: torch.Tensor | None = None,
+    center_rewards_coefficient: float | None = None,
+) -> LossOutput:
+    """Reward-model loss: Bradley-Terry on a scalar reward head (Ouyang et al. 2022, "InstructGPT", eq. 1).
+
+    ``L = -log sigmoid(r_c - r_r - m) + c * (r_c + r_r)**2``, where ``r`` is the one-label score head's
+    output on prompt + answer, ``m`` the pair's reward margin when given (Llama 2, Touvron et al. 2023, eq. 2:
+    pairs labelled further apart must be separated by more), and ``c`` the centring coefficient (Eisenstein et
+    al. 2023, "Helping or Herding?"): the Bradley-Terry loss only sees ``r_c - r_r``, so the rewards' common
+    offset drifts freely; the small penalty keeps rewards near 0. As TRL's ``RewardTrainer`` computes it.
+
+    Args:
+        chosen_rewards, rejected_rewards: ``(B,)`` rewards (the score head's logit) of the chosen and rejected
+            answers.
+        margins: ``(B,)`` the pairs' reward margins (``m``), or None for plain Bradley-Terry.
+        center_rewards_coefficient: ``c`` >= 0, or None for no centring term.
+
+    Returns:
+        ``(B,)`` losses; metrics ``"accuracy"`` (1.0 where ``r_c > r_r``), ``"reward_margin"`` (``r_c - r_r``),
+        ``"reward_chosen"`` and ``"reward_rejected"``.
+    """
+    if center_rewards_coefficient is not None and center_rewards_coefficient < 0:
+        raise ValueError(f"center_rewards_coefficient must be >= 0, got {center_rewards_coefficient}")
+    chosen = _as_float32(chosen_rewards)
+    rejected = _as_float32(rejected_rewards)
+    logits = chosen - rejected
+    if margins is not None:
+        logits = logits - _as_float32(margins)
+    losses = -F.logsigmoid(logits)
+    if center_rewards_coefficient is not None:
+        losses = losses + center_rewards_coefficient * (chosen + rejected) ** 2
+    return LossOutput(losses=losses, metrics=_reward_metrics(chosen, rejected))
+
+
 @dataclass(frozen=True)
 class Loss:
     """A loss function plus what the training loop must feed it.
@@ -278,6 +315,8 @@ class Loss:
         needs_reference: needs ``ref_chosen_logps`` / ``ref_rejected_logps``.
         average_logps: expects length-averaged rather than summed log-probs
             (``sequence_logps(..., average=True)``).
+        reward_head: trains a one-label sequence classifier (a reward model) and takes its per-sequence
+            rewards, ``chosen_rewards`` / ``rejected_rewards``, instead of LM log-probs.
     """
 
     name: str
@@ -285,6 +324,7 @@ class Loss:
     paired: bool
     needs_reference: bool
     average_logps: bool
+    reward_head: bool = False
 
 
 LOSSES: dict[str, Loss] = {
@@ -293,6 +333,7 @@ LOSSES: dict[str, Loss] = {
     "dpo": Loss("dpo", dpo_loss, paired=True, needs_reference=True, average_logps=False),
     "ipo": Loss("ipo", ipo_loss, paired=True, needs_reference=True, average_logps=True),
     "simpo": Loss("simpo", simpo_loss, paired=True, needs_reference=False, average_logps=True),
+    "reward": Loss("reward", reward_loss, paired=True, needs_reference=False, average_logps=False, reward_head=True),
 }
 
 

@@ -312,6 +312,31 @@ def load_causal_lm(source: str, dtype: str = "auto", on_gpu: bool = False, trust
         )
 
 
+def load_reward_head(
+    source: str,
+    dtype: str = "auto",
+    on_gpu: bool = False,
+    trust_remote_code: bool = False,
+    tokenizer_source: str | None = None,
+):
+    """Any model source (a causal LM, or a reward model to train further) as a one-label sequence classifier.
+
+    A causal LM gets a new score head (transformers initialises it); the pad token id is the tokenizer's (of
+    `tokenizer_source`, by default the model's), so the classifier pools each row's last non-pad token of
+    right-padded batches, as `score.ModelScorer` reads them."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(tokenizer_source or source, trust_remote_code=trust_remote_code)
+    with _refusing_remote_code(source):
+        return AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(source),
+            dtype=torch_dtype(dtype, on_gpu),
+            trust_remote_code=trust_remote_code,
+            num_labels=1,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+
 def load_config(source: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 

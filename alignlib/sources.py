@@ -115,6 +115,28 @@ def model_problem(field: str, value: str) -> str | None:
     return None
 
 
+def reward_head_problem(source: str, trust_remote_code: bool = False) -> str | None:
+    """Why the model at `source` cannot become a one-label sequence classifier, or None; read from its config
+    only (no weights), and only for a model already on this machine (a built-in or a local directory)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    from alignlib.models import BUILTIN_PREFIX, BUILTINS, load_config
+
+    if (
+        source not in {BUILTIN_PREFIX + n for n in BUILTINS}
+        and not (Path(source).expanduser() / "config.json").exists()
+    ):
+        return None  # a hub id or a GGUF file (a causal LM): not read here; loading says what is wrong
+    config = load_config(source, trust_remote_code)
+    if getattr(config, "auto_map", None):
+        return None  # its own code decides its classes
+    if config.model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        return f"model type {config.model_type!r} has no sequence-classification class in transformers"
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and config.num_labels != 1:
+        return f"it is a classifier with num_labels={config.num_labels}; a reward model has one output"
+    return None
+
+
 def models_read(spec, stages: list[str]) -> list[tuple[str, str]]:
     """(field, model) of every model the given stages load."""
     out = []
@@ -147,6 +169,10 @@ def problems(spec, stages: list[str]) -> list[str]:
         for field, model in models_read(spec, stages)
         if field.startswith("score.") and (model.endswith(".gguf") or model == "builtin:smollm2-135m-instruct")
     ]
+    if "train" in stages and spec.train.loss.name == "reward" and not model_problem("policy.model", spec.policy.model):
+        problem = reward_head_problem(spec.policy.model, spec.policy.trust_remote_code)
+        if problem:
+            found.append(f"policy.model: loss reward trains {spec.policy.model} as a reward model, but {problem}")
     from alignlib.uri import is_uri
 
     if is_uri(spec.output_dir):

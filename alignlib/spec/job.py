@@ -359,8 +359,26 @@ class SimPOLossSpec(_Spec):
     gamma: float = Field(1.0, ge=0.0, description="Target reward margin (SimPO's gamma, in reward units).")
 
 
+class RewardLossSpec(_Spec):
+    """Trains a reward model: the policy becomes a one-label sequence classifier (docs/training.md)."""
+
+    name: Literal["reward"]
+    margin: bool = Field(
+        False,
+        description="Subtract each pair's reward margin (the pairs' `margin` column, chosen minus rejected "
+        "reward) inside the Bradley-Terry sigmoid, as Llama 2 and TRL's RewardTrainer do.",
+    )
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0.0,
+        description="Weight of the penalty (r_chosen + r_rejected)^2 that keeps rewards centred on 0 (Eisenstein "
+        "et al. 2023; TRL suggests 0.01); null: none.",
+    )
+
+
 LossSpec = Annotated[
-    Union[SFTLossSpec, ORPOLossSpec, DPOLossSpec, IPOLossSpec, SimPOLossSpec], Field(discriminator="name")
+    Union[SFTLossSpec, ORPOLossSpec, DPOLossSpec, IPOLossSpec, SimPOLossSpec, RewardLossSpec],
+    Field(discriminator="name"),
 ]
 
 
@@ -631,8 +649,8 @@ class JobSpec(_Spec):
 
 # Mirror `losses.LOSSES[name].needs_reference` and `.paired` without importing torch at spec time (a unit
 # test checks they agree).
-LOSSES_NEEDING_REFERENCE = {"sft": False, "orpo": False, "dpo": True, "ipo": True, "simpo": False}
-LOSSES_NEEDING_PAIRS = {"sft": False, "orpo": True, "dpo": True, "ipo": True, "simpo": True}
+LOSSES_NEEDING_REFERENCE = {"sft": False, "orpo": False, "dpo": True, "ipo": True, "simpo": False, "reward": False}
+LOSSES_NEEDING_PAIRS = {"sft": False, "orpo": True, "dpo": True, "ipo": True, "simpo": True, "reward": True}
 
 
 def rewards_needing_gold(score: ScoreSpec) -> list[tuple[str, str]]:
@@ -714,9 +732,38 @@ def cross_check(spec: JobSpec) -> list[str]:
             f"serve.max_num_samples: {serve.max_num_samples} is under generate.num_samples "
             f"{spec.generate.num_samples}, the default n; raise it or set serve.num_samples"
         )
+    problems += _reward_model_problems(spec)
     if spec.eval.enabled and spec.data.eval_fraction == 0:
         problems.append(
             "data.eval_fraction: eval is enabled but no prompts are held out (set > 0 or eval.enabled=false)"
+        )
+    return problems
+
+
+def _reward_model_problems(spec: JobSpec) -> list[str]:
+    """What a reward-model job (loss reward) cannot do yet: it trains a scorer, so nothing samples from it."""
+    if spec.train.loss.name != "reward":
+        return []
+    problems = []
+    if spec.eval.enabled:
+        problems.append(
+            "eval.enabled: loss reward trains a reward model, which eval cannot sample answers from (held-out pair "
+            "accuracy is not measured yet); set eval.enabled=false"
+        )
+    if spec.rounds.count > 1:
+        problems.append(
+            "rounds.count: loss reward trains a reward model, which cannot sample the next round's candidates; "
+            "use rounds.count=1"
+        )
+    if spec.train.backend.name != "ddp":
+        problems.append(
+            f"train.backend: loss reward trains on the ddp backend (one or more workers); {spec.train.backend.name} "
+            "is not supported for reward models yet"
+        )
+    if spec.train.lora is not None and not spec.export.merge_lora:
+        problems.append(
+            "export.merge_lora: a reward model is exported with its LoRA weights merged, as the one-label "
+            "sequence-classification directory score.reward loads; set export.merge_lora=true"
         )
     return problems
 
@@ -748,6 +795,11 @@ def reference_source(spec: JobSpec) -> str:
         return "precomputed"
     own = spec.train.reference_model in (None, spec.policy.model)
     return "adapter-disabled" if spec.train.lora is not None and own else "frozen-copy"
+
+
+def pair_margins(spec: JobSpec) -> bool:
+    """Whether training reads each pair's reward margin (the `margin` column): loss reward with margin on."""
+    return isinstance(spec.train.loss, RewardLossSpec) and spec.train.loss.margin
 
 
 def reference_model(spec: JobSpec) -> str:

@@ -1,6 +1,7 @@
 """Stage `export`: the trained model as a Hugging Face directory (LoRA merged, or kept as an adapter).
 
-In: the train stage's checkpoint. Out: `export/model`, the pass's model: the next round's policy (`makes_model`).
+In: the train stage's checkpoint. Out: `export/model`, the pass's model: the next round's policy (`makes_model`),
+or with loss reward a one-label sequence-classification reward model that `score.reward` loads.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from alignlib.store import StageWriter, StorePath, location
 
 @dataclass
 class ExportResult(StageResult):
-    kind: str  # full, merged-lora or lora-adapter
+    kind: str  # full, merged-lora or lora-adapter; reward-model-full or reward-model-merged-lora for a reward model
     source: str  # the checkpoint's model directory
     model: str  # where the exported model is
 
     def summary(self, where: StorePath) -> list[str]:
         from alignlib.uri import shown
 
-        return [f"  trained model ({self.kind}): {shown(self.model)}"]
+        what = "reward model" if self.kind.startswith("reward-model-") else "model"
+        return [f"  trained {what} ({self.kind}): {shown(self.model)}"]
 
 
 def run(ctx: StageContext, out: StageWriter) -> ExportResult:

@@ -1,5 +1,5 @@
-"""Stage `train`: train the policy on the pairs (ORPO, DPO, IPO, SimPO) or the best-of-N set (SFT): one worker in
-one Ray actor, several with Ray Train (`alignlib.train.launch`).
+"""Stage `train`: train the policy on the pairs (ORPO, DPO, IPO, SimPO) or the best-of-N set (SFT), or a reward
+model on the pairs (loss reward): one worker in one Ray actor, several with Ray Train (`alignlib.train.launch`).
 
 In: `pairs/pairs` or `pairs/sft` (`ref_logps/pairs` with precomputed reference log-probs); with `rounds.train_on:
 accumulated`, every earlier round's too. Out: `train/metrics` (per epoch), `train/steps` (per logged step); the
@@ -13,7 +13,7 @@ from typing import Any
 
 from alignlib import schema as S
 from alignlib.raydata import ensure_ray, log
-from alignlib.spec import JobSpec, reference_source
+from alignlib.spec import JobSpec, pair_margins, reference_source
 from alignlib.stages.contract import Demand, Stage, StageContext, StageResult
 from alignlib.stages.sections import model_section, train_section, training_source, training_table
 from alignlib.store import StageWriter, rmtree, write_table
@@ -83,6 +83,8 @@ def _reads(spec: JobSpec) -> dict[str, list[str]]:
     needed = [S.PROMPT_ID, S.MESSAGES] + ([S.CHOSEN, S.REJECTED] if table == "pairs" else [S.COMPLETION])
     if reference_source(spec) == "precomputed":
         needed += [S.REF_CHOSEN_LOGPS, S.REF_REJECTED_LOGPS]
+    if pair_margins(spec):
+        needed.append(S.MARGIN)
     return {f"{training_source(spec)}/{table}": needed}
 
 
@@ -94,8 +96,8 @@ def _demands(spec: JobSpec) -> list[Demand]:
 
 STAGE = Stage(
     name="train",
-    help="train the policy on the pairs (ORPO, DPO, IPO, SimPO) or the best-of-N set (SFT): one worker in one "
-    "Ray actor, several with Ray Train",
+    help="train the policy on the pairs (ORPO, DPO, IPO, SimPO) or the best-of-N set (SFT), or a reward model on "
+    "the pairs (loss reward): one worker in one Ray actor, several with Ray Train",
     run=run,
     result=TrainStageResult,
     sections=lambda spec: {"policy": model_section(spec.policy), "train": train_section(spec), "seed": spec.seed},

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from alignlib.models import load_causal_lm, resolve_model, torch_dtype
+from alignlib.losses import get_loss
+from alignlib.models import load_causal_lm, load_reward_head, resolve_model, torch_dtype
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
@@ -34,7 +35,9 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return factor
 
 
-def _lora_config(lora):
+def _lora_config(lora, reward_head: bool = False):
+    """LoRA on the policy; on a reward model (`reward_head`) peft's SEQ_CLS task also trains the new score
+    head whole (`modules_to_save`: it starts random, so adapters alone could not fit it)."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -42,7 +45,7 @@ def _lora_config(lora):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
     )
 
 
@@ -55,12 +58,14 @@ class Backend:
         self.total_steps = total_steps
         self.micro = 0
         self.step_count = 0
+        self.reward_head = get_loss(self.train.loss.name).reward_head  # train a reward model, not a policy
 
     # -- model ------------------------------------------------------------------------------
     def load_base(self):
         on_gpu = self.device.type == "cuda"
         policy = self.spec.policy
-        return load_causal_lm(policy.model, policy.dtype, on_gpu, policy.trust_remote_code)
+        load = load_reward_head if self.reward_head else load_causal_lm
+        return load(policy.model, policy.dtype, on_gpu, policy.trust_remote_code)
 
     def build(self):
         model = self.load_base()
@@ -69,7 +74,7 @@ class Backend:
         if self.train.lora is not None:
             from peft import get_peft_model
 
-            model = get_peft_model(model, _lora_config(self.train.lora))
+            model = get_peft_model(model, _lora_config(self.train.lora, self.reward_head))
         self.model = self.wrap(model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.train.lr, weight_decay=self.train.weight_decay)

@@ -69,11 +69,13 @@ class Tokenize:
         max_length: int,
         max_prompt_length,
         trust_remote_code: bool = False,
+        margins: bool = False,
     ):
         from alignlib.models import load_tokenizer
 
         self.tokenizer = load_tokenizer(model, chat_template, trust_remote_code)
         self.paired, self.max_length, self.max_prompt_length = paired, max_length, max_prompt_length
+        self.margins = margins  # keep each pair's reward margin (train.loss.margin)
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -89,6 +91,15 @@ class Tokenize:
         for name in REF_COLUMNS:
             if name in batch.column_names:
                 columns[name] = batch[name]
+        if self.margins:
+            missing = [r[S.PROMPT_ID] for r in rows if r[S.MARGIN] is None]
+            if missing:
+                raise ValueError(
+                    f"train.loss.margin: {len(missing)} pairs have no reward margin (e.g. prompt {missing[0]}: an "
+                    "imported pair without chosen and rejected scores); set train.loss.margin=false or give every "
+                    "pair its scores"
+                )
+            columns[S.MARGIN] = batch[S.MARGIN]
         return pa.table(columns)
 
 
@@ -100,11 +111,13 @@ def example_length(example: dict) -> int:
 
 def require_training_columns(spec, present, paired: bool) -> None:
     """The columns training reads: the pairs (or SFT rows), and the reference log-probs when precomputed."""
-    from alignlib.spec import reference_source
+    from alignlib.spec import pair_margins, reference_source
 
     needed = [S.PROMPT_ID, S.MESSAGES] + ([S.CHOSEN, S.REJECTED] if paired else [S.COMPLETION])
     if reference_source(spec) == "precomputed":
         needed += list(REF_COLUMNS)
+    if pair_margins(spec):
+        needed.append(S.MARGIN)
     S.require_columns(present, needed, f"train ({'pairs' if paired else 'sft'} for loss {spec.train.loss.name!r})")
 
 
@@ -119,6 +132,8 @@ def tokenizes_in_driver(dataset) -> bool:
 
 
 def _tokenize_args(spec, paired: bool) -> tuple:
+    from alignlib.spec import pair_margins
+
     policy, train = spec.policy, spec.train
     return (
         policy.model,
@@ -127,6 +142,7 @@ def _tokenize_args(spec, paired: bool) -> tuple:
         train.max_length,
         train.max_prompt_length,
         policy.trust_remote_code,
+        pair_margins(spec),
     )
 
 
@@ -172,12 +188,8 @@ def tokenize_rows(spec, rows: list[dict[str, Any]], paired: bool) -> list[dict[s
     """The same as `tokenize_dataset`, in this process: rows in, tokenized examples out (tests, notebooks)."""
     import pyarrow as pa
 
-    policy, train = spec.policy, spec.train
     require_training_columns(spec, rows[0].keys() if rows else [], paired)
-    tokenize = Tokenize(
-        policy.model, policy.chat_template, paired, train.max_length, train.max_prompt_length, policy.trust_remote_code
-    )
-    return tokenize(pa.Table.from_pylist(rows)).to_pylist()
+    return Tokenize(*_tokenize_args(spec, paired))(pa.Table.from_pylist(rows)).to_pylist()
 
 
 def step_batches(
@@ -212,11 +224,14 @@ def step_batches(
         yield from flush(buffer)
 
 
-def collate(examples: list[dict[str, Any]], pad_id: int, paired: bool, with_reference: bool = False):
+def collate(
+    examples: list[dict[str, Any]], pad_id: int, paired: bool, with_reference: bool = False, with_margins: bool = False
+):
     """-> input_ids, attention_mask, labels, each (B, T) or (2B, T) with chosen rows then rejected rows.
 
     `with_reference` (train.precompute_reference): also `ref_logps`, the precomputed reference log-probs of
-    chosen then rejected rows, from the ref_logps stage's columns."""
+    chosen then rejected rows, from the ref_logps stage's columns. `with_margins` (train.loss.margin): also
+    `margins`, (B,) the pairs' reward margins."""
     import numpy as np
     import torch
 
@@ -245,4 +260,6 @@ def collate(examples: list[dict[str, Any]], pad_id: int, paired: bool, with_refe
             [e[S.REF_CHOSEN_LOGPS] for e in examples] + [e[S.REF_REJECTED_LOGPS] for e in examples],
             dtype=torch.float32,
         )
+    if with_margins:
+        batch["margins"] = torch.tensor([e[S.MARGIN] for e in examples], dtype=torch.float32)
     return batch

@@ -1,10 +1,11 @@
-"""The training loop, run by every Ray Train worker; one loop for SFT, ORPO, DPO and IPO.
+"""The training loop, run by every Ray Train worker; one loop for SFT, ORPO, DPO, IPO, SimPO and reward models.
 
 Each worker reads its shard (`ray.train.get_dataset_shard("train")`), tokenizes batches, runs
 the policy over chosen (and rejected) completions, turns logits into sequence log-probs, and
 hands them to the loss from `losses.py`. The loss's flags decide what the loop computes:
 `paired` (a rejected side), `needs_reference` (reference log-probs, from the adapter-disabled
-policy under LoRA or a frozen copy otherwise) and `average_logps` (length-averaged log-probs).
+policy under LoRA or a frozen copy otherwise), `average_logps` (length-averaged log-probs) and `reward_head`
+(a one-label sequence classifier's rewards instead of log-probs: reward-model training).
 `Trainer.fit` runs the epochs: at each epoch end every worker saves its part of a checkpoint in the run's
 layout (`checkpoints.py`), and a rerun of the same run resumes after the last one. Both launchers call it:
 `train_loop` in Ray Train's workers, `single.TrainWorker` in the one-process actor.
@@ -88,8 +89,20 @@ def _reference_logps(backend, reference, batch, average: bool):
             return model_logps(backend.unwrapped, batch, average)
 
 
+def model_rewards(model, batch):
+    """``(2B,)`` float32 rewards of a collated batch's rows under a one-label sequence classifier: its logit at
+    each row's last non-pad token (right padding, as `score.ModelScorer` reads them)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, 0].float()
+
+
 def _forward_loss(loss, knobs: dict, backend, reference, batch, n: int):
-    """Policy (and reference) log-probs of one micro-batch -> the loss's per-example output."""
+    """Policy (and reference) log-probs of one micro-batch -> the loss's per-example output; for a reward
+    head, the rewards of the chosen and rejected rows (and the pairs' margins when collated)."""
+    if loss.reward_head:
+        rewards = model_rewards(backend.model, batch)
+        margins = {"margins": batch["margins"]} if "margins" in batch else {}
+        return loss.fn(chosen_rewards=rewards[:n], rejected_rewards=rewards[n:], **margins, **knobs)
     logps = model_logps(backend.model, batch, loss.average_logps)
     args = {"policy_chosen_logps": logps[:n]}
     if loss.paired:
@@ -156,7 +169,7 @@ class Trainer:
         metrics_path: str | None = None,
     ):
         from alignlib.models import load_tokenizer
-        from alignlib.spec import reference_source
+        from alignlib.spec import pair_margins, reference_source
         from alignlib.train.backends import make_backend
 
         self.spec, self.train = spec, spec.train
@@ -167,6 +180,7 @@ class Trainer:
         torch.manual_seed(spec.seed + rank)
         self.loss = get_loss(self.train.loss.name)
         self.knobs = _loss_kwargs(self.loss, self.train.loss.model_dump(exclude={"name"}))
+        self.margins = pair_margins(spec)  # train.loss.margin: the pairs' margins go to the loss, not a knob
         policy = spec.policy
         self.tokenizer = load_tokenizer(policy.model, policy.chat_template, policy.trust_remote_code)
         self.backend = make_backend(spec, total_steps, self.device, distributed=distributed)
@@ -202,6 +216,7 @@ class Trainer:
                     self.tokenizer.pad_token_id,
                     loss.paired,
                     with_reference=self.reference_source == "precomputed",
+                    with_margins=self.margins,
                 )
                 tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
                 padded += batch["attention_mask"].numel()

@@ -15,6 +15,7 @@ from alignlib.losses import (
     get_loss,
     ipo_loss,
     orpo_loss,
+    reward_loss,
     sequence_logps,
     sft_loss,
     simpo_loss,
@@ -273,14 +274,15 @@ def test_get_loss_flags(name, fn, paired, needs_reference, average_logps):
         needs_reference,
         average_logps,
     )
+    assert not loss.reward_head  # these read the LM's log-probs
 
 
-def test_registry_has_exactly_the_five_losses():
-    assert set(LOSSES) == {"sft", "orpo", "dpo", "ipo", "simpo"}
+def test_registry_has_exactly_the_six_losses():
+    assert set(LOSSES) == {"sft", "orpo", "dpo", "ipo", "simpo", "reward"}
 
 
 def test_get_loss_unknown_name():
-    with pytest.raises(ValueError, match=r"'kto'.*dpo, ipo, orpo, sft, simpo"):
+    with pytest.raises(ValueError, match=r"'kto'.*dpo, ipo, orpo, reward, sft, simpo"):
         get_loss("kto")
 
 
@@ -390,3 +392,84 @@ def test_spec_knows_which_losses_need_a_reference_and_pairs():
 
     assert LOSSES_NEEDING_REFERENCE == {name: loss.needs_reference for name, loss in LOSSES.items()}
     assert LOSSES_NEEDING_PAIRS == {name: loss.paired for name, loss in LOSSES.items()}
+
+
+# --------------------------------------------------------------------------- reward model
+
+
+def test_reward_flags_and_signature():
+    """A paired loss of a score head's rewards: no reference, no log-probs; the loop passes these names."""
+    loss = get_loss("reward")
+    assert loss.fn is reward_loss and loss.reward_head and loss.paired and not loss.needs_reference
+    assert list(inspect.signature(reward_loss).parameters) == [
+        "chosen_rewards",
+        "rejected_rewards",
+        "margins",
+        "center_rewards_coefficient",
+    ]
+
+
+def test_reward_hand_values():
+    """r_c - r_r = 0 -> log 2; = ln 3 -> -log(3/4) = log(4/3); = -ln 3 -> log 4. Accuracy counts r_c > r_r
+    strictly (a tie is not a win)."""
+    chosen, rejected = t(1.0, math.log(3.0), 0.0), t(1.0, 0.0, math.log(3.0))
+    out = reward_loss(chosen, rejected)
+    assert_close(out.losses, t(math.log(2.0), math.log(4.0 / 3.0), math.log(4.0)))
+    assert_close(out.metrics["accuracy"], t(0.0, 1.0, 0.0))
+    assert_close(out.metrics["reward_margin"], t(0.0, math.log(3.0), -math.log(3.0)))
+    assert_close(out.metrics["reward_chosen"], chosen)
+
+
+def test_reward_margin_hand_value():
+    """Margin m is subtracted inside the sigmoid: r_c - r_r = 2, m = 2 -> log 2 (as if tied); m = 0 is plain BT;
+    a larger margin costs more for the same rewards."""
+    chosen, rejected = t(3.0, 3.0), t(1.0, 1.0)
+    assert_close(reward_loss(chosen, rejected, margins=t(2.0, 0.0)).losses[0], torch.tensor(math.log(2.0)))
+    assert_close(reward_loss(chosen, rejected, margins=t(0.0, 0.0)).losses, reward_loss(chosen, rejected).losses)
+    assert reward_loss(chosen, rejected, margins=t(3.0, 3.0)).losses[0] > reward_loss(chosen, rejected).losses[0]
+    # The metrics are the model's rewards, never shifted by the margin.
+    assert_close(reward_loss(chosen, rejected, margins=t(2.0, 0.0)).metrics["reward_margin"], t(2.0, 2.0))
+
+
+def test_reward_centring_hand_value():
+    """c (r_c + r_r)^2 added: r = (2, 0), c = 0.01 -> -log sigmoid(2) + 0.04; rewards summing to 0 pay nothing."""
+    out = reward_loss(t(2.0, 1.0), t(0.0, -1.0), center_rewards_coefficient=0.01)
+    expected = t(-math.log(1.0 / (1.0 + math.exp(-2.0))) + 0.04, -math.log(1.0 / (1.0 + math.exp(-2.0))))
+    assert_close(out.losses, expected)
+
+
+def test_reward_limits_are_finite():
+    """A pair ranked right by 1000 costs ~0, ranked wrong by 1000 costs ~1000; no overflow to inf or NaN."""
+    out = reward_loss(t(500.0, -500.0), t(-500.0, 500.0))
+    assert_close(out.losses, t(0.0, 1000.0))
+    assert torch.isfinite(out.losses).all()
+
+
+def test_reward_gradient():
+    """dL/dr_c = -sigmoid(-(r_c - r_r)) = -dL/dr_r (1/2 at a tie: descent pushes them apart), plus 2c(r_c + r_r)
+    on both sides with centring."""
+    chosen, rejected = t(0.5, grad=True), t(0.5, grad=True)
+    reward_loss(chosen, rejected).losses.sum().backward()
+    assert_close(chosen.grad, t(-0.5))
+    assert_close(rejected.grad, t(0.5))
+    chosen, rejected = t(0.5, grad=True), t(0.5, grad=True)
+    reward_loss(chosen, rejected, center_rewards_coefficient=0.1).losses.sum().backward()
+    assert_close(chosen.grad, t(-0.5 + 0.2))
+    assert_close(rejected.grad, t(0.5 + 0.2))
+
+
+def test_reward_output_contract_and_batching():
+    """(B,) float32 losses with a graph, (B,) detached metrics; 8 pairs at once equal 8 single calls."""
+    gen = torch.Generator().manual_seed(0)
+    chosen, rejected, margins = (4.0 * torch.randn(8, generator=gen) for _ in range(3))
+    knobs = {"margins": margins, "center_rewards_coefficient": 0.05}
+    out = reward_loss(chosen.requires_grad_(), rejected, **knobs)
+    assert out.losses.shape == (8,) and out.losses.dtype == torch.float32 and out.losses.requires_grad
+    assert all(m.shape == (8,) and not m.requires_grad for m in out.metrics.values())
+    singles = [reward_loss(chosen[i : i + 1], rejected[i : i + 1], margins[i : i + 1], 0.05).losses for i in range(8)]
+    assert_close(out.losses, torch.cat(singles))
+
+
+def test_reward_refuses_negative_centring():
+    with pytest.raises(ValueError, match="center_rewards_coefficient"):
+        reward_loss(t(1.0), t(0.0), center_rewards_coefficient=-0.1)

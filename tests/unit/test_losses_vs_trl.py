@@ -16,6 +16,8 @@ What maps to what (TRL 1.16):
     which averages the summed log-ratio over each completion's token count.
   * SimPO: ours ``simpo_loss(beta, gamma)`` == TRL ``CPOTrainer.cpo_loss`` with ``loss_type="simpo"``,
     ``beta = beta`` and ``simpo_gamma = gamma`` (TRL subtracts ``simpo_gamma / beta`` before scaling by beta).
+  * Reward model: ours ``reward_loss`` (batch mean) == TRL ``RewardTrainer.compute_loss`` on a stand-in model
+    returning the rewards as logits, with the ``margin`` input and ``center_rewards_coefficient``.
 
 The last section holds TRL-free guards for the usual log-prob pitfalls.
 """
@@ -24,13 +26,23 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from alignlib.losses import IGNORE_INDEX, LOSSES, dpo_loss, ipo_loss, orpo_loss, sequence_logps, simpo_loss
+from alignlib.losses import (
+    IGNORE_INDEX,
+    LOSSES,
+    dpo_loss,
+    ipo_loss,
+    orpo_loss,
+    reward_loss,
+    sequence_logps,
+    simpo_loss,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
 
@@ -115,6 +127,41 @@ def test_simpo_matches_trl_cpo_simpo(beta, gamma):
     assert_close(grads(ours.losses.sum(), [pc, pr]), grads(trl_losses.sum(), [pc, pr]), **TIGHT)
     assert_close(ours.metrics["reward_chosen"], trl_chosen_rewards, **TIGHT)
     assert_close(ours.metrics["reward_rejected"], trl_rejected_rewards, **TIGHT)
+
+
+@pytest.mark.parametrize(("margin", "center"), [(False, None), (True, None), (False, 0.01), (True, 0.3)])
+def test_reward_matches_trl_reward_trainer(margin, center):
+    """Ours: reward_loss(r_c, r_r, margins, c), batch mean. TRL's: RewardTrainer.compute_loss on a stand-in
+    self and a stand-in model whose logits are the (2B, 1) rewards, chosen rows first (TRL chunks them so);
+    `margin` is TRL's input column of the same name. Value, gradients and TRL's logged accuracy and margin."""
+    reward_trainer = trl_module("trl.trainer.reward_trainer")
+    chosen = logps(12, seed=12, low=-4.0, high=4.0)
+    rejected = logps(12, seed=13, low=-4.0, high=4.0)
+    margins = logps(12, seed=14, low=0.0, high=2.0).detach()
+    one_process = SimpleNamespace(gather=lambda x: x, gather_for_metrics=lambda x: x)  # nothing to gather
+    fake_self = SimpleNamespace(
+        model=SimpleNamespace(training=True),
+        args=SimpleNamespace(center_rewards_coefficient=center),
+        accelerator=one_process,
+        _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+
+    def model(**_inputs):
+        return SimpleNamespace(logits=torch.cat([chosen, rejected]).unsqueeze(-1))
+
+    inputs = {"attention_mask": torch.ones(24, 3, dtype=torch.long)}
+    if margin:
+        inputs["margin"] = margins
+    trl_loss = reward_trainer.RewardTrainer.compute_loss(fake_self, model, inputs)
+    ours = reward_loss(chosen, rejected, margins if margin else None, center).losses.mean()
+    assert_close(ours, trl_loss, **TIGHT)
+    assert_close(grads(ours, [chosen, rejected]), grads(trl_loss, [chosen, rejected]), **TIGHT)
+    figures = reward_loss(chosen, rejected).metrics
+    logged = fake_self._metrics["train"]
+    assert figures["accuracy"].mean().item() == pytest.approx(logged["accuracy"][-1], abs=1e-6)
+    assert figures["reward_margin"].mean().item() == pytest.approx(logged["margin"][-1], rel=1e-6, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- tiny model, TRL trainers

@@ -45,6 +45,7 @@ VARIANTS: dict[type[BaseModel], str] = {
     S.DPOLossSpec: "train.loss",
     S.IPOLossSpec: "train.loss",
     S.SimPOLossSpec: "train.loss",
+    S.RewardLossSpec: "train.loss",
     S.DDPBackendSpec: "train.backend",
     S.DeepSpeedBackendSpec: "train.backend",
     S.QLoRABackendSpec: "train.backend",

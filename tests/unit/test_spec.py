@@ -211,3 +211,66 @@ def test_training_knobs_are_cross_checked():
         "train.precompute_reference: loss 'orpo' uses no reference model (only dpo and ipo do)",
     ]
     parse_spec(spec_with(train={"loss": {"name": "dpo"}, "precompute_reference": True, "max_prompt_length": 32}))
+
+
+REWARD_MODEL = {"loss": {"name": "reward"}, "backend": {"name": "ddp", "num_workers": 2, "use_gpu": False}}
+
+
+def test_reward_model_loss_defaults_and_knobs():
+    spec = parse_spec(spec_with(train=REWARD_MODEL, eval={"enabled": False}))
+    assert (spec.train.loss.margin, spec.train.loss.center_rewards_coefficient) == (False, None)
+    loss = {"name": "reward", "margin": True, "center_rewards_coefficient": 0.01}
+    spec = parse_spec(spec_with(train={**REWARD_MODEL, "loss": loss}, eval={"enabled": False}))
+    assert (spec.train.loss.margin, spec.train.loss.center_rewards_coefficient) == (True, 0.01)
+    bad = {"name": "reward", "beta": 0.1, "center_rewards_coefficient": -1}
+    found = problems(spec_with(train={"loss": bad}, eval={"enabled": False}))
+    assert sorted(p.split(":")[0] for p in found) == ["train.loss.beta", "train.loss.center_rewards_coefficient"]
+
+
+def test_reward_model_refuses_what_it_cannot_do_yet_naming_each_field():
+    """A reward model is a scorer: eval cannot sample it and a next round cannot start from it; deepspeed and
+    qlora are not wired for its score head; an unmerged LoRA export is no directory score.reward loads."""
+    train = {"loss": {"name": "reward"}, "backend": {"name": "deepspeed"}, "lora": {"r": 4}}
+    found = problems(spec_with(train=train, rounds={"count": 2}, export={"merge_lora": False}))
+    assert sorted(p.split(":")[0] for p in found) == [
+        "eval.enabled",
+        "export.merge_lora",  # the reward model's export
+        "export.merge_lora",  # and the existing checks: eval and rounds sample the export
+        "export.merge_lora",
+        "rounds.count",
+        "train.backend",
+    ]
+    assert any(p.startswith("eval.enabled: loss reward trains a reward model") for p in found)
+    assert any("train.backend: loss reward trains on the ddp backend" in p and "deepspeed" in p for p in found)
+    found = problems(spec_with(train={"loss": {"name": "reward"}, "backend": {"name": "qlora"}, "lora": {"r": 4}}))
+    assert sorted(p.split(":")[0] for p in found) == ["eval.enabled", "train.backend"]
+
+
+def test_reward_model_on_imported_preferences_validates():
+    spec = parse_spec(
+        spec_with(data={"path": "p.jsonl", "kind": "preferences"}, train=REWARD_MODEL, eval={"enabled": False})
+    )
+    assert spec.train.loss.name == "reward"
+
+
+def test_reward_model_source_check_names_the_policy(tmp_path):
+    """Before any stage runs: a policy whose config has no sequence-classification class, or is a classifier
+    with more than one label, is refused naming policy.model; the built-in tiny policy is fine."""
+    from alignlib.sources import problems as source_problems
+
+    def job(model: str):
+        return parse_spec(spec_with(policy={"model": model}, train=REWARD_MODEL, eval={"enabled": False}))
+
+    classifier = tmp_path / "two-labels"
+    classifier.mkdir()
+    (classifier / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"], "num_labels": 2})
+    )
+    (found,) = source_problems(job(str(classifier)), ["train"])
+    assert found.startswith("policy.model: loss reward trains") and "num_labels=2" in found
+    vision = tmp_path / "vision"
+    vision.mkdir()
+    (vision / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    (found,) = source_problems(job(str(vision)), ["train"])
+    assert "model type 'vit' has no sequence-classification class" in found
+    assert source_problems(job(str(vision)), ["generate"]) == []  # only the train stage checks the head

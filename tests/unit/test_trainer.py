@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
+from torch.testing import assert_close
 
 from alignlib import schema as S
 from alignlib.spec import parse_spec
@@ -333,3 +334,62 @@ def test_every_rank_writes_its_part_and_the_checkpoint_is_listed_once_whole(stor
         assert sorted(p.name for p in (run / name / "deepspeed").iterdir()) == ["shard-0", "shard-1"]
     assert not (run / "checkpoint_epoch-0001").exists() and not any(p.name.endswith(".tmp") for p in run.iterdir())
     assert TrainResult.read(run).metrics == {"epoch": 3, "step": 6}
+
+
+def test_reward_model_reads_the_tokens_the_scorer_reads_and_learns_the_pairs(model_cache, tmp_path):
+    """loss reward: the policy becomes a one-label classifier; the loop's reward of each padded row equals the
+    model's reward of that row alone as `score.ModelScorer` builds it (`models.reward_sequence`: rendered prompt
+    + answer + EOS), the pairs' margins reach the loss, and training ranks chosen above rejected."""
+    from alignlib.losses import reward_loss
+    from alignlib.models import reward_sequence
+    from alignlib.train.data import collate
+    from alignlib.train.loop import model_rewards
+
+    loss = {"name": "reward", "margin": True, "center_rewards_coefficient": 0.01}
+    spec = make_spec(tmp_path, "rm", loss=loss, epochs=2, lr=3e-3, batch_size=4)
+    rows = pairs_rows(16)
+    for i, row in enumerate(rows):
+        row[S.MARGIN] = 0.25 * (i % 3)
+    examples = tokenize_rows(spec, rows, paired=True)
+    trainer = Trainer(spec, optimizer_steps(spec, len(examples)))
+    model = trainer.backend.unwrapped
+    assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.num_labels == 1
+
+    batch = collate(examples[:4], trainer.tokenizer.pad_token_id, paired=True, with_margins=True)
+    assert (batch["attention_mask"] == 0).any()  # padded rows
+    with torch.no_grad():
+        rewards = model_rewards(model, batch)
+        sequences = [
+            reward_sequence(trainer.tokenizer, row[S.MESSAGES], row[side], 48)
+            for side in (S.CHOSEN, S.REJECTED)
+            for row in rows[:4]
+        ]
+        alone = [float(model(input_ids=torch.tensor([ids])).logits) for ids in sequences]
+    assert_close(rewards, torch.tensor(alone), rtol=1e-5, atol=1e-5)
+    assert_close(batch["margins"], torch.tensor([0.0, 0.25, 0.5, 0.0]))
+    start = reward_loss(rewards[:4], rewards[4:], batch["margins"], 0.01).losses.mean()
+
+    epochs = [trainer.train_epoch(iter(examples), epoch) for epoch in range(spec.train.epochs)]
+    assert epochs[0]["train/loss"] == pytest.approx(float(start), rel=0.2)  # step 1 of 4 starts from `start`
+    assert epochs[1]["train/loss"] < 0.5 * epochs[0]["train/loss"]
+    assert epochs[1]["train/accuracy"] == 1.0 and epochs[1]["train/reward_margin"] > epochs[0]["train/reward_margin"]
+
+
+def test_reward_margins_of_imported_pairs_without_scores_are_refused_naming_the_field(model_cache, tmp_path):
+    spec = make_spec(tmp_path, "rm-margin", loss={"name": "reward", "margin": True})
+    rows = pairs_rows(3)
+    rows[1][S.MARGIN] = None  # an imported pair without score_chosen / score_rejected
+    with pytest.raises(ValueError, match=r"train.loss.margin: 1 pairs have no reward margin \(e.g. prompt p1"):
+        tokenize_rows(spec, rows, paired=True)
+    without = [{k: v for k, v in row.items() if k != S.MARGIN} for row in pairs_rows(3)]
+    with pytest.raises(ValueError, match="margin"):  # the column itself is required
+        tokenize_rows(spec, without, paired=True)
+    assert "margins" not in collate_keys(make_spec(tmp_path, "rm-plain", loss={"name": "reward"}))
+
+
+def collate_keys(spec) -> set[str]:
+    from alignlib.spec import pair_margins
+    from alignlib.train.data import collate
+
+    examples = tokenize_rows(spec, pairs_rows(2), paired=True)
+    return set(collate(examples, 0, paired=True, with_margins=pair_margins(spec)))
