@@ -71,8 +71,9 @@ def _tag(model: type[BaseModel]) -> str | None:
     return None
 
 
-def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[type[BaseModel]]]:
-    """An error location -> (the spec path a user writes, the models at its parent level).
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[type[BaseModel]], list[type[BaseModel]]]:
+    """An error location -> (the spec path a user writes, the models at its parent level, and when that level is a
+    discriminated union's member, every member of that union).
 
     pydantic's locations also name union members (`train.loss.dpo.beta`, `pairs.strategy.literal[...]`);
     those are dropped, so a message names the field as it appears in the YAML.
@@ -80,13 +81,14 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[type[BaseModel]]]:
     parts: list[str] = []
     models: list[type[BaseModel]] = [JobSpec]
     parents = models
+    union: list[type[BaseModel]] = []
     for part in loc:
         if isinstance(part, int):
             parts.append(f"[{part}]")
             continue
         tagged = [m for m in models if _tag(m) == part] if len(models) > 1 else []
         if tagged:  # a discriminated union's member: not a key in the YAML
-            models = tagged
+            union, models = models, tagged
             continue
         owners = [m for m in models if part in m.model_fields]
         if not owners:
@@ -97,8 +99,9 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[type[BaseModel]]]:
             continue
         parents = models
         parts.append(part)
+        union = []
         models = [v for m in owners for v in _variants(m.model_fields[part].annotation)]
-    return parts, parents
+    return parts, parents, union
 
 
 _TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none"}
@@ -107,17 +110,46 @@ _TYPE_LABELS = {"str", "int", "float", "bool", "list", "dict", "tuple", "none"}
 # key, not a guess among similar names.
 RENAMED = {"data.reference_field": "data.gold_field"}
 
+# The names Hugging Face's and TRL's trainer arguments and vLLM's sampling parameters give to settings alignlib
+# has under another name: (the model the key was given in, the key) -> alignlib's key.
+FAMILIAR = {
+    ("TrainSpec", "learning_rate"): "lr",
+    ("TrainSpec", "num_train_epochs"): "epochs",
+    ("TrainSpec", "gradient_accumulation_steps"): "grad_accum",
+    ("TrainSpec", "per_device_train_batch_size"): "batch_size",
+    ("TrainSpec", "lr_scheduler_type"): "schedule",
+    ("TrainSpec", "logging_steps"): "log_every",
+    ("TrainSpec", "max_seq_length"): "max_length",
+    ("ORPOLossSpec", "beta"): "lambda_",
+    ("GenerateSpec", "n"): "num_samples",
+    ("GenerateSpec", "max_tokens"): "max_new_tokens",
+}
+
 
 def _format_error(err: Mapping[str, Any]) -> list[str]:
-    parts, parents = _walk(tuple(err["loc"]))
+    parts, parents, union = _walk(tuple(err["loc"]))
     path = ".".join(parts).replace(".[", "[")
     message = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden" and path in RENAMED:
         return [f"{path} was renamed {RENAMED[path]}"]
     if err["type"] == "extra_forbidden":
+        key = parts[-1] if parts else ""
+        familiar = [FAMILIAR[(m.__name__, key)] for m in parents if (m.__name__, key) in FAMILIAR]
+        others = [t for m in union if key in m.model_fields and m not in parents for t in [_tag(m)] if t]
         known = sorted({f for m in parents for f in m.model_fields})
-        close = difflib.get_close_matches(parts[-1], known, n=1) if parts else []
-        message = f"unknown key; did you mean {close[0]!r}?" if close else "unknown key"
+        close = difflib.get_close_matches(key, known, n=1) if parts else []
+        if familiar:
+            message = f"unknown key; alignlib calls it {familiar[0]!r}"
+        elif others and len(parts) > 1:
+            tag = next((_tag(m) for m in parents if _tag(m)), None)
+            label = next((k for m in parents for k in ("name", "type") if _tag(m) and k in m.model_fields), "name")
+            field = ".".join(parts[:-1])
+            message = (
+                f"unknown key for {tag!r}: it is a setting of {', '.join(repr(t) for t in others)}; to switch, give "
+                f"the whole mapping, e.g. '{field}={{{label}: {tag}}}'"
+            )
+        else:
+            message = f"unknown key; did you mean {close[0]!r}?" if close else "unknown key"
     elif err["type"] == "literal_error":
         message = f"{err['input']!r} is not one of {err['ctx']['expected']}"
     if not path:  # cross-field problems from the model validator carry their own paths

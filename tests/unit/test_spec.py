@@ -35,12 +35,37 @@ def test_minimal_spec_fills_defaults():
 
 
 def test_unknown_keys_are_errors_with_their_path():
-    raw = spec_with(train={"epochs": 2, "learning_rate": 1.0}, colour="blue")
-    assert sorted(problems(raw)) == ["colour: unknown key", "train.learning_rate: unknown key"]
+    raw = spec_with(train={"epochs": 2, "warmup": 1.0}, colour="blue")
+    assert sorted(problems(raw)) == ["colour: unknown key", "train.warmup: unknown key; did you mean 'warmup_ratio'?"]
+
+
+def test_the_names_trl_hugging_face_and_vllm_users_bring_are_translated():
+    raw = spec_with(
+        train={
+            "learning_rate": 1e-5,
+            "num_train_epochs": 2,
+            "gradient_accumulation_steps": 4,
+            "loss": {"name": "orpo", "beta": 0.2},
+        },
+        generate={"n": 4, "max_tokens": 32},
+    )
+    assert sorted(problems(raw)) == [
+        "generate.max_tokens: unknown key; alignlib calls it 'max_new_tokens'",
+        "generate.n: unknown key; alignlib calls it 'num_samples'",
+        "train.gradient_accumulation_steps: unknown key; alignlib calls it 'grad_accum'",
+        "train.learning_rate: unknown key; alignlib calls it 'lr'",
+        "train.loss.beta: unknown key; alignlib calls it 'lambda_'",
+        "train.num_train_epochs: unknown key; alignlib calls it 'epochs'",
+    ]
+    # DPO's beta is its own: no translation there.
+    assert parse_spec(spec_with(train={"loss": {"name": "dpo", "beta": 0.2}})).train.loss.beta == 0.2
 
 
 def test_each_loss_carries_only_its_own_knobs():
-    assert problems(spec_with(train={"loss": {"name": "dpo", "lambda_": 0.5}})) == ["train.loss.lambda_: unknown key"]
+    assert problems(spec_with(train={"loss": {"name": "dpo", "lambda_": 0.5}})) == [
+        "train.loss.lambda_: unknown key for 'dpo': it is a setting of 'orpo'; to switch, give the whole mapping, "
+        "e.g. 'train.loss={name: dpo}'"
+    ]
     spec = parse_spec(spec_with(train={"loss": {"name": "ipo", "tau": 0.05}}))
     assert spec.train.loss.tau == 0.05
 
