@@ -77,11 +77,28 @@ def print_rounds(spec: JobSpec, start: dict[str, Any], figures: list[dict[str, A
             "  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
         )
     _print(f"  per-round figures: {shown(root / 'rounds.json')}; curves: {shown(root / 'report.html')}")
+    for line in _last_model(spec, figures):
+        _print(line)
     _print(
         "  held-out reward: mean reward of the round's trained model on the held-out prompts (start: the "
         "policy before round 1); win: share of held-out prompts where it beats the start / the round before "
         "(ties count half); sample/best-of-N/tied: the round's own candidates"
     )
+
+
+def _last_model(spec: JobSpec, figures: list[dict[str, Any]]) -> list[str]:
+    """Where the last finished round's model is (its own summary line), when that round made one."""
+    from alignlib.stages import MODEL_STAGE
+    from alignlib.stages.export import ExportResult
+
+    if not figures:
+        return []
+    k = figures[-1]["round"]
+    manifest = StageStore(spec.output_dir, f"round-{k}").manifest(MODEL_STAGE)
+    if manifest is None:
+        return []
+    result = ExportResult.from_stats(manifest.get("stats", {}))
+    return [f"  model after round {k} ({result.kind}): {shown(result.model)}"]
 
 
 def svg_lines(series: Series, label: str, width: int = 420, height: int = 180) -> str:

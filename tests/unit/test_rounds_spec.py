@@ -203,3 +203,19 @@ def test_eval_summary_means_per_prompt_then_over_prompts():
         "trained_mean_reward": pytest.approx(1 / 3),
         "win_rate": pytest.approx(0.5),
     }
+
+
+def test_the_round_table_ends_with_where_the_last_rounds_model_is(tmp_path, capsys):
+    import json
+
+    from alignlib.report import print_rounds
+
+    spec = load_spec(ROOT / "jobs" / "demo.yaml", [f"output_dir={tmp_path}"])
+    model = tmp_path / "round-2" / "export" / "model"
+    model.mkdir(parents=True)
+    stats = {"kind": "full", "source": "ckpt/model", "model": str(model)}
+    (model.parent / "manifest.json").write_text(json.dumps({"fingerprint": "f", "tables": {}, "stats": stats}))
+    print_rounds(spec, {}, [{"round": 1}, {"round": 2}])
+    assert f"  model after round 2 (full): {model}" in capsys.readouterr().out.splitlines()
+    print_rounds(spec, {}, [{"round": 1}])  # round 1 made no model here: no line rather than a wrong path
+    assert "model after round" not in capsys.readouterr().out
