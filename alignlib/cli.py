@@ -213,6 +213,19 @@ def _validate(spec: JobSpec, args: argparse.Namespace) -> int:
     if found:
         print(redact(str(SpecError(str(spec_path), found))), file=sys.stderr)
         return 2
+    try:  # what `run` checks before its first stage: models' own code, and what the stages ask Ray for
+        if spec.rounds.count > 1:
+            from alignlib.rounds import Rounds
+
+            Rounds(spec, force=True).check()
+        else:
+            from alignlib.pipeline import Pipeline
+
+            every = Pipeline(spec, force=True)
+            every.check_remote_code()
+            every.check_resources(every.stages())
+    except Exception as err:
+        return _failed(err)
     print(f"{spec_path}: valid (job {spec.name!r}, output_dir {spec.output_dir})")
     return 0
 

@@ -154,14 +154,17 @@ def test_an_object_store_it_cannot_write_fails_before_any_stage_naming_output_di
     assert listing == [], "nothing was written"
 
 
-def test_a_gpu_request_on_a_machine_without_one_fails_at_once(tmp_path):
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_a_gpu_request_on_a_machine_without_one_fails_at_once(tmp_path, command):
+    """`validate` refuses what `run` would refuse before its first stage."""
     started = time.time()
     done = cli(
-        "run", str(DEMO), f"output_dir={tmp_path}/run", "train.backend.use_gpu=true", "train.backend.num_workers=2"
+        command, str(DEMO), f"output_dir={tmp_path}/run", "train.backend.use_gpu=true", "train.backend.num_workers=2"
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "train.backend: the train stage asks for 2 GPU" in done.stderr
     assert "set train.backend.use_gpu=false" in done.stderr
+    assert "valid (job" not in done.stdout
     assert not (tmp_path / "run" / "prompts").exists(), "it failed before the first stage"
     assert time.time() - started < 120
 
