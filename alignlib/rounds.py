@@ -131,8 +131,9 @@ class Rounds:
                 manifests[f"round-{k}"] = current.run(names)
             done.append(current)
             current = nxt or (self._round(k + 1, done) if k < upto else None)
-        figures = round_figures(self.spec, done, self.shared)
-        start = write_outputs(self.spec, figures, done, self.shared)
+        means, start = start_figures(self.shared)
+        figures = round_figures(done, means)
+        write_outputs(self.spec, start, figures, done)
         return {"manifests": manifests, "figures": figures, "start": start}
 
     def _round(self, k: int, earlier: list[Pipeline]) -> Pipeline:
@@ -176,21 +177,31 @@ def win_rate(a: dict[str, float], b: dict[str, float]) -> float | None:
     return sum(1.0 if a[p] > b[p] else 0.5 if a[p] == b[p] else 0.0 for p in common) / len(common)
 
 
-def _start_stage(shared: Pipeline) -> str | None:
-    """The shared stage that judged the starting policy on the held-out prompts (`baseline`), if it has run."""
-    from alignlib.stages.eval import BaselineResult
+def start_figures(shared: Pipeline) -> tuple[dict[str, float], dict[str, Any]]:
+    """The starting policy's held-out answers, read once: (prompt id -> mean reward, the start's row of
+    rounds.json). Empty figures where the run has no `baseline` (eval off)."""
+    from alignlib.stages.eval import BASELINE, BaselineResult
 
-    for name in shared.stages():
-        if stage(name).result is BaselineResult and shared.store.manifest(name) is not None:
-            return name
-    return None
+    manifests = {n: shared.store.manifest(n) for n in shared.stages()}
+    seconds = round(sum((m or {}).get("seconds", 0.0) for m in manifests.values()), 1)
+    manifest = manifests.get(BASELINE.name)
+    if manifest is None:
+        return {}, {"held_out_reward": None, "held_out_mean_tokens": None, "engine_starts": 0, "seconds": seconds}
+    baseline = BaselineResult.from_stats(manifest.get("stats", {}))
+    means, tokens = held_out(shared, BASELINE.name)
+    return means, {
+        "held_out_reward": baseline.base_mean_reward,
+        "held_out_mean_tokens": tokens,
+        "engine_starts": baseline.engine_starts,
+        # the starting policy's held-out answers, and round 1's candidates sampled with the same engine
+        "seconds": seconds,
+    }
 
 
-def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> list[dict[str, Any]]:
+def round_figures(rounds: list[Pipeline], start: dict[str, float]) -> list[dict[str, Any]]:
     """One dict per finished round: each stage's own figures (`Stage.figures`: data, pairs, loss), the held-out
-    figures (vs the start and the round before), engine starts and seconds. Read from the committed tables."""
-    judged = _start_stage(shared)
-    start = held_out(shared, judged)[0] if judged else {}
+    figures (vs the start's per-prompt means `start` and the round before), engine starts and seconds. Read from
+    the committed tables."""
     previous = start
     out = []
     for k, p in enumerate(rounds, start=1):
@@ -217,25 +228,12 @@ def round_figures(spec: JobSpec, rounds: list[Pipeline], shared: Pipeline) -> li
     return out
 
 
-def write_outputs(
-    spec: JobSpec, figures: list[dict[str, Any]], rounds: list[Pipeline], shared: Pipeline
-) -> dict[str, Any]:
-    """Write rounds.json and report.html; returns the figures of the start (round 0)."""
+def write_outputs(spec: JobSpec, start: dict[str, Any], figures: list[dict[str, Any]], rounds: list[Pipeline]) -> None:
+    """Write rounds.json and report.html."""
     from alignlib.report import render_rounds
-    from alignlib.stages.eval import BaselineResult
     from alignlib.stages.train import logged_steps
 
     root = location(spec.output_dir)
-    manifests = {n: shared.store.manifest(n) for n in shared.stages()}
-    judged = _start_stage(shared)
-    baseline = BaselineResult.from_stats(manifests[judged]["stats"]) if judged else None  # type: ignore[index]
-    start = {
-        "held_out_reward": baseline.base_mean_reward if baseline else None,
-        "held_out_mean_tokens": held_out(shared, judged)[1] if judged else None,
-        "engine_starts": baseline.engine_starts if baseline else 0,
-        # the starting policy's held-out answers, and round 1's candidates sampled with the same engine
-        "seconds": round(sum((m or {}).get("seconds", 0.0) for m in manifests.values()), 1),
-    }
     (root / "rounds.json").write_text(json.dumps({"start": start, "rounds": figures}, indent=2) + "\n")
     steps = {}
     for k, p in enumerate(rounds, start=1):
@@ -243,4 +241,3 @@ def write_outputs(
         if logged is not None:
             steps[k] = logged
     (root / "report.html").write_text(render_rounds(spec, start, figures, steps))
-    return start

@@ -146,13 +146,14 @@ def held_out(ctx: StageContext, stage: str) -> tuple[dict[str, float], float | N
 
 def per_prompt_means(table: pa.Table, generator: str | None = None) -> dict[str, float]:
     """prompt id -> mean reward over its samples (of `generator` only, if given), aggregated in Arrow: one Python
-    value per prompt, not per row."""
+    value per prompt, not per row. In prompt-id order, so a mean over them is the same to the last bit however
+    Arrow grouped the rows."""
     import pyarrow.compute as pc
 
     if generator is not None:
         table = table.filter(pc.equal(table[S.GENERATOR], generator))
     means = table.group_by(S.PROMPT_ID).aggregate([(S.REWARD, "mean")])
-    return dict(zip(means[S.PROMPT_ID].to_pylist(), means[f"{S.REWARD}_mean"].to_pylist(), strict=True))
+    return dict(sorted(zip(means[S.PROMPT_ID].to_pylist(), means[f"{S.REWARD}_mean"].to_pylist(), strict=True)))
 
 
 def _mean(values: list[float]) -> float:
